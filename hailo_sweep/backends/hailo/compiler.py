@@ -1,0 +1,258 @@
+"""The Dataflow Compiler stages, written to ``hailo_sdk_client.ClientRunner`` as Hailo's own code calls it.
+
+Call shapes (hailo-api.md §1; sources there):
+    ClientRunner(hw_arch=..., har=...)                       MZ main_driver.py; LUX exporter.py
+    runner.translate_onnx_model(path, net_name=..., start_node_names=..., end_node_names=..., net_input_shapes=...)
+    runner.get_hn() -> dict;  runner.save_har(path)
+    runner.load_model_script(text);  runner.optimize(calib_nhwc)   MZ main_utils.py, LUX exporter.py
+    with runner.infer_context(InferenceContext.X) as ctx: runner.infer(ctx, x_nhwc)   LUX inferer.py, forum t/13760
+    runner.compile() -> bytes                                  MZ main_utils.py, LUX exporter.py
+
+Why the log capture: the DFC silently lowers the optimization level when data are short or there is no GPU and only
+says so in its log ("Reducing optimization level to N ...", hailo-api.md §2). The sweep must record the level that
+was actually used, so the log of every optimize call is captured, kept and parsed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from hailo_sweep.backends.base import EmulationContext
+
+#: EmulationContext -> InferenceContext member name (hailo-api.md §1.7)
+INFERENCE_CONTEXT = {
+    EmulationContext.FP_OPTIMIZED: "SDK_FP_OPTIMIZED",
+    EmulationContext.QUANTIZED: "SDK_QUANTIZED",
+    EmulationContext.BIT_EXACT: "SDK_BIT_EXACT",
+}
+
+_CACHE_FORMAT = "hailo-sweep-har-v1"
+
+
+# -- translate, cached --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TranslateRequest:
+    """Everything that changes the translated HAR; its hash names the cache entry."""
+
+    model_path: Path
+    target: str
+    net_name: str
+    input_shapes: dict[str, list[int]]  # ONNX (NCHW) shape by input name, batch 1
+    start_node_names: tuple[str, ...] | None = None
+    end_node_names: tuple[str, ...] | None = None
+
+    def cache_key(self, onnx_bytes: bytes) -> str:
+        digest = hashlib.sha256()
+        digest.update(onnx_bytes)
+        facts = {
+            "format": _CACHE_FORMAT,
+            "target": self.target,
+            "net_name": self.net_name,
+            "input_shapes": self.input_shapes,
+            "start": list(self.start_node_names) if self.start_node_names is not None else None,
+            "end": list(self.end_node_names) if self.end_node_names is not None else None,
+        }
+        digest.update(json.dumps(facts, sort_keys=True).encode())
+        return digest.hexdigest()
+
+
+def new_runner(dfc: ModuleType, target: str, har: Path | None = None) -> Any:
+    if har is None:
+        return dfc.ClientRunner(hw_arch=target)
+    return dfc.ClientRunner(hw_arch=target, har=str(har))
+
+
+def save_har_atomic(runner: Any, path: Path) -> Path:
+    """``runner.save_har`` to a temp name in the same directory, then ``os.replace``: never a half-written HAR."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.har")
+    try:
+        runner.save_har(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def translate_cached(dfc: ModuleType, request: TranslateRequest, cache_dir: Path) -> tuple[Path, str, bool]:
+    """The parsed HAR for ``request``: from the cache, or translated once and written atomically.
+
+    Returns (har_path, cache_key, cache_hit).
+    """
+    key = request.cache_key(request.model_path.read_bytes())
+    har = cache_dir / f"parsed-{key[:24]}.har"
+    if har.is_file():
+        return har, key, True
+    runner = new_runner(dfc, request.target)
+    kwargs: dict[str, Any] = {"net_name": request.net_name, "net_input_shapes": request.input_shapes}
+    if request.start_node_names is not None:
+        kwargs["start_node_names"] = list(request.start_node_names)
+    if request.end_node_names is not None:
+        kwargs["end_node_names"] = list(request.end_node_names)
+    # the parser is chatty; its messages matter only when it fails, and then they go into the error
+    run_captured("translate_onnx_model", lambda: runner.translate_onnx_model(str(request.model_path), **kwargs))
+    save_har_atomic(runner, har)
+    return har, key, False
+
+
+def read_hn(runner: Any) -> dict[str, Any]:
+    hn = runner.get_hn()
+    return json.loads(hn) if isinstance(hn, (str, bytes)) else dict(hn)
+
+
+# -- capturing the DFC's output -----------------------------------------------------------------------------------
+class _RecordList(logging.Handler):
+    def __init__(self, sink: list[str]):
+        super().__init__(level=logging.NOTSET)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.append(f"[{record.levelname.lower()}] {record.getMessage()}")
+        except Exception:  # never let logging break the optimize call
+            self.sink.append(f"[{record.levelname.lower()}] {record.msg!r}")
+
+
+@dataclass
+class CapturedOutput:
+    records: list[str] = field(default_factory=list)  # from Python logging
+    streams: str = ""  # what was written to sys.stdout / sys.stderr
+
+    @property
+    def text(self) -> str:
+        parts = [*self.records]
+        if self.streams:
+            parts.append(self.streams.rstrip("\n"))
+        return "\n".join(parts) + ("\n" if parts else "")
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[CapturedOutput]:
+    """Capture what the SDK says: log records (root logger and every non-propagating logger) and stdout/stderr.
+
+    The SDK logs through Python ``logging`` with its own stream handler (HailoRT's ``default_logger`` creates a named
+    logger with a stdout handler; the DFC's logger is closed source, so both propagation cases are covered). Output
+    written by C/C++ code directly to file descriptor 1/2 is not captured.
+    """
+    captured = CapturedOutput()
+    handler = _RecordList(captured.records)
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [lg for lg in list(logging.root.manager.loggerDict.values()) if isinstance(lg, logging.Logger) and not lg.propagate]
+    for lg in loggers:
+        lg.addHandler(handler)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield captured
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+        captured.streams = buffer.getvalue()
+
+
+class DfcError(RuntimeError):
+    """A Dataflow Compiler call failed; the message carries the call, the SDK's error and the end of its output."""
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    kept = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join(kept)
+
+
+def run_captured(what: str, call: Callable[[], T], captured: CapturedOutput | None = None) -> T:
+    """Run an SDK call with its output captured; on failure raise ``DfcError`` with the output's last lines."""
+    with contextlib.ExitStack() as stack:
+        cap = captured if captured is not None else None
+        try:
+            if cap is None:
+                cap = stack.enter_context(captured_output())
+                return call()
+            with captured_output() as inner:
+                try:
+                    return call()
+                finally:
+                    pass
+        except Exception as exc:
+            text = cap.text if cap is not None else ""
+            raise DfcError(f"{what} failed: {type(exc).__name__}: {exc}" + (f"\n--- SDK output (last lines) ---\n{_tail(text)}" if text.strip() else "")) from exc
+
+
+# -- optimize -----------------------------------------------------------------------------------------------------
+_REDUCED = re.compile(r"Reducing optimization level to (-?\d+)(.*)")
+_CALIB_ENTRIES = re.compile(r"Using dataset with (\d+) entries for calibration")
+
+
+@dataclass(frozen=True)
+class OptimizeFacts:
+    """What the DFC actually did, read from its log."""
+
+    effective_optimization_level: int
+    effective_compression_level: int
+    lowered: bool
+    calibration_entries: int | None
+    reduce_message: str | None
+
+
+def parse_optimize_log(text: str, optimization_level: int, compression_level: int) -> OptimizeFacts:
+    """The effective levels: the requested ones unless the DFC says it reduced them.
+
+    The DFC's message (hailo-api.md §2) is e.g. "Reducing optimization level to 0 (the accuracy won't be optimized
+    and compression won't be used) because there's less data than the recommended amount (1024), and there's no
+    available GPU"; the last such message wins, and "compression won't be used" means compression level 0.
+    """
+    matches = list(_REDUCED.finditer(text))
+    entries = _CALIB_ENTRIES.findall(text)
+    calibration_entries = int(entries[-1]) if entries else None
+    if not matches:
+        return OptimizeFacts(optimization_level, compression_level, False, calibration_entries, None)
+    last = matches[-1]
+    level = int(last.group(1))
+    compression = 0 if "compression won't be used" in last.group(2) else compression_level
+    return OptimizeFacts(level, compression, level != optimization_level, calibration_entries, last.group(0).strip())
+
+
+def optimize(runner: Any, script: str, calibration_nhwc: np.ndarray) -> CapturedOutput:
+    """Load the script (replacing any previous one) and quantize; returns everything the DFC said."""
+    runner.load_model_script(script)
+    with captured_output() as captured:
+        runner.optimize(calibration_nhwc)
+    return captured
+
+
+# -- emulate, compile ---------------------------------------------------------------------------------------------
+def has_context(dfc: ModuleType, context: EmulationContext) -> bool:
+    return hasattr(dfc.InferenceContext, INFERENCE_CONTEXT[context])
+
+
+def emulate(dfc: ModuleType, runner: Any, context: EmulationContext, x_nhwc: np.ndarray) -> list[np.ndarray]:
+    """Outputs of the emulator in HN output order (float32, NHWC / (N, C)); always a list."""
+    target = getattr(dfc.InferenceContext, INFERENCE_CONTEXT[context])
+    with captured_output():
+        with runner.infer_context(target) as ctx:
+            result = runner.infer(ctx, x_nhwc)
+    if isinstance(result, np.ndarray):
+        return [result]
+    return [np.asarray(r) for r in result]
+
+
+def compile_hef(runner: Any) -> bytes:
+    with captured_output():
+        hef = runner.compile()
+    if not isinstance(hef, (bytes, bytearray)):
+        raise TypeError(f"ClientRunner.compile() returned {type(hef).__name__}, expected the HEF as bytes")
+    return bytes(hef)

@@ -1,0 +1,139 @@
+"""The model script (``.alls``) of one trial, generated from its settings. Pure text work: no SDK import.
+
+Why a generator: the script is the DFC's only interface to the knobs a sweep turns, and it is logged as the trial's
+artifact, so it must be deterministic, readable and complete. Command shapes are those seen in Hailo's own scripts
+(hailo-api.md §2, MZ ``cfg/alls``):
+
+    normalization1 = normalization([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])   # mean, std in raw scale
+    model_optimization_flavor(optimization_level=2, compression_level=2)
+    model_optimization_config(calibration, batch_size=4, calibset_size=64)
+    quantization_param(output_layer1, precision_mode=a16_w16)
+
+Layer names are validated against the HN (``check_layer_names``) before the script is handed to the DFC.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+from hailo_sweep.backends.base import Normalization
+from hailo_sweep.errors import UnsupportedSetting, UserInputError
+from hailo_sweep.settings import Settings
+
+SCRIPT_NAME = "model_script.alls"
+NORMALIZATION_LAYER = "normalization1"
+EXTRA_KEY = "hailo.extra_model_script"
+
+# Commands an extra line may not contain: the sweep owns these knobs, and a second normalization would normalize
+# the data twice (hailo-api.md §1.4: "Data might be normalized twice").
+_OWNED = (
+    (re.compile(r"\bnormalization\s*\("), "normalization is the normalization_placement knob (and a second one would normalize twice)"),
+    (re.compile(r"\bmodel_optimization_flavor\s*\("), "optimization_level and compression_level are swept knobs"),
+    (re.compile(r"\bmodel_optimization_config\s*\(\s*calibration\b"), "calibset_size is a swept knob"),
+)
+_OUTPUT_LAYER = re.compile(r"^(?:[\w.-]+/)?output_layer\d+$")
+
+# Where model-script commands name layers: the first argument of these commands, and ``layers=[...]`` /
+# ``loss_layer_names=[...]`` keyword lists (hailo-api.md §2).
+_FIRST_ARG_COMMANDS = re.compile(r"^\s*(?:[\w/, ]+=\s*)?(quantization_param|change_output_activation)\s*\(\s*(\[[^\]]*\]|\{[^}]*\}|[^,)]+)")
+_LAYER_LISTS = re.compile(r"\b(?:layers|loss_layer_names)\s*=\s*\[([^\]]*)\]")
+
+
+def format_values(values: Sequence[float]) -> str:
+    """``[0.5, 255.0]``: Python float reprs, exact and short, as in MZ scripts (``[0.0, 0.0, 0.0]``)."""
+    return "[" + ", ".join(repr(float(v)) for v in values) + "]"
+
+
+def sixteen_bit_layers(output_16bit: Sequence[str], output_layers: Mapping[str, str]) -> list[str]:
+    """HN output layers to promote to a16_w16, for the settings' ONNX output names; refuse unknown outputs."""
+    unknown = [name for name in output_16bit if name not in output_layers]
+    if unknown:
+        raise UnsupportedSetting(
+            f"output_16bit names {', '.join(repr(n) for n in unknown)}, which is not an output of the model; "
+            f"valid outputs: {', '.join(sorted(output_layers))}",
+            key="search.output_16bit",
+            fix="use the ONNX output names exactly as in the model, or none/all",
+        )
+    return [output_layers[name] for name in sorted(output_16bit)]
+
+
+def check_extra_lines(lines: Sequence[str]) -> None:
+    """Refuse extra lines that would override a swept knob or normalize the data a second time."""
+    for number, line in enumerate(lines, 1):
+        for pattern, why in _OWNED:
+            if pattern.search(line):
+                raise UserInputError(
+                    f"line {number} ({line.strip()!r}) sets something the sweep controls: {why}",
+                    key=EXTRA_KEY,
+                    fix="remove the line; set the knob through the sweep's search space instead",
+                )
+        if _first_arg_command(line) == "quantization_param" and "precision_mode" in line:
+            if any(_OUTPUT_LAYER.match(name) for name in _named_layers(line)):
+                raise UserInputError(
+                    f"line {number} ({line.strip()!r}) sets the precision of an output layer, which is the output_16bit knob",
+                    key=EXTRA_KEY,
+                    fix="remove the line and list the output under search.output_16bit instead",
+                )
+
+
+def _first_arg_command(line: str) -> str | None:
+    match = _FIRST_ARG_COMMANDS.match(line)
+    return match.group(1) if match else None
+
+
+def _named_layers(line: str) -> list[str]:
+    """Layer names a script line refers to; wildcard forms (``{conv*}``) are left to the DFC."""
+    groups: list[str] = []
+    match = _FIRST_ARG_COMMANDS.match(line)
+    if match:
+        groups.append(match.group(2))
+    groups.extend(m.group(1) for m in _LAYER_LISTS.finditer(line))
+    names: list[str] = []
+    for group in groups:
+        group = group.strip()
+        if group.startswith("{") or "*" in group:
+            continue
+        names.extend(part.strip() for part in group.strip("[]").split(",") if part.strip())
+    return names
+
+
+def check_layer_names(script: str, has_layer: Callable[[str], bool], known: Sequence[str]) -> None:
+    """Every layer a script line names must exist in the HN, so a typo fails here, clearly, not inside the DFC."""
+    for line in script.splitlines():
+        missing = [name for name in _named_layers(line) if not has_layer(name)]
+        if missing:
+            raise UserInputError(
+                f"model script line {line.strip()!r} names layer(s) {', '.join(missing)} that the translated model "
+                f"does not have; its output layers are: {', '.join(known)}",
+                key=EXTRA_KEY,
+                fix="use layer names from the HN (e.g. output_layer1, conv3), scoped or not",
+            )
+
+
+def model_script(
+    settings: Settings,
+    *,
+    normalization: Normalization | None,
+    output_layers: Mapping[str, str],
+    extra_lines: Sequence[str] = (),
+) -> str:
+    """The trial's model script.
+
+    ``output_layers`` maps ONNX output names to HN output layer names (``naming.HnGraph.script_names``).
+    The normalization line appears only with placement "model": then the calibration set and every input are fed in
+    the raw domain and the chip normalizes; with placement "host" the data arrive normalized and the script has none.
+    """
+    check_extra_lines(extra_lines)
+    lines: list[str] = []
+    if settings.normalization_placement == "model" and normalization is not None:
+        lines.append(f"{NORMALIZATION_LAYER} = normalization({format_values(normalization.mean)}, {format_values(normalization.std)})")
+    lines.append(
+        f"model_optimization_flavor(optimization_level={settings.optimization_level}, "
+        f"compression_level={settings.compression_level})"
+    )
+    lines.append(f"model_optimization_config(calibration, calibset_size={settings.calibset_size})")
+    for layer in sixteen_bit_layers(settings.output_16bit, output_layers):
+        lines.append(f"quantization_param({layer}, precision_mode=a16_w16)")
+    lines.extend(line.rstrip("\n") for line in extra_lines)
+    return "\n".join(lines) + "\n"

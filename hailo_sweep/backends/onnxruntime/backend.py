@@ -1,0 +1,390 @@
+"""The embedded backend: ONNX Runtime static quantization stands in for the Dataflow Compiler.
+
+- prepare: ``quant_pre_process`` once per sweep (cached by content hash), plus the in-model normalization variant.
+- optimize: the recipe of ``recipe.py`` (CLE, bias correction, calibration method, 4-bit and 16-bit overrides).
+- emulate: the float-optimized model, and the QDQ model with graph optimizations off (fake-quant in float).
+- compile: the QDQ model with each output's DequantizeLinear stripped, so outputs are raw uint8/uint16 like a HEF's;
+  the output scale/zero-point travel inside the model's metadata.
+- device: ONNX Runtime's integer kernels (``ORT_ENABLE_ALL``); raw outputs are dequantized by our code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from hailo_sweep.atomic import atomic_write
+from hailo_sweep.backends.base import (
+    Backend,
+    CompiledModel,
+    DeviceOutputs,
+    DeviceRunner,
+    EmulationContext,
+    OptimizedModel,
+    QuantParams,
+)
+from hailo_sweep.backends.onnxruntime import graph
+from hailo_sweep.backends.onnxruntime.equalize import bias_correction, cross_layer_equalize
+from hailo_sweep.backends.onnxruntime.recipe import PERCENTILE, Recipe, check
+from hailo_sweep.data import is_uint8_domain
+from hailo_sweep.onnx_runner import run_chunked, session
+from hailo_sweep.errors import UnsupportedSetting
+from hailo_sweep.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RAW_INPUT_SUFFIX = "_raw"
+OPSET_MIN = 13  # per-channel QDQ needs opset >= 13 (pitfall P5)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Reader(CalibrationDataReader):
+    """Feeds the calibration set in equal-shaped batches (histogram calibrators need equal shapes, pitfall P4)."""
+
+    def __init__(self, data: np.ndarray, input_name: str):
+        self.data = data.astype(np.float32)
+        self.input_name = input_name
+        n = len(data)
+        self.batch = max(b for b in range(1, min(32, n) + 1) if n % b == 0)
+        self._it: Iterator[dict[str, np.ndarray]] = iter(())
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = ({self.input_name: self.data[i : i + self.batch]} for i in range(0, len(self.data), self.batch))
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    compiled_kind = "onnx-int8"
+
+    def __init__(self, context: Any):
+        super().__init__(context)
+        self._float_path: Path | None = None  # pre-processed float model, input as in the original
+        self._float_norm_path: Path | None = None  # same with Mul/Add normalization prepended (raw input)
+
+    # -- facts ---------------------------------------------------------------------------------------------
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def versions(self) -> dict[str, str]:
+        return {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "cpu": _cpu_description()}
+
+    def default_settings(self, calibset_size: int, output_names: tuple[str, ...]) -> Settings:
+        # quantize_static's own defaults (MinMax, no extras) on a 64-sample calibration set, normalization on the host.
+        return Settings(
+            optimization_level=0,
+            compression_level=0,
+            calibset_size=min(64, calibset_size),
+            normalization_placement="host",
+            output_16bit=(),
+        )
+
+    def emulation_contexts(self) -> tuple[EmulationContext, ...]:
+        return (EmulationContext.FP_OPTIMIZED, EmulationContext.QUANTIZED)
+
+    def validate(self, settings: Settings) -> None:
+        check(settings)
+        if settings.normalization_placement == "model" and self.context.normalization is None:
+            raise UnsupportedSetting(
+                "normalization_placement 'model' needs the input normalization (mean/std)",
+                fix="add normalization: {mean: [...], std: [...]} to the config",
+            )
+        unknown = [o for o in settings.output_16bit if o not in self.context.model_io.output_names]
+        if unknown:
+            raise UnsupportedSetting(f"16-bit output {unknown[0]!r} is not a model output")
+
+    # -- prepare -------------------------------------------------------------------------------------------
+    def prepare(self) -> dict[str, str | float]:
+        source = self.context.model_path.read_bytes()
+        key = _sha(source + b"|pre-process-v1")[:16]
+        cache = self.context.work_dir / "prepared" / key
+        float_path = cache / "float.pre.onnx"
+        hit = float_path.is_file()
+        if not hit:
+            model = onnx.load_from_string(source)
+            opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET_MIN)
+            if opset < OPSET_MIN:
+                model = onnx.version_converter.convert_version(model, OPSET_MIN)
+            atomic_write(float_path, lambda tmp: _pre_process(model, tmp))
+        self._float_path = float_path
+        if self.context.normalization is not None:
+            norm_path = cache / "float.pre.norm.onnx"
+            if not norm_path.is_file():
+                model = graph.prepend_normalization(
+                    onnx.load(str(float_path)),
+                    self.context.model_io.input_name,
+                    self.context.normalization.mean,
+                    self.context.normalization.std,
+                    self.raw_input_name,
+                )
+                atomic_write(norm_path, lambda tmp: onnx.save(model, str(tmp)))
+            self._float_norm_path = norm_path
+        return {"cache_hit": "true" if hit else "false", "cache_key": key}
+
+    @property
+    def raw_input_name(self) -> str:
+        return self.context.model_io.input_name + RAW_INPUT_SUFFIX
+
+    # -- optimize ------------------------------------------------------------------------------------------
+    def optimize(self, settings: Settings, calibration: np.ndarray, work_dir: Path) -> OptimizedModel:
+        self.validate(settings)
+        if self._float_path is None:
+            raise RuntimeError("prepare() must run before optimize()")
+        recipe = Recipe.for_settings(settings)
+        in_model = settings.normalization_placement == "model"
+        base_path = self._float_norm_path if in_model else self._float_path
+        assert base_path is not None
+        input_name = self.raw_input_name if in_model else self.context.model_io.input_name
+        uint8_input = in_model and is_uint8_domain(self.context.domain, calibration)
+        details: list[str] = []
+        params: dict[str, str | int | float] = {}
+
+        model = onnx.load(str(base_path))
+        if in_model:
+            details.append("normalization: in the model (Mul 1/std, Add -mean/std)" + ("; uint8 input, scale 1, zero point 0" if uint8_input else ""))
+        if recipe.equalize:
+            model, pairs = cross_layer_equalize(model)
+            details.append(f"cross_layer_equalization: {pairs} Conv pairs")
+            params["ort.equalized_pairs"] = pairs
+
+        overrides, chosen_4bit, share = self._overrides(model, settings, recipe, input_name if uint8_input else None)
+        params["ort.weights_4bit_share"] = round(share, 4)
+        if chosen_4bit:
+            details.append(f"weights_4bit: {', '.join(w.name for w in chosen_4bit)} (share {share:.1%})")
+        for out in settings.output_16bit:
+            details.append(f"output_16bit: {out} activation QUInt16, producer weights QInt16")
+
+        calib_cache = self.context.work_dir / "calibration-cache"
+        qdq = self._quantize(model, calibration, input_name, recipe, overrides, calib_cache, work_dir / "q1.onnx")
+        if recipe.bias_correction:
+            model, corrected = bias_correction(model, qdq, calibration.astype(np.float32), input_name)
+            details.append(f"bias_correction: {corrected} layers")
+            params["ort.bias_corrected_layers"] = corrected
+            qdq = self._quantize(model, calibration, input_name, recipe, overrides, calib_cache, work_dir / "q2.onnx")
+        if uint8_input:
+            qdq = graph.make_input_uint8(qdq, input_name)
+        details.append(f"calibration: {recipe.calibrate_method}, {len(calibration)} samples")
+
+        fp_path = work_dir / "model.fp.onnx"
+        qdq_path = work_dir / "model.qdq.onnx"
+        atomic_write(fp_path, lambda tmp: onnx.save(model, str(tmp)))
+        atomic_write(qdq_path, lambda tmp: onnx.save(qdq, str(tmp)))
+        params["ort.calibrate_method"] = recipe.calibrate_method
+        return OptimizedModel(
+            settings=settings,
+            script=recipe.render(details),
+            script_name="recipe.txt",
+            handle={"fp": fp_path, "qdq": qdq_path, "uint8_input": uint8_input},
+            params=params,
+        )
+
+    def _overrides(
+        self, model: onnx.ModelProto, settings: Settings, recipe: Recipe, uint8_input: str | None
+    ) -> tuple[dict[str, list[dict[str, Any]]], list[graph.WeightTensor], float]:
+        overrides: dict[str, list[dict[str, Any]]] = {}
+        weights = {w.node: w for w in graph.weight_tensors(model)}
+        producers = graph.output_producers(model)
+        sixteen: set[str] = set()
+        for out in settings.output_16bit:
+            overrides[out] = [{"quant_type": QuantType.QUInt16}]
+            node = producers.get(out)
+            if node is not None and node.name in weights:
+                w = weights[node.name]
+                overrides[w.name] = [{"quant_type": QuantType.QInt16, "axis": w.out_axis}]
+                sixteen.add(w.name)
+        chosen, share = graph.select_4bit_weights(model, recipe.share_4bit) if recipe.share_4bit > 0 else ([], 0.0)
+        chosen = [w for w in chosen if w.name not in sixteen]
+        for w in chosen:
+            overrides[w.name] = [{"quant_type": QuantType.QInt4, "axis": w.out_axis}]
+        if uint8_input is not None:
+            overrides[uint8_input] = [
+                {"quant_type": QuantType.QUInt8, "scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
+            ]
+        return overrides, chosen, share
+
+    def _quantize(
+        self,
+        model: onnx.ModelProto,
+        calibration: np.ndarray,
+        input_name: str,
+        recipe: Recipe,
+        overrides: dict[str, list[dict[str, Any]]],
+        cache_dir: Path,
+        out_path: Path,
+    ) -> onnx.ModelProto:
+        model_bytes = model.SerializeToString()
+        calib32 = np.ascontiguousarray(calibration.astype(np.float32))
+        # The cache is keyed on everything that decides the ranges (pitfall P9: ORT itself only checks the method).
+        key = _sha(
+            b"|".join(
+                [
+                    _sha(model_bytes).encode(),
+                    _sha(calib32.tobytes()).encode(),
+                    recipe.calibrate_method.encode(),
+                    str(PERCENTILE).encode(),
+                    b"symmetric=0;moving_average=0",
+                ]
+            )
+        )[:24]
+        cache_file = cache_dir / f"{key}.json"
+        extra: dict[str, Any] = {"QDQKeepRemovableActivations": True, "TensorQuantOverrides": overrides}
+        method = CalibrationMethod.MinMax
+        if recipe.calibrate_method == "Percentile":
+            method = CalibrationMethod.Percentile
+            extra["CalibPercentile"] = PERCENTILE
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+
+        # quantize_static rewrites a ModelProto argument in place (external data), so it gets a file of its own
+        source = out_path.with_suffix(".input.onnx")
+        onnx.save(model, str(source))
+
+        def run(cache_path: Path) -> None:
+            with _quiet_quantizer():
+                quantize_static(
+                    str(source),
+                    str(out_path),
+                    _Reader(calib32, input_name),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=method,
+                    extra_options=extra,
+                    calibration_cache_path=str(cache_path),
+                )
+
+        if cache_file.is_file():
+            run(cache_file)
+        else:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache_file, lambda tmp: (tmp.unlink(), run(tmp)))
+        source.unlink(missing_ok=True)
+        return onnx.load(str(out_path))
+
+    # -- emulate / compile / device ------------------------------------------------------------------------
+    def emulate(self, model: OptimizedModel, inputs: np.ndarray, context: EmulationContext) -> dict[str, np.ndarray]:
+        outputs = self.context.model_io.output_names
+        if context is EmulationContext.FP_OPTIMIZED:
+            sess = session(model.handle["fp"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+            return run_chunked(sess, inputs.astype(np.float32), outputs)
+        if context is EmulationContext.QUANTIZED:
+            sess = session(model.handle["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            return run_chunked(sess, inputs if model.handle["uint8_input"] else inputs.astype(np.float32), outputs)
+        raise UnsupportedSetting(f"emulation context {context.value} is not available on the onnxruntime backend")
+
+    def compile(self, model: OptimizedModel, work_dir: Path) -> CompiledModel:
+        stripped, _ = graph.strip_output_dequantize(onnx.load(str(model.handle["qdq"])))
+        path = atomic_write(work_dir / "model.int8.onnx", lambda tmp: onnx.save(stripped, str(tmp)))
+        return CompiledModel(path=path, size_bytes=path.stat().st_size, kind=self.compiled_kind)
+
+    def device(self, compiled: CompiledModel) -> DeviceRunner:
+        return OrtDeviceRunner(compiled.path, self.context.model_io.output_names)
+
+
+class OrtDeviceRunner(DeviceRunner):
+    """Integer kernels of ONNX Runtime's CPU provider, returning raw integers like a Hailo device."""
+
+    LATENCY_RUNS = 20
+
+    def __init__(self, path: Path, output_names: tuple[str, ...]):
+        self.path = path
+        self.output_names = output_names
+        self._session: ort.InferenceSession | None = None
+        self._quant: dict[str, QuantParams] = {}
+
+    def activate(self) -> None:
+        model = onnx.load(str(self.path))
+        self._quant = {
+            name: QuantParams(scale=q.scale, zero_point=q.zero_point, dtype=q.dtype) for name, q in graph.read_output_quant(model).items()
+        }
+        self._session = session(self.path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+
+    def deactivate(self) -> None:
+        self._session = None
+
+    def run(self, inputs: np.ndarray) -> DeviceOutputs:
+        if self._session is None:
+            raise RuntimeError("device runner used outside its 'with' block")
+        expected = self._session.get_inputs()[0].type
+        feed = inputs if expected == "tensor(uint8)" else inputs.astype(np.float32)
+        start = time.perf_counter()
+        raw = run_chunked(self._session, feed, self.output_names)
+        elapsed = time.perf_counter() - start
+        latencies = []
+        input_name = self._session.get_inputs()[0].name
+        for i in range(min(self.LATENCY_RUNS, len(feed))):
+            t0 = time.perf_counter()
+            self._session.run(None, {input_name: feed[i : i + 1]})
+            latencies.append(time.perf_counter() - t0)
+        notes = []
+        for name, q in self._quant.items():
+            if q.bits > 8:
+                notes.append(f"{name}: 16-bit output runs through float kernels on the CPU (no int16 kernels)")
+        return DeviceOutputs(
+            raw=raw,
+            quant=dict(self._quant),
+            outputs={name: self._quant[name].dequantize(arr) for name, arr in raw.items()},
+            metrics={"throughput_fps": len(feed) / elapsed if elapsed > 0 else 0.0, "latency_ms": float(np.median(latencies) * 1e3)},
+            notes=notes,
+        )
+
+
+def _pre_process(model: onnx.ModelProto, out: Path) -> None:
+    with _quiet_quantizer():
+        try:
+            quant_pre_process(model, str(out))
+        except Exception as exc:  # symbolic shape inference fails on some models (pitfalls P6/P16): retry without it
+            log.warning("quant_pre_process failed (%s); retrying with skip_symbolic_shape=True", exc)
+            quant_pre_process(model, str(out), skip_symbolic_shape=True)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantizer prints progress to stdout and advice on the root logger for every call (pitfall P14).
+
+    Both are captured; what it said goes to this module's debug log instead of the user's terminal.
+    """
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        root.setLevel(level)
+        if captured.getvalue():
+            log.debug("onnxruntime.quantization said:\n%s", captured.getvalue())
+
+
+def _cpu_description() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = ",".join(f for f in ("avx512_vnni", "avx_vnni", "avx512f", "avx2") if f in have)
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags}".strip()

@@ -1,0 +1,288 @@
+"""Sweep configuration: the YAML file a user writes, validated by pydantic (unknown keys refused).
+
+``load_config(path)`` returns a ``SweepConfig`` with every path made absolute (relative paths are relative to the
+config file). Every problem becomes a ``UserInputError`` naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hailo_sweep.errors import UserInputError
+from hailo_sweep.settings import COMPRESSION_LEVELS, OPTIMIZATION_LEVELS
+
+Target = Literal["hailo8", "hailo8l", "hailo10h"]
+TARGETS: tuple[str, ...] = ("hailo8", "hailo8l", "hailo10h")
+BackendName = Literal["auto", "hailo", "onnxruntime"]
+Stage = Literal["device", "emulated"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntRange(_Strict):
+    """A range knob: ``{low: 64, high: 1024, step: 64}`` or ``{low: 64, high: 1024, log: true}``."""
+
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.step != 1:
+            raise ValueError("log ranges take no step")
+        return self
+
+
+IntKnob = list[int] | IntRange
+
+
+class SearchSpaceConfig(_Strict):
+    """Each knob: a list of choices, or (for integers) a range. A knob with one choice is fixed."""
+
+    optimization_level: IntKnob = Field(default_factory=lambda: [2])
+    compression_level: IntKnob = Field(default_factory=lambda: [0])
+    calibset_size: IntKnob = Field(default_factory=lambda: [64])
+    normalization_placement: list[Literal["host", "model"]] = Field(default_factory=lambda: ["model"])
+    # each choice: "none", "all", one output name, or a list of output names
+    output_16bit: list[str | list[str]] = Field(default_factory=lambda: ["none"])
+
+    @field_validator("optimization_level")
+    @classmethod
+    def _opt_range(cls, v: IntKnob) -> IntKnob:
+        return _check_knob_range(v, OPTIMIZATION_LEVELS, "optimization_level")
+
+    @field_validator("compression_level")
+    @classmethod
+    def _comp_range(cls, v: IntKnob) -> IntKnob:
+        return _check_knob_range(v, COMPRESSION_LEVELS, "compression_level")
+
+    @field_validator("calibset_size")
+    @classmethod
+    def _calib_positive(cls, v: IntKnob) -> IntKnob:
+        values = v if isinstance(v, list) else [v.low, v.high]
+        if any(x < 1 for x in values):
+            raise ValueError("calibset_size values must be >= 1")
+        return v
+
+    @field_validator("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("needs at least one choice")
+        return v
+
+
+def _check_knob_range(v: IntKnob, allowed: range, name: str) -> IntKnob:
+    values = v if isinstance(v, list) else [v.low, v.high]
+    bad = [x for x in values if x not in allowed]
+    if bad:
+        raise ValueError(f"{name} must be within {allowed.start}-{allowed.stop - 1}; got {bad}")
+    return v
+
+
+class DataConfig(_Strict):
+    calibration: Path
+    evaluation: Path
+    inputs_key: str = "x"  # array name inside .npz files
+    labels_key: str | None = None  # array name of the labels in the evaluation .npz; set it to require labels
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    domain: tuple[float, float] = (0.0, 255.0)
+
+    @model_validator(mode="after")
+    def _domain_ordered(self) -> DataConfig:
+        if not self.domain[0] < self.domain[1]:
+            raise ValueError(f"domain must be [low, high] with low < high, got {list(self.domain)}")
+        return self
+
+
+class NormalizationConfig(_Strict):
+    """``(x - mean) / std`` per channel, in the data's raw domain."""
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _shapes(self) -> NormalizationConfig:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError("mean and std need the same, non-zero number of values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class OutputConfig(_Strict):
+    weight: float = Field(default=1.0, ge=0.0)
+    kind: Literal["tensor", "logits"] = "tensor"
+
+
+class ObjectiveConfig(_Strict):
+    metric: str = "total.nmae"
+    stage: Stage = "device"
+    direction: Literal["minimize", "maximize"] | None = None  # default: the metric's natural direction
+
+
+class ConstraintConfig(_Strict):
+    metric: str
+    stage: Stage = "device"
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> ConstraintConfig:
+        if (self.max is None) == (self.min is None):
+            raise ValueError("give exactly one of max or min")
+        return self
+
+
+class SamplerConfig(_Strict):
+    name: Literal["tpe", "random", "grid"] = "tpe"
+    seed: int | None = 0
+
+
+class StoresConfig(_Strict):
+    """Where results go. Unset values come from the environment, then from defaults under ``root``."""
+
+    root: Path | None = None  # holds sweeps/ and mlruns/; default: the current directory
+    optuna: str | None = None  # Optuna storage URL; env OPTUNA_STORAGE; default sqlite:///<root>/sweeps/optuna.db
+    mlflow: str | None = None  # MLflow tracking URI; env MLFLOW_TRACKING_URI; default sqlite:///<root>/mlruns/mlflow.db
+
+
+class HailoConfig(_Strict):
+    """Options of the ``hailo`` backend only."""
+
+    extra_model_script: list[str] = Field(default_factory=list)
+    device_id: str | None = None
+    start_node_names: list[str] | None = None
+    end_node_names: list[str] | None = None
+    net_name: str | None = None
+    device_timeout_ms: int = Field(default=10000, gt=0)
+
+
+class SweepConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")]
+    model: Path
+    target: Target
+    backend: BackendName = "auto"
+    data: DataConfig
+    normalization: NormalizationConfig | None = None
+    outputs: dict[str, OutputConfig] = Field(default_factory=dict)
+    search: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    constraints: list[ConstraintConfig] = Field(default_factory=list)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    trials: int = Field(default=20, ge=1)
+    stores: StoresConfig = Field(default_factory=StoresConfig)
+    hailo: HailoConfig = Field(default_factory=HailoConfig)
+
+    # set by load_config, not by the user
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _placement_needs_normalization(self) -> SweepConfig:
+        if "model" in self.search.normalization_placement and self.normalization is None:
+            raise ValueError(
+                "search.normalization_placement includes 'model' but no normalization (mean/std) is configured"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------
+def load_config(path: str | Path) -> SweepConfig:
+    """Read, validate and resolve a sweep config. Raises ``UserInputError`` on any problem."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise UserInputError("config file not found", file=path, fix="pass the path of an existing YAML sweep config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"not valid YAML: {exc}", file=path, fix="fix the YAML syntax") from exc
+    if not isinstance(raw, dict):
+        raise UserInputError("the config must be a YAML mapping at the top level", file=path)
+    try:
+        config = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc, path, raw) from None
+    base = path.parent
+    data = config.data.model_copy(
+        update={"calibration": _abs(base, config.data.calibration), "evaluation": _abs(base, config.data.evaluation)}
+    )
+    stores = config.stores
+    if stores.root is not None:
+        stores = stores.model_copy(update={"root": _abs(base, stores.root)})
+    return config.model_copy(update={"model": _abs(base, config.model), "data": data, "stores": stores, "source": path})
+
+
+def _abs(base: Path, p: Path) -> Path:
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _validation_error(exc: ValidationError, path: Path, raw: dict[str, Any]) -> UserInputError:
+    lines: list[str] = []
+    fixes: list[str] = []
+    first_key = None
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        first_key = first_key or key
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(sorted(known))}"
+            lines.append(f"{key}: unknown key ({hint})")
+            fixes.append(f"rename or remove '{key}'")
+        elif err["type"] == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            given = err.get("input")
+            options = [o.strip(" '") for o in str(expected).replace(" or ", ",").split(",") if o.strip()]
+            close = difflib.get_close_matches(str(given), options, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"{key}: {given!r} is not one of {expected}{hint}")
+            fixes.append(f"set '{key}' to one of {expected}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+            fixes.append(f"add '{key}'")
+        else:
+            lines.append(f"{key}: {err['msg']}")
+    fix = "; ".join(dict.fromkeys(fixes)) or "correct the values listed above"
+    problem = "invalid config:\n  " + "\n  ".join(lines)
+    return UserInputError(problem, file=path, key=first_key, fix=fix)
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model at ``loc`` (a pydantic error location without its last element)."""
+    model: type[BaseModel] = SweepConfig
+    in_mapping = False  # the next part is a user-chosen mapping key (e.g. an output name)
+    for part in loc:
+        if isinstance(part, int) or in_mapping:
+            in_mapping = False
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        candidate = _model_in(field.annotation)
+        if candidate is None:
+            return []
+        in_mapping = getattr(field.annotation, "__origin__", None) is dict
+        model = candidate
+    return [name for name in model.model_fields if name != "source"]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

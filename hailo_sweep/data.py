@@ -1,0 +1,212 @@
+"""Calibration and evaluation data: safe loading (never unpickles), checks against the model, and the feed.
+
+Arrays leave this module in the model's layout (NCHW) and in the *raw* value domain declared by the config.
+``feed()`` turns a raw batch into what a trial's model takes: normalized float32 when normalization runs on the host,
+raw values (uint8 for 0-255 data) when normalization is inside the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hailo_sweep.backends.base import ModelIO, Normalization
+from hailo_sweep.config import SweepConfig
+from hailo_sweep.errors import UserInputError
+from hailo_sweep.settings import Placement
+
+UINT8_DOMAIN = (0.0, 255.0)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    calibration: np.ndarray  # NCHW, raw domain
+    evaluation: np.ndarray  # NCHW, raw domain
+    labels: np.ndarray | None
+    calibration_sha256: str
+    evaluation_sha256: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256((self.calibration_sha256 + self.evaluation_sha256).encode()).hexdigest()
+
+
+def load_dataset(config: SweepConfig, model_io: ModelIO) -> Dataset:
+    """Load both data sets and check them against the model and the config; raise ``UserInputError`` on problems."""
+    cfg = config.data
+    calib = load_array(cfg.calibration, cfg.inputs_key, config_file=config.source, config_key="data.calibration")
+    evaluation = load_array(cfg.evaluation, cfg.inputs_key, config_file=config.source, config_key="data.evaluation")
+    labels = None
+    if cfg.labels_key is not None:
+        labels = load_labels(cfg.evaluation, cfg.labels_key, config_file=config.source)
+        if len(labels) != len(evaluation):
+            raise UserInputError(
+                f"{len(labels)} labels for {len(evaluation)} evaluation samples",
+                file=config.source,
+                key="data.labels_key",
+                fix=f"store one label per sample in '{cfg.labels_key}' of {cfg.evaluation}",
+            )
+    calib_nchw = to_model_layout(calib, cfg.layout, model_io, source=cfg.calibration, config_file=config.source)
+    eval_nchw = to_model_layout(evaluation, cfg.layout, model_io, source=cfg.evaluation, config_file=config.source)
+    for arr, path, key in ((calib_nchw, cfg.calibration, "data.calibration"), (eval_nchw, cfg.evaluation, "data.evaluation")):
+        check_values(arr, cfg.domain, source=path, config_file=config.source, key=key)
+    return Dataset(
+        calibration=calib_nchw,
+        evaluation=eval_nchw,
+        labels=labels,
+        calibration_sha256=array_sha256(calib_nchw),
+        evaluation_sha256=array_sha256(eval_nchw) if labels is None else _sha_pair(eval_nchw, labels),
+    )
+
+
+def array_sha256(arr: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def _sha_pair(x: np.ndarray, y: np.ndarray) -> str:
+    return hashlib.sha256((array_sha256(x) + array_sha256(y)).encode()).hexdigest()
+
+
+def _open_npy_or_npz(path: Path, *, config_file: Path | None, config_key: str) -> np.ndarray | np.lib.npyio.NpzFile:
+    if not path.is_file():
+        raise UserInputError(f"data file not found: {path}", file=config_file, key=config_key, fix="point it at an existing .npy or .npz file")
+    if path.suffix not in (".npy", ".npz"):
+        raise UserInputError(
+            f"{path.name}: unsupported data format '{path.suffix}'", file=config_file, key=config_key, fix="save the data with numpy.save (.npy) or numpy.savez (.npz)"
+        )
+    try:
+        return np.load(path, allow_pickle=False)  # never unpickle: a pickled file can run code
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise _refusal(path, exc, config_file, config_key) from None
+
+
+def _refusal(path: Path, exc: Exception, config_file: Path | None, config_key: str) -> UserInputError:
+    if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
+        return UserInputError(
+            f"{path.name} holds a pickled (object) array; it was refused and not loaded, because unpickling can run arbitrary code",
+            file=config_file,
+            key=config_key,
+            fix="save a numeric array instead: numpy.save(path, np.asarray(x, dtype=np.uint8 or np.float32))",
+        )
+    return UserInputError(f"cannot read {path}: {exc}", file=config_file, key=config_key, fix="re-save the data with numpy.save / numpy.savez")
+
+
+def load_array(path: Path, key: str, *, config_file: Path | None, config_key: str) -> np.ndarray:
+    """Load one numeric array from .npy, or the array ``key`` from .npz. Pickled content is refused, never loaded."""
+    loaded = _open_npy_or_npz(path, config_file=config_file, config_key=config_key)
+    if isinstance(loaded, np.ndarray):
+        arr = loaded
+    else:
+        with loaded:
+            if key not in loaded.files:
+                raise UserInputError(
+                    f"{path.name} has no array '{key}' (it has: {', '.join(loaded.files) or 'nothing'})",
+                    file=config_file,
+                    key="data.inputs_key",
+                    fix="set data.inputs_key to the name of the input array in the .npz",
+                )
+            try:
+                arr = loaded[key]
+            except ValueError as exc:
+                raise _refusal(path, exc, config_file, config_key) from None
+    if arr.dtype.kind not in "uif":
+        raise UserInputError(f"{path.name}: dtype {arr.dtype} is not numeric", file=config_file, key=config_key, fix="store uint8 or float32 images")
+    if arr.size == 0 or len(arr) == 0:
+        raise UserInputError(f"{path.name} is empty (shape {arr.shape})", file=config_file, key=config_key, fix="provide at least one sample")
+    return arr
+
+
+def load_labels(path: Path, key: str, *, config_file: Path | None) -> np.ndarray:
+    if path.suffix != ".npz":
+        raise UserInputError(
+            f"labels were requested (data.labels_key: {key}) but {path.name} is a .npy file and holds no labels",
+            file=config_file,
+            key="data.labels_key",
+            fix="save the evaluation set as .npz with the inputs and a labels array, or remove data.labels_key",
+        )
+    loaded = _open_npy_or_npz(path, config_file=config_file, config_key="data.evaluation")
+    with loaded:
+        if key not in loaded.files:
+            raise UserInputError(
+                f"labels were requested (data.labels_key: {key}) but {path.name} has no array '{key}' (it has: {', '.join(loaded.files)})",
+                file=config_file,
+                key="data.labels_key",
+                fix="add the labels to the .npz under that name, or remove data.labels_key",
+            )
+        try:
+            labels = loaded[key]
+        except ValueError as exc:
+            raise _refusal(path, exc, config_file, "data.evaluation") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise UserInputError(
+            f"labels '{key}' must be a 1-D integer array of class indices, got {labels.dtype} {labels.shape}",
+            file=config_file,
+            key="data.labels_key",
+        )
+    return labels.astype(np.int64)
+
+
+def to_model_layout(arr: np.ndarray, layout: str, model_io: ModelIO, *, source: Path, config_file: Path | None) -> np.ndarray:
+    """Check the sample shape against the model input and return NCHW; name NCHW/NHWC mix-ups explicitly."""
+    c, h, w = (int(d) for d in model_io.input_shape[1:])
+    nchw, nhwc = (c, h, w), (h, w, c)
+    sample = tuple(arr.shape[1:])
+    expected = nchw if layout == "NCHW" else nhwc
+    if arr.ndim == 4 and sample == expected:
+        return np.ascontiguousarray(arr if layout == "NCHW" else arr.transpose(0, 3, 1, 2))
+    other = "NHWC" if layout == "NCHW" else "NCHW"
+    if arr.ndim == 4 and sample == (nhwc if layout == "NCHW" else nchw):
+        raise UserInputError(
+            f"{source.name} has samples of shape {sample}, which is {other} for the model input {model_io.input_name} "
+            f"{list(model_io.input_shape)}, but data.layout says {layout}",
+            file=config_file,
+            key="data.layout",
+            fix=f"set data.layout: {other} (or transpose the arrays)",
+        )
+    raise UserInputError(
+        f"{source.name} has shape {arr.shape}; the model input '{model_io.input_name}' {list(model_io.input_shape)} "
+        f"needs batches of {layout} samples of shape {expected}",
+        file=config_file,
+        key="data.layout",
+        fix="store the data as (N, " + ", ".join(str(d) for d in expected) + f") with data.layout: {layout}",
+    )
+
+
+def check_values(arr: np.ndarray, domain: tuple[float, float], *, source: Path, config_file: Path | None, key: str) -> None:
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = int(np.argwhere(bad.reshape(len(arr), -1).any(axis=1))[0, 0])
+            raise UserInputError(
+                f"{source.name} contains {int(bad.sum())} NaN/inf values (first in sample {first})",
+                file=config_file,
+                key=key,
+                fix="remove or repair the broken samples before sweeping",
+            )
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < domain[0] or hi > domain[1]:
+        raise UserInputError(
+            f"{source.name} has values in [{lo:g}, {hi:g}], outside data.domain [{domain[0]:g}, {domain[1]:g}]",
+            file=config_file,
+            key="data.domain",
+            fix="set data.domain to the raw value range of the data (e.g. [0, 255] for pixels, [0, 1] for scaled images)",
+        )
+
+
+def is_uint8_domain(domain: tuple[float, float], arr: np.ndarray) -> bool:
+    return tuple(map(float, domain)) == UINT8_DOMAIN and (arr.dtype == np.uint8 or bool(np.all(arr == np.round(arr))))
+
+
+def feed(raw: np.ndarray, placement: Placement, normalization: Normalization | None, domain: tuple[float, float]) -> np.ndarray:
+    """What a trial's model is fed: host-normalized float32, or raw values when normalization is in the model."""
+    if placement == "host":
+        return normalization.apply(raw) if normalization is not None else raw.astype(np.float32)
+    if is_uint8_domain(domain, raw):
+        return raw.astype(np.uint8)
+    return raw.astype(np.float32)

@@ -1,0 +1,31 @@
+"""Errors the user can act on. Each names where the problem is (file, key) and how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UserInputError(Exception):
+    """Bad input: a config, model or data problem the user must fix. The CLI prints it and exits non-zero."""
+
+    def __init__(self, problem: str, *, file: str | Path | None = None, key: str | None = None, fix: str | None = None):
+        self.problem = problem
+        self.file = str(file) if file is not None else None
+        self.key = key
+        self.fix = fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = ": ".join(part for part in (self.file, self.key) if part)
+        text = f"{where}: {self.problem}" if where else self.problem
+        if self.fix:
+            text += f"\n  fix: {self.fix}"
+        return text
+
+
+class UnsupportedSetting(UserInputError):
+    """A knob value the selected backend cannot honour. Refused, never silently ignored."""
+
+
+class BackendUnavailable(UserInputError):
+    """The backend's packages are not installed (e.g. the Hailo SDK outside Hailo's Developer Zone)."""

@@ -1,0 +1,259 @@
+"""The stage ladder of one sweep and one trial, with no knowledge of Optuna or MLflow.
+
+``prepare_sweep`` runs once per sweep (step 0 of the design's ladder): it checks the model and data, computes the float
+reference outputs (cached by content hash) and lets the backend translate or pre-process the model (cached too).
+``run_trial`` runs steps 3-6 for one ``Settings``: optimize, emulate, compile, device; every stage timed; a stage that
+raises fails only this trial, with the stage and reason in the result. Metrics are computed here from the outputs,
+never inside a backend.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hailo_sweep import metrics as m
+from hailo_sweep.backends.base import (
+    Backend,
+    BackendContext,
+    CompiledModel,
+    EmulationContext,
+    ModelIO,
+    Normalization,
+)
+from hailo_sweep.config import SweepConfig
+from hailo_sweep.data import Dataset, feed, load_dataset
+from hailo_sweep.errors import UserInputError
+from hailo_sweep.model_io import file_sha256, output_specs, read_model_io
+from hailo_sweep.reference import reference_outputs
+from hailo_sweep.settings import Settings
+
+#: metric-key prefix of each emulation context and of the device stage
+STAGE_PREFIX = {
+    EmulationContext.FP_OPTIMIZED: "fp_optimized",
+    EmulationContext.QUANTIZED: "emulated",
+    EmulationContext.BIT_EXACT: "bit_exact",
+}
+DEVICE_PREFIX = "device"
+AGREEMENT_PREFIX = "agreement"
+
+
+@dataclass
+class Prepared:
+    """Everything a sweep computes once and every trial reads."""
+
+    config: SweepConfig
+    model_io: ModelIO
+    outputs: tuple[m.OutputSpec, ...]
+    dataset: Dataset
+    normalization: Normalization | None
+    reference: dict[str, np.ndarray]
+    model_sha256: str
+    work_dir: Path
+    prepare_seconds: float
+    facts: dict[str, str | float] = field(default_factory=dict)
+
+    def backend_context(self, target: str, options: dict[str, object]) -> BackendContext:
+        return BackendContext(
+            model_path=self.config.model,
+            target=target,
+            work_dir=self.work_dir / "backend",
+            model_io=self.model_io,
+            normalization=self.normalization,
+            domain=self.config.data.domain,
+            options=options,
+        )
+
+
+def load_inputs(config: SweepConfig) -> tuple[ModelIO, tuple[m.OutputSpec, ...], Dataset, Normalization | None]:
+    """Check model, outputs, data and normalization; raise ``UserInputError`` before anything is written."""
+    model_io = read_model_io(config.model, config_file=config.source)
+    outputs = output_specs(config, model_io)
+    dataset = load_dataset(config, model_io)
+    normalization = None
+    if config.normalization is not None:
+        channels = int(model_io.input_shape[1])
+        mean, std = config.normalization.mean, config.normalization.std
+        if len(mean) not in (1, channels):
+            raise UserInputError(
+                f"normalization has {len(mean)} values but the model input has {channels} channels",
+                file=config.source,
+                key="normalization",
+                fix=f"give 1 or {channels} values for mean and std",
+            )
+        normalization = Normalization(mean=tuple(mean) * (channels // len(mean)), std=tuple(std) * (channels // len(std)))
+    return model_io, outputs, dataset, normalization
+
+
+def prepare_sweep(config: SweepConfig, work_dir: Path, backend: Backend | None = None) -> Prepared:
+    """Step 0: inputs checked, float reference computed (cached), backend prepared (cached)."""
+    start = time.perf_counter()
+    model_io, outputs, dataset, normalization = load_inputs(config)
+    reference_in = feed(dataset.evaluation, "host", normalization, config.data.domain)
+    reference, hit = reference_outputs(config.model, reference_in, model_io.output_names, work_dir / "reference")
+    prepared = Prepared(
+        config=config,
+        model_io=model_io,
+        outputs=outputs,
+        dataset=dataset,
+        normalization=normalization,
+        reference=reference,
+        model_sha256=file_sha256(config.model),
+        work_dir=work_dir,
+        prepare_seconds=0.0,
+        facts={"reference_cache_hit": "true" if hit else "false"},
+    )
+    if backend is not None:
+        prepared.facts.update({f"backend.{k}": v for k, v in backend.prepare().items()})
+    prepared.prepare_seconds = time.perf_counter() - start
+    return prepared
+
+
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class StageTiming:
+    name: str
+    seconds: float
+    ok: bool
+
+
+@dataclass
+class TrialResult:
+    settings: Settings
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str | int | float] = field(default_factory=dict)  # facts the backend reported
+    flags: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: list[StageTiming] = field(default_factory=list)
+    script: str = ""
+    script_name: str = "recipe.txt"
+    compiled: CompiledModel | None = None
+    failed_stage: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    #: per emulation context / device: per-sample weighted error (for statistical pruning and plots)
+    sample_errors: dict[str, np.ndarray] = field(default_factory=dict)
+    lsb_histograms: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed_stage is None
+
+    def stage_seconds(self) -> float:
+        return sum(t.seconds for t in self.timings)
+
+
+class StopTrial(Exception):
+    """Raised by a checkpoint callback to end a trial early on purpose (e.g. pruning); not a failure.
+
+    ``run_trial`` attaches what the trial measured so far as ``result`` before re-raising.
+    """
+
+    result: TrialResult | None = None
+
+
+StageHook = Callable[[str], None]
+Checkpoint = Callable[[str, TrialResult], None]
+
+
+class _Ladder:
+    def __init__(self, result: TrialResult, on_stage: StageHook | None):
+        self.result = result
+        self.on_stage = on_stage
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.on_stage is not None:
+            self.on_stage(name)
+        start = time.perf_counter()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self.result.timings.append(StageTiming(name, time.perf_counter() - start, ok))
+
+
+def run_trial(
+    prepared: Prepared,
+    backend: Backend,
+    settings: Settings,
+    work_dir: Path,
+    *,
+    on_stage: StageHook | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> TrialResult:
+    """Optimize, emulate, compile and run on the device; never raises for a stage failure (see ``TrialResult.error``).
+
+    ``checkpoint(stage, result)`` is called after the emulation stage; it may raise ``StopTrial`` to skip the rest.
+    """
+    result = TrialResult(settings=settings)
+    ladder = _Ladder(result, on_stage)
+    cfg = prepared.config
+    ds = prepared.dataset
+    calib = feed(ds.calibration[: settings.calibset_size], settings.normalization_placement, prepared.normalization, cfg.data.domain)
+    evaluation = feed(ds.evaluation, settings.normalization_placement, prepared.normalization, cfg.data.domain)
+    stage = "optimize"
+    try:
+        backend.validate(settings)
+        with ladder.stage("optimize"):
+            optimized = backend.optimize(settings, calib, work_dir)
+        result.script, result.script_name = optimized.script, optimized.script_name
+        result.params.update(optimized.params)
+        result.flags.extend(optimized.flags)
+
+        stage = "emulate"
+        emulated: dict[str, np.ndarray] | None = None
+        with ladder.stage("emulate"):
+            for context in backend.emulation_contexts():
+                outs = backend.emulate(optimized, evaluation, context)
+                _measure(result, STAGE_PREFIX[context], prepared, outs)
+                if context is EmulationContext.QUANTIZED:
+                    emulated = outs
+        if checkpoint is not None:
+            checkpoint("emulate", result)
+
+        stage = "compile"
+        with ladder.stage("compile"):
+            compiled = backend.compile(optimized, work_dir)
+        result.compiled = compiled
+        result.params.update(compiled.params)
+        result.metrics["compile.size_bytes"] = float(compiled.size_bytes)
+
+        stage = "device"
+        with ladder.stage("device"), backend.device(compiled) as runner:
+            dev = runner.run(evaluation)
+        _measure(result, DEVICE_PREFIX, prepared, dev.outputs)
+        result.metrics.update({f"{DEVICE_PREFIX}.{k}": float(v) for k, v in dev.metrics.items()})
+        result.notes.extend(dev.notes)
+        if emulated is not None:
+            agreement = m.agreement_metrics(emulated, dev.raw, dev.quant, prepared.outputs)
+            result.metrics.update({f"{AGREEMENT_PREFIX}.{k}": v for k, v in agreement.items()})
+            for spec in prepared.outputs:
+                diff = m.lsb_difference(emulated[spec.name], dev.raw[spec.name], dev.quant[spec.name])
+                values, counts = np.unique(diff, return_counts=True)
+                result.lsb_histograms[spec.name] = {int(v): int(c) for v, c in zip(values, counts)}
+    except StopTrial as stop:
+        for timing in result.timings:
+            result.metrics[f"time.{timing.name}_s"] = timing.seconds
+        stop.result = result
+        raise
+    except Exception as exc:  # a stage failure ends this trial only, with the reason on record
+        result.failed_stage = stage
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.traceback = traceback.format_exc()
+    for timing in result.timings:
+        result.metrics[f"time.{timing.name}_s"] = timing.seconds
+    return result
+
+
+def _measure(result: TrialResult, prefix: str, prepared: Prepared, outputs: dict[str, np.ndarray]) -> None:
+    values = m.stage_metrics(prepared.reference, outputs, prepared.outputs, prepared.dataset.labels)
+    result.metrics.update({f"{prefix}.{k}": v for k, v in values.items()})
+    result.sample_errors[prefix] = m.sample_weighted_error(prepared.reference, outputs, prepared.outputs)

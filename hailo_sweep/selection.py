@@ -1,0 +1,172 @@
+"""Selecting the best trial, registering its model (alias ``best``) and exporting it with a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hailo_sweep.atomic import atomic_write_text
+from hailo_sweep.config import SweepConfig
+from hailo_sweep.errors import UserInputError
+from hailo_sweep.sweep import Stores, open_storage, resolve_stores
+from hailo_sweep.tracking import Tracker, redact_url
+
+ALIAS = "best"
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    number: int
+    value: float
+    feasible: bool
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    run_id: str
+    duplicate_of: int | None
+
+
+def load_study(config: SweepConfig) -> tuple[optuna.Study, Stores]:
+    stores = resolve_stores(config)
+    try:
+        study = optuna.load_study(study_name=config.name, storage=open_storage(stores.optuna_url))
+    except KeyError:
+        raise UserInputError(
+            f"no sweep named '{config.name}' in {redact_url(stores.optuna_url)}",
+            file=config.source, key="name", fix=f"run it first: hailo-sweep run {config.source}",
+        ) from None
+    return study, stores
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    return all(v <= 0 for v in (trial.constraints or {}).values())
+
+
+def top_trials(study: optuna.Study, k: int = 10) -> list[TrialRow]:
+    """Completed trials, feasible first, then by objective in the study's direction."""
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    done.sort(key=lambda t: (not is_feasible(t), sign * float(t.value), t.number))  # type: ignore[arg-type]
+    return [
+        TrialRow(
+            number=t.number,
+            value=float(t.value),  # type: ignore[arg-type]
+            feasible=is_feasible(t),
+            params=dict(t.params),
+            metrics=dict(t.user_attrs.get("metrics", {})),
+            run_id=str(t.user_attrs.get("mlflow_run_id", "")),
+            duplicate_of=t.user_attrs.get("duplicate_of"),
+        )
+        for t in done[:k]
+    ]
+
+
+def best_trial(study: optuna.Study, config: SweepConfig) -> FrozenTrial:
+    try:
+        return study.best_trial  # feasibility-aware in Optuna 5
+    except ValueError:
+        raise UserInputError(
+            f"sweep '{config.name}' has no completed trial that meets its constraints",
+            file=config.source, key="constraints",
+            fix="relax the constraints, widen the search space, or run more trials",
+        ) from None
+
+
+def export_best(config: SweepConfig, out_dir: Path) -> dict[str, Any]:
+    """Register the best trial's model under the alias ``best`` and write model, script and manifest to ``out_dir``."""
+    study, stores = load_study(config)
+    trial = best_trial(study, config)
+    model_id = trial.user_attrs.get("mlflow_model_id")
+    if not model_id:
+        raise UserInputError(f"trial {trial.number} has no compiled model on record", file=config.source)
+    tracker = Tracker(stores.mlflow_uri, config.name, stores.artifact_location)
+    version = _register_once(tracker, model_id, config.name)
+    source_run = tracker.client.get_logged_model(model_id).source_run_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export.", dir=out_dir) as tmp:
+        tmp_dir = Path(tmp)
+        model_dir = Path(_download(f"models:/{model_id}", tmp_dir / "model", tracker.tracking_uri))
+        compiled_name = trial.user_attrs.get("compiled_name")
+        compiled = next((p for p in model_dir.rglob("*") if p.is_file() and (compiled_name is None or p.name == compiled_name)), None)
+        if compiled is None:
+            raise UserInputError(f"the model artifact of trial {trial.number} is missing from the tracking store", file=config.source)
+        root_files = {a.path: a for a in tracker.client.list_artifacts(source_run) if not a.is_dir}
+        report = json.loads(Path(tracker.download(source_run, "report.json", tmp_dir / "run")).read_text()) if "report.json" in root_files else {}
+        script_name = next((p for p in root_files if p not in ("report.json",)), None)
+        files = {"compiled": compiled.name}
+        shutil.copy2(compiled, out_dir / compiled.name)
+        if script_name:
+            shutil.copy2(tracker.download(source_run, script_name, tmp_dir / "run"), out_dir / script_name)
+            files["script"] = script_name
+    manifest = _manifest(config, stores, trial, report, out_dir, files, model_id, source_run, version, str(study.user_attrs.get("backend", "")))
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return manifest
+
+
+def _register_once(tracker: Tracker, model_id: str, name: str) -> str:
+    """Point alias ``best`` at this model; re-running ``best`` does not create another version."""
+    try:
+        current = tracker.client.get_model_version_by_alias(name, ALIAS)
+        if current.model_id == model_id:
+            return str(current.version)
+    except Exception:  # no registered model or no alias yet
+        pass
+    return tracker.register(model_id, name, ALIAS)
+
+
+def _download(uri: str, dst: Path, tracking_uri: str) -> str:
+    import mlflow
+
+    dst.mkdir(parents=True, exist_ok=True)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(
+    config: SweepConfig, stores: Stores, trial: FrozenTrial, report: dict[str, Any], out_dir: Path,
+    files: dict[str, str], model_id: str, source_run: str, version: str, backend: str,
+) -> dict[str, Any]:
+    settings = report.get("settings") or dict(trial.params)
+    settings_blob = json.dumps(settings, sort_keys=True).encode()
+    placement = settings.get("normalization_placement")
+    return {
+        "sweep": config.name,
+        "trial": trial.number,
+        "target": config.target,
+        "backend": backend,
+        "objective": report.get("objective", {"value": trial.value}),
+        "feasible": is_feasible(trial),
+        "constraints": dict(trial.constraints or {}),
+        "settings": settings,
+        "settings_sha256": hashlib.sha256(settings_blob).hexdigest(),
+        "files": {role: {"name": name, "sha256": file_sha256(out_dir / name)} for role, name in files.items()},
+        "model": {"path": str(config.model), "sha256": report.get("model_sha256")},
+        "data": {"calibration_sha256": report.get("calibration_sha256"), "evaluation_sha256": report.get("evaluation_sha256")},
+        "input": {
+            "layout": "NCHW",
+            "normalization_placement": placement,
+            "normalization": config.normalization.model_dump() if config.normalization else None,
+            "domain": list(config.data.domain),
+            "note": "feed raw values when normalization_placement is 'model', (x - mean) / std otherwise",
+        },
+        "metrics": report.get("metrics", trial.user_attrs.get("metrics", {})),
+        "versions": report.get("versions", {}),
+        "mlflow": {
+            "tracking_uri": redact_url(stores.mlflow_uri),
+            "run_id": source_run,
+            "model_id": model_id,
+            "registered_model": config.name,
+            "version": version,
+            "alias": ALIAS,
+        },
+    }

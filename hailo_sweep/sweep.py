@@ -1,0 +1,554 @@
+"""Sweep orchestration: Optuna proposes settings, the pipeline runs each trial, the tracker records it.
+
+This is the only module that knows both Optuna and MLflow. The flow of one ``run``:
+config -> inputs checked (nothing written yet) -> stores opened (study, experiment, parent run: created once) ->
+baseline enqueued once -> prepare once -> for each trial: suggest -> pipeline -> metrics -> records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+from optuna.trial import TrialState
+
+from hailo_sweep import __version__
+from hailo_sweep import metrics as m
+from hailo_sweep.backends import select_backend
+from hailo_sweep.backends.base import Backend
+from hailo_sweep.config import SweepConfig
+from hailo_sweep.errors import UserInputError
+from hailo_sweep.pipeline import Prepared, TrialResult, load_inputs, prepare_sweep, run_trial
+from hailo_sweep.plots import error_ladder
+from hailo_sweep.search_space import SearchSpace
+from hailo_sweep.settings import Settings
+from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, redact_url
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+DEVICE_ONLY_METRICS = {"throughput_fps": "device.throughput_fps", "latency_ms": "device.latency_ms", "size_bytes": "compile.size_bytes"}
+AGREEMENT_BASES = {"lsb_max", "lsb_mean", "lsb_p99", "identical_share"}
+LOGITS_BASES = {"top1_agreement", "softmax_mae", "accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
+LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
+
+
+# -- stores ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stores:
+    root: Path
+    optuna_url: str
+    mlflow_uri: str
+    artifact_location: str | None  # set for local sqlite tracking; a tracking server decides its own
+    work_dir: Path  # <root>/sweeps/<name>: caches and trial scratch space
+
+    def describe(self) -> dict[str, str]:
+        return {"optuna_storage": redact_url(self.optuna_url), "mlflow_tracking_uri": redact_url(self.mlflow_uri)}
+
+
+def resolve_stores(config: SweepConfig) -> Stores:
+    """Config first, then the standard environment variables, then ``sqlite`` files under the root directory."""
+    root = (config.stores.root or Path.cwd()).resolve()
+    optuna_url = config.stores.optuna or os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{root / 'sweeps' / 'optuna.db'}"
+    mlflow_uri = config.stores.mlflow or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    artifact_location = None
+    if mlflow_uri.startswith("sqlite:///"):
+        db = Path(mlflow_uri.removeprefix("sqlite:///"))
+        artifact_location = (db.parent / "artifacts" / config.name).resolve().as_uri()
+    return Stores(root=root, optuna_url=optuna_url, mlflow_uri=mlflow_uri, artifact_location=artifact_location, work_dir=root / "sweeps" / config.name)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=30,
+        grace_period=120,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+    )
+
+
+# -- objective and constraints -----------------------------------------------------------------------------------
+def metric_key(stage: str, metric: str) -> str:
+    """The result key of a config metric name, e.g. ('device', 'logits.softmax_mae') -> 'device.logits.softmax_mae'."""
+    if metric in DEVICE_ONLY_METRICS:
+        return DEVICE_ONLY_METRICS[metric]
+    base = metric.rsplit(".", 1)[-1]
+    if base in AGREEMENT_BASES:
+        return f"agreement.{metric}"
+    return f"{'device' if stage == 'device' else 'emulated'}.{metric}"
+
+
+def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, ...], has_labels: bool, *, file: Path | None, key: str) -> None:
+    if metric in DEVICE_ONLY_METRICS:
+        return
+    output, _, base = metric.rpartition(".")
+    names = {o.name: o for o in prepared_outputs}
+    if not output or (output != "total" and output not in names):
+        raise UserInputError(
+            f"metric {metric!r} must be '<output>.<metric>' with an output of the model or 'total'",
+            file=file, key=key, fix=f"e.g. total.nmae or {prepared_outputs[0].name}.mae; outputs: {', '.join(names)}",
+        )
+    try:
+        m.direction_of(base)
+    except KeyError:
+        raise UserInputError(
+            f"unknown metric {base!r}", file=file, key=key, fix=f"use one of: {', '.join(sorted(m.METRIC_DIRECTIONS))}"
+        ) from None
+    if base in LOGITS_BASES and output != "total" and names[output].kind != "logits":
+        raise UserInputError(f"{base} needs a logits output, but {output!r} is kind tensor", file=file, key=key, fix=f"set outputs.{output}.kind: logits")
+    if base in LOGITS_BASES and output == "total" and not any(o.kind == "logits" for o in prepared_outputs):
+        raise UserInputError(f"total.{base} needs at least one output of kind logits", file=file, key=key, fix="mark the classification output with kind: logits")
+    if base in LABEL_BASES and not has_labels:
+        raise UserInputError(f"{base} needs labels", file=file, key=key, fix="set data.labels_key to the labels array of the evaluation .npz")
+    if base in AGREEMENT_BASES and stage != "device":
+        raise UserInputError(f"{base} compares emulation with the device; it exists at stage device only", file=file, key=key)
+
+
+@dataclass(frozen=True)
+class Objective:
+    key: str
+    direction: str
+
+
+def objective_of(config: SweepConfig, outputs: tuple[m.OutputSpec, ...], has_labels: bool) -> Objective:
+    obj = config.objective
+    check_metric(obj.metric, obj.stage, outputs, has_labels, file=config.source, key="objective.metric")
+    base = obj.metric.rpartition(".")[2]
+    direction = obj.direction or m.direction_of(base)
+    return Objective(key=metric_key(obj.stage, obj.metric), direction=direction)
+
+
+def constraint_values(config: SweepConfig, metrics: dict[str, float]) -> dict[str, float]:
+    """Optuna constraint values (feasible when <= 0) named after the config's constraints."""
+    values: dict[str, float] = {}
+    for c in config.constraints:
+        value = metrics.get(metric_key(c.stage, c.metric))
+        name = f"{c.stage}.{c.metric}.{'max' if c.max is not None else 'min'}"
+        if value is None:
+            values[name] = float("inf")
+        elif c.max is not None:
+            values[name] = value - c.max
+        else:
+            assert c.min is not None
+            values[name] = c.min - value
+    return values
+
+
+# -- progress ------------------------------------------------------------------------------------------------
+class SweepObserver(Protocol):
+    def sweep_started(self, total: int, remaining: int) -> None: ...
+    def message(self, text: str) -> None: ...
+    def trial_started(self, number: int, settings: Settings) -> None: ...
+    def stage_started(self, name: str) -> None: ...
+    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None) -> None: ...
+
+
+class NullObserver:
+    def sweep_started(self, total: int, remaining: int) -> None: ...
+    def message(self, text: str) -> None: ...
+    def trial_started(self, number: int, settings: Settings) -> None: ...
+    def stage_started(self, name: str) -> None: ...
+    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None) -> None: ...
+
+
+class TrialFailed(Exception):
+    """A trial whose stage failed; already recorded. Caught by ``study.optimize``."""
+
+
+@dataclass
+class TrialTiming:
+    number: int
+    wall_s: float
+    stages_s: float
+
+    @property
+    def overhead_s(self) -> float:
+        return self.wall_s - self.stages_s
+
+
+@dataclass
+class SweepSummary:
+    study_name: str
+    experiment_id: str
+    parent_run_id: str
+    trials_run: int
+    prepare_seconds: float
+    prepare_runs: int
+    timings: list[TrialTiming] = field(default_factory=list)
+    best_number: int | None = None
+    best_value: float | None = None
+
+
+# -- the sweep -------------------------------------------------------------------------------------------------
+class Sweep:
+    """One sweep, as described by a config; ``run`` resumes whatever the stores already hold."""
+
+    def __init__(self, config: SweepConfig, observer: SweepObserver | None = None):
+        self.config = config
+        self.observer: SweepObserver = observer or NullObserver()
+        self.stores = resolve_stores(config)
+
+    # Everything that can be checked without touching a store is checked here, first.
+    def preflight(self) -> tuple[type[Backend], Backend, SearchSpace, Objective]:
+        cfg = self.config
+        model_io, outputs, dataset, normalization = load_inputs(cfg)
+        space = SearchSpace(cfg.search, model_io.output_names, cfg.source)
+        n_calib = len(dataset.calibration)
+        if space.max_calibset_size() > n_calib:
+            raise UserInputError(
+                f"calibset_size {space.max_calibset_size()} is larger than the calibration set ({n_calib} samples)",
+                file=cfg.source, key="search.calibset_size", fix=f"use values <= {n_calib}, or provide more calibration data",
+            )
+        objective = objective_of(cfg, outputs, dataset.labels is not None)
+        for i, c in enumerate(cfg.constraints):
+            check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric")
+        backend_cls, note = select_backend(cfg.backend)
+        if note:
+            self.observer.message(note)
+        ctx_preview = Prepared(
+            config=cfg, model_io=model_io, outputs=outputs, dataset=dataset, normalization=normalization,
+            reference={}, model_sha256="", work_dir=self.stores.work_dir, prepare_seconds=0.0,
+        )
+        backend = backend_cls(ctx_preview.backend_context(cfg.target, cfg.hailo.model_dump()))
+        baseline = space.project(backend.default_settings(n_calib, model_io.output_names))
+        space.check_supported(baseline, backend.validate)
+        return backend_cls, backend, space, objective
+
+    def run(self, n_trials: int | None = None) -> SweepSummary:
+        backend_cls, backend, space, objective = self.preflight()
+        total = n_trials or self.config.trials
+        study, tracker, parent_run_id = self._open_stores(objective, space, backend)
+        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED_STATES)
+        remaining = max(0, total - finished)
+        self.observer.sweep_started(total, remaining)
+        timings: list[TrialTiming] = []
+        prepare_runs = 0
+        prepare_seconds = 0.0
+        tracker.reopen(parent_run_id)
+        try:
+            with backend:
+                if remaining:
+                    self.observer.stage_started("prepare")
+                    prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
+                    prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
+                    objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings)
+                    study.optimize(
+                        objective_fn,
+                        n_trials=remaining,
+                        catch=(TrialFailed,),
+                        callbacks=[optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)],
+                    )
+        finally:
+            self._summarize_parent(study, tracker, parent_run_id, objective)
+        best = _best(study)
+        return SweepSummary(
+            study_name=study.study_name,
+            experiment_id=tracker.experiment_id,
+            parent_run_id=parent_run_id,
+            trials_run=len(timings),
+            prepare_seconds=prepare_seconds,
+            prepare_runs=prepare_runs,
+            timings=timings,
+            best_number=best.number if best else None,
+            best_value=best.value if best else None,
+        )
+
+    # -- stores --------------------------------------------------------------------------------------------
+    def _open_stores(self, objective: Objective, space: SearchSpace, backend: Backend) -> tuple[optuna.Study, Tracker, str]:
+        cfg = self.config
+        if cfg.stores.mlflow is None and cfg.stores.root is None or self.stores.mlflow_uri.startswith("sqlite:///"):
+            Path(self.stores.mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(self.stores.optuna_url)
+        study = optuna.create_study(
+            study_name=cfg.name,
+            storage=storage,
+            direction=objective.direction,
+            sampler=self._sampler(space),
+            load_if_exists=True,
+        )
+        recorded = study.user_attrs.get("objective")
+        if recorded is not None and recorded != {"key": objective.key, "direction": objective.direction}:
+            raise UserInputError(
+                f"study '{cfg.name}' was created with objective {recorded}, the config now asks for "
+                f"{{'key': '{objective.key}', 'direction': '{objective.direction}'}}",
+                file=cfg.source, key="objective",
+                fix="restore the original objective, or give the sweep a new name so a new study is created",
+            )
+        tracker = Tracker(self.stores.mlflow_uri, cfg.name, self.stores.artifact_location)
+        parent = study.user_attrs.get("mlflow_parent_run_id")
+        if parent is None or not tracker.run_exists(parent):
+            parent = tracker.create_parent_run(
+                RunRecord(
+                    name=cfg.name,
+                    params=self._sweep_params(space, backend),
+                    tags={"optuna.study_name": cfg.name, "hailo_sweep.backend": backend.name, "hailo_sweep.target": cfg.target},
+                )
+            )
+            study.set_user_attr("mlflow_parent_run_id", parent)
+            study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+            study.set_user_attr("objective", {"key": objective.key, "direction": objective.direction})
+            study.set_user_attr("backend", backend.name)
+        if cfg.sampler.name != "grid" and not study.user_attrs.get("baseline_enqueued"):
+            baseline = space.project(backend.default_settings(space.max_calibset_size(), space.output_names))
+            study.enqueue_trial(space.params_of(baseline), user_attrs={"baseline": True}, skip_if_exists=True)
+            study.set_user_attr("baseline_enqueued", True)
+        return study, tracker, parent
+
+    def _sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler:
+        s = self.config.sampler
+        if s.name == "random":
+            return optuna.samplers.RandomSampler(seed=s.seed)
+        if s.name == "grid":
+            return optuna.samplers.GridSampler(space.choices(), seed=s.seed)
+        return optuna.samplers.TPESampler(seed=s.seed)
+
+    def _sweep_params(self, space: SearchSpace, backend: Backend) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "model": str(cfg.model),
+            "target": cfg.target,
+            "backend": backend.name,
+            "objective": f"{cfg.objective.stage}:{cfg.objective.metric}",
+            "sampler": f"{cfg.sampler.name}(seed={cfg.sampler.seed})",
+            "trials": cfg.trials,
+            "search_space": json.dumps(space.choices()),
+            "constraints": json.dumps([c.model_dump() for c in cfg.constraints]),
+            **self.stores.describe(),
+        }
+
+    def _summarize_parent(self, study: optuna.Study, tracker: Tracker, parent: str, objective: Objective) -> None:
+        trials = study.get_trials(deepcopy=False)
+        counts = {state.name.lower(): sum(1 for t in trials if t.state == state) for state in FINISHED_STATES}
+        metrics: dict[str, float] = {f"trials_{k}": float(v) for k, v in counts.items()}
+        best = _best(study)
+        tags = {}
+        if best is not None:
+            metrics["best_value"] = float(best.value)
+            metrics["best_trial"] = float(best.number)
+            tags["hailo_sweep.best_run_id"] = str(best.user_attrs.get("mlflow_run_id", ""))
+        tracker.log_to(parent, RunRecord(name="", metrics=metrics, tags=tags))
+        tracker.finish(parent)
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial  # feasibility-aware in Optuna 5
+    except ValueError:
+        return None
+
+
+class _TrialRunner:
+    """The Optuna objective: one trial from suggestion to record."""
+
+    def __init__(
+        self,
+        sweep: Sweep,
+        prepared: Prepared,
+        backend: Backend,
+        space: SearchSpace,
+        objective: Objective,
+        tracker: Tracker,
+        parent_run_id: str,
+        timings: list[TrialTiming],
+    ):
+        self.sweep, self.prepared, self.backend, self.space = sweep, prepared, backend, space
+        self.objective, self.tracker, self.parent_run_id, self.timings = objective, tracker, parent_run_id, timings
+        self.config = sweep.config
+        self.versions = {"hailo_sweep": __version__, "optuna": optuna.__version__, **_lib_versions(), **backend.versions()}
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        start = time.perf_counter()
+        settings = self.space.suggest(trial)
+        obs = self.sweep.observer
+        obs.trial_started(trial.number, settings)
+        duplicate = self._duplicate_of(trial)
+        if duplicate is not None:
+            return self._reuse(trial, settings, duplicate, start)
+        record_s = 0.0
+        t0 = time.perf_counter()
+        run_id = self.tracker.start_child(self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), tags=self._tags(trial, settings)))
+        trial.set_user_attr("mlflow_run_id", run_id)
+        record_s += time.perf_counter() - t0
+        work_dir = self.sweep.stores.work_dir / "trials" / f"{trial.number:04d}-{os.getpid()}"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            result = run_trial(self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started)
+            obs.stage_started("record")
+            t0 = time.perf_counter()
+            value, feasible = self._record(trial, run_id, result, work_dir, start)
+            record_s += time.perf_counter() - t0
+        except BaseException:
+            self.tracker.finish(run_id, failed=True)  # interrupted: never leave the run RUNNING
+            raise
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        wall = time.perf_counter() - start
+        self.timings.append(TrialTiming(trial.number, wall, result.stage_seconds() + record_s))
+        if value is None:
+            obs.trial_finished(trial.number, "FAIL", None, None)
+            raise TrialFailed(f"trial {trial.number} failed in stage {result.failed_stage}: {result.error}")
+        obs.trial_finished(trial.number, "COMPLETE", value, feasible)
+        return value
+
+    # -- record --------------------------------------------------------------------------------------------
+    def _record(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, start: float) -> tuple[float | None, bool]:
+        metrics = dict(result.metrics)
+        tags: dict[str, str] = {"hailo_sweep.flags": ",".join(result.flags)} if result.flags else {}
+        artifacts: list[tuple[Path, str]] = []
+        if result.script:
+            script = work_dir / result.script_name
+            script.write_text(result.script, encoding="utf-8")
+            artifacts.append((script, ""))
+        value: float | None = None
+        feasible = False
+        if result.ok:
+            value = metrics.get(self.objective.key)
+            if value is None:
+                result.failed_stage, result.error = "record", f"objective metric {self.objective.key} was not produced"
+        if result.ok and value is not None:
+            constraints = constraint_values(self.config, metrics)
+            if "optimization_level_lowered" in result.flags:
+                # the toolchain measured another level than the one asked for: never count it as that level
+                constraints["optimization_level_honoured"] = 1.0
+            for name, v in constraints.items():
+                trial.set_constraint(name, v)
+                metrics[f"constraint.{name}"] = v
+            feasible = all(v <= 0 for v in constraints.values())
+            metrics["objective"] = value
+            tags.update({"hailo_sweep.state": "COMPLETE", "hailo_sweep.feasible": str(feasible)})
+            assert result.compiled is not None
+            artifacts.append((result.compiled.path, "compiled"))
+            artifacts.append((error_ladder(metrics, [o.name for o in self.prepared.outputs], work_dir / "error_ladder.png"), "plots"))
+        else:
+            tags.update({"hailo_sweep.state": "FAIL", "hailo_sweep.failed_stage": str(result.failed_stage), "hailo_sweep.error": str(result.error)})
+            trial.set_user_attr("failed_stage", result.failed_stage)
+            trial.set_user_attr("error", (result.error or "")[:2000])
+        report = self._report(trial, result, metrics, value, feasible)
+        report_path = work_dir / "report.json"
+        report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        artifacts.append((report_path, ""))
+        wall = time.perf_counter() - start
+        metrics["time.trial_s"] = wall
+        self.tracker.end_child(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, artifacts=artifacts, failed=value is None))
+        if value is not None and result.compiled is not None:
+            model_id = self.tracker.log_model(
+                run_id,
+                LoggedModelRecord(
+                    name=self.config.name, path=result.compiled.path, model_type=result.compiled.kind,
+                    params={k: v for k, v in result.settings.as_params().items()},
+                    tags={"optuna.trial_number": str(trial.number)},
+                ),
+            )
+            trial.set_user_attr("mlflow_model_id", model_id)
+            trial.set_user_attr("compiled_name", result.compiled.path.name)
+        trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.key)})
+        return value, feasible
+
+    def _report(self, trial: optuna.Trial, result: TrialResult, metrics: dict[str, float], value: float | None, feasible: bool) -> dict[str, Any]:
+        return {
+            "trial": trial.number,
+            "settings": result.settings.as_params(),
+            "objective": {"key": self.objective.key, "direction": self.objective.direction, "value": value},
+            "feasible": feasible,
+            "metrics": metrics,
+            "backend_params": result.params,
+            "flags": result.flags,
+            "notes": result.notes,
+            "stages": [{"name": t.name, "seconds": t.seconds, "ok": t.ok} for t in result.timings],
+            "failed_stage": result.failed_stage,
+            "error": result.error,
+            "traceback": result.traceback,
+            "lsb_histograms": result.lsb_histograms,
+            "versions": self.versions,
+            "model_sha256": self.prepared.model_sha256,
+            "calibration_sha256": self.prepared.dataset.calibration_sha256,
+            "evaluation_sha256": self.prepared.dataset.evaluation_sha256,
+        }
+
+    def _params(self, settings: Settings) -> dict[str, Any]:
+        return {
+            **settings.as_params(),
+            "target": self.config.target,
+            "backend": self.backend.name,
+            "calib.n": settings.calibset_size,
+            "calib.sha256": self.prepared.dataset.calibration_sha256,
+            "eval.n": len(self.prepared.dataset.evaluation),
+            "eval.sha256": self.prepared.dataset.evaluation_sha256,
+            "model.sha256": self.prepared.model_sha256,
+        }
+
+    def _tags(self, trial: optuna.Trial, settings: Settings) -> dict[str, str]:
+        baseline = bool(trial.user_attrs.get("baseline")) or (
+            self.space.params_of(settings) == self.space.params_of(self.space.project(self.backend.default_settings(self.space.max_calibset_size(), self.space.output_names)))
+            and self.config.sampler.name == "grid"
+        )
+        return {
+            "optuna.study_name": self.config.name,
+            "optuna.trial_number": str(trial.number),
+            "hailo_sweep.state": "RUNNING",
+            "hailo_sweep.backend": self.backend.name,
+            "hailo_sweep.target": self.config.target,
+            "hailo_sweep.baseline": str(baseline),
+            "hailo_sweep.worker": f"{socket.gethostname()}:{os.getpid()}",
+            **{f"version.{k}": v for k, v in self.versions.items()},
+        }
+
+    # -- duplicates ----------------------------------------------------------------------------------------
+    def _duplicate_of(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+        """A finished trial with exactly these params: evaluating them again would repeat the same work."""
+        for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if other.params == trial.params and other.number != trial.number:
+                return other
+        return None
+
+    def _reuse(self, trial: optuna.Trial, settings: Settings, original: optuna.trial.FrozenTrial, start: float) -> float:
+        assert original.value is not None
+        for name, v in (original.constraints or {}).items():
+            trial.set_constraint(name, v)
+        source_run = original.user_attrs.get("mlflow_run_id", "")
+        metrics = dict(original.user_attrs.get("metrics", {}))
+        tags = {**self._tags(trial, settings), "hailo_sweep.state": "COMPLETE", "hailo_sweep.duplicate_of": str(source_run)}
+        feasible = all(v <= 0 for v in (original.constraints or {}).values())
+        tags["hailo_sweep.feasible"] = str(feasible)
+        run_id = self.tracker.start_child(self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), metrics=metrics, tags=tags))
+        self.tracker.finish(run_id)
+        for key in ("mlflow_model_id", "compiled_name", "metrics"):
+            if key in original.user_attrs:
+                trial.set_user_attr(key, original.user_attrs[key])
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("duplicate_of", original.number)
+        self.timings.append(TrialTiming(trial.number, time.perf_counter() - start, 0.0))
+        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.value, feasible)
+        return original.value
+
+
+def _summary_keys(metrics: dict[str, float], objective_key: str) -> list[str]:
+    """The metrics kept in Optuna's user attrs (the full set lives in MLflow)."""
+    keep = {objective_key}
+    for k in metrics:
+        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.")) or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
+            keep.add(k)
+        if k.startswith(("device.", "emulated.")) and k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae")):
+            keep.add(k)
+    return sorted(k for k in keep if k in metrics)
+
+
+def _lib_versions() -> dict[str, str]:
+    import mlflow
+    import numpy
+
+    return {"mlflow": mlflow.__version__, "numpy": numpy.__version__}
+
+
+ProgressCallback = Callable[[str], None]

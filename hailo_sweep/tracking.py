@@ -1,0 +1,190 @@
+"""MLflow tracking: one experiment per sweep, one parent run, one child run per trial, compiled models as LoggedModels.
+
+This module knows MLflow and nothing about Hailo or Optuna: it logs ``RunRecord``s built by the sweep. Logging is
+manual and batched (one ``log_batch`` call per run) because per-call logging is 4-10x slower on sqlite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+MAX_PARAM_LEN = 6000
+MAX_TAG_LEN = 5000
+ROLE_TAG = "hailo_sweep.role"
+
+
+def quiet_mlflow_env() -> None:
+    """Telemetry off and no URL printing, unless the user chose otherwise in their environment."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of ``scheme://user:password@host`` URLs (for logs, params and reports)."""
+    return re.sub(r"(?<=://)([^:/@]+):([^@/]*)@", r"\1:***@", url)
+
+
+@dataclass
+class RunRecord:
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    artifacts: Sequence[tuple[Path, str]] = field(default_factory=list)  # (local file, artifact directory)
+    failed: bool = False
+
+
+@dataclass
+class LoggedModelRecord:
+    name: str
+    path: Path
+    model_type: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+class Tracker:
+    """Thin, explicit wrapper over ``MlflowClient`` bound to one tracking URI and one experiment."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None):
+        quiet_mlflow_env()
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.artifact_location = artifact_location
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._experiment_id: str | None = None
+
+    # -- experiment and parent ---------------------------------------------------------------------------
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                try:
+                    self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+                except mlflow.exceptions.MlflowException:  # created concurrently by another process
+                    exp = self.client.get_experiment_by_name(self.experiment_name)
+                    if exp is None:
+                        raise
+                    self._experiment_id = exp.experiment_id
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(exp.experiment_id)
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def create_parent_run(self, record: RunRecord) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=record.name, tags={ROLE_TAG: "sweep", **record.tags})
+        self._log_batch(run.info.run_id, record)
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def finish(self, run_id: str, *, failed: bool = False) -> None:
+        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            run = self.client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            return False
+        return run.info.lifecycle_stage == "active"
+
+    def log_to(self, run_id: str, record: RunRecord) -> None:
+        self._log_batch(run_id, record)
+
+    # -- trials --------------------------------------------------------------------------------------------
+    def start_child(self, parent_run_id: str, record: RunRecord) -> str:
+        """Create the child run (RUNNING) under ``parent_run_id`` and log params, metrics and tags in one batch.
+
+        The parent link is the ``mlflow.parentRunId`` tag, exactly what ``mlflow.start_run(parent_run_id=...)`` sets,
+        written through the client so that no process-global "active run" is involved (safe in threads and workers).
+        """
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=record.name,
+            tags={MLFLOW_PARENT_RUN_ID: parent_run_id, ROLE_TAG: "trial", **record.tags},
+        )
+        self._log_batch(run.info.run_id, record)
+        return run.info.run_id
+
+    def end_child(self, run_id: str, record: RunRecord) -> None:
+        """Log the rest of the record (artifacts included) and end the run as FINISHED or FAILED."""
+        self._log_batch(run_id, record)
+        for local, artifact_dir in record.artifacts:
+            self.client.log_artifact(run_id, str(local), artifact_path=artifact_dir or None)
+        self.client.set_terminated(run_id, status="FAILED" if record.failed else "FINISHED")
+
+    def log_model(self, run_id: str, model: LoggedModelRecord) -> str:
+        """A LoggedModel holding the compiled file, linked to its trial run; returns the model id."""
+        lm = mlflow.initialize_logged_model(
+            name=model.name,
+            source_run_id=run_id,
+            model_type=model.model_type,
+            params={k: _text(v, MAX_PARAM_LEN) for k, v in model.params.items()},
+            tags=dict(model.tags),
+            experiment_id=self.experiment_id,
+        )
+        self.client.log_model_artifact(lm.model_id, str(model.path))
+        mlflow.finalize_logged_model(lm.model_id, "READY")
+        return lm.model_id
+
+    def register(self, model_id: str, name: str, alias: str) -> str:
+        """Register a LoggedModel under ``name`` and point ``alias`` at the new version; returns the version."""
+        version = mlflow.register_model(f"models:/{model_id}", name)
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, _text(v, MAX_TAG_LEN)) for k, v in tags.items()])
+
+    def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+    def runs_url(self, base_url: str) -> str:
+        return f"{base_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _log_batch(self, run_id: str, record: RunRecord) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in record.metrics.items() if _finite(v)]
+        params = [Param(k, _text(v, MAX_PARAM_LEN)) for k, v in record.params.items()]
+        tags = [RunTag(k, _text(v, MAX_TAG_LEN)) for k, v in record.tags.items()]
+        # MLflow caps one batch at 1000 metrics, 100 params and 100 tags
+        chunks = max(math.ceil(len(metrics) / 1000), math.ceil(len(params) / 100), math.ceil(len(tags) / 100))
+        for i in range(chunks):
+            self.client.log_batch(
+                run_id,
+                metrics=metrics[i * 1000 : (i + 1) * 1000],
+                params=params[i * 100 : (i + 1) * 100],
+                tags=tags[i * 100 : (i + 1) * 100],
+            )
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _text(v: Any, limit: int) -> str:
+    s = str(v)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
