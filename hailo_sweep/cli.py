@@ -25,7 +25,7 @@ ConfigArg = Annotated[Path, typer.Argument(help="sweep config (YAML)", show_defa
 
 
 def _fail(exc: UserInputError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 

@@ -114,7 +114,7 @@ def _register_once(tracker: Tracker, model_id: str, name: str) -> str:
     """Point alias ``best`` at this model; re-running ``best`` does not create another version."""
     try:
         current = tracker.client.get_model_version_by_alias(name, ALIAS)
-        if current.model_id == model_id:
+        if model_id in (current.model_id, current.source.removeprefix("models:/")):
             return str(current.version)
     except Exception:  # no registered model or no alias yet
         pass

@@ -437,14 +437,15 @@ def test_weight_tensors_lists_conv_and_gemm_weights(trans_b: int) -> None:
     ("share", "names", "achieved"),
     [
         (0.0, [], 0.0),
-        (0.6, [], 0.0),  # the largest tensor alone is 1152/1704 = 67.6 %
-        (0.7, ["w2"], 1152 / 1704),
-        (0.9, ["w2", "w3"], 1408 / 1704),
+        # w2 alone is 1152/1704 = 67.6 %: skipped, the smaller ones still fit (256+160+72+64 = 552)
+        (0.6, ["w3", "wf", "w1", "w4"], 552 / 1704),
+        (0.7, ["w2"], 1152 / 1704),  # nothing else fits in the remaining 40.8 elements
+        (0.9, ["w2", "w3", "w1"], 1480 / 1704),  # wf would reach 1568 > 1533.6; w1 fits, then w4 would not
         (0.95, ["w2", "w3", "wf"], 1568 / 1704),
         (1.0, ["w2", "w3", "wf", "w1", "w4"], 1.0),
     ],
 )
-def test_select_4bit_weights_takes_largest_first(share: float, names: list[str], achieved: float) -> None:
+def test_select_4bit_weights_takes_largest_that_fit(share: float, names: list[str], achieved: float) -> None:
     chosen, got = graph.select_4bit_weights(cnn(), share)
     assert [w.name for w in chosen] == names
     assert got == pytest.approx(achieved)

@@ -487,9 +487,9 @@ def weight_tensors(model: onnx.ModelProto) -> list[WeightTensor]:
 def select_4bit_weights(model: onnx.ModelProto, share: float) -> tuple[list[WeightTensor], float]:
     """Pick the weights to quantize at 4 bit: the largest tensors first, while their share stays <= ``share``.
 
-    Mirrors Hailo's ``compression_level`` (the backend maps level k to share 0.2*k). Selection stops at the first
-    tensor that would overshoot, so a larger share always selects a superset. Returns the tensors and the share
-    of weight elements they hold.
+    Mirrors Hailo's ``compression_level`` (the backend maps level k to share 0.2*k). A tensor that would overshoot
+    is skipped and smaller ones are still considered, so a model whose largest layer holds most of the weights still
+    gets some 4-bit weights at low levels. Returns the tensors and the share of weight elements they hold.
     """
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1], got {share}")
@@ -499,7 +499,7 @@ def select_4bit_weights(model: onnx.ModelProto, share: float) -> tuple[list[Weig
     taken = 0
     for weight in weights:
         if total == 0 or (taken + weight.size) / total > share + 1e-12:
-            break
+            continue
         chosen.append(weight)
         taken += weight.size
     return chosen, (taken / total if total else 0.0)

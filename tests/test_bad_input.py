@@ -1,0 +1,160 @@
+"""Bad input: each case gets a clear error naming the file/key and a fix, a non-zero exit, and no store is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from hailo_sweep.cli import app
+from tests.conftest import MODEL, base_config
+
+runner = CliRunner()
+
+
+def run_cli(config: Path) -> tuple[int, str]:
+    result = runner.invoke(app, ["run", str(config)])
+    return result.exit_code, result.output
+
+
+def assert_refused(config: Path, *fragments: str) -> str:
+    code, out = run_cli(config)
+    assert code == 2, out
+    flat = " ".join(out.split())
+    for fragment in (str(config.name), *fragments):
+        assert fragment in flat, f"{fragment!r} not in:\n{out}"
+    root = config.parent
+    assert not (root / "sweeps" / "optuna.db").exists(), "the study store was written"
+    assert not (root / "mlruns").exists(), "the tracking store was written"
+    return flat
+
+
+def test_unknown_key_suggests_close_match(write_config) -> None:
+    cfg = write_config()
+    text = cfg.read_text().replace("trials: 4", "trails: 4")
+    cfg.write_text(text)
+    assert_refused(cfg, "trails", "did you mean 'trials'", "fix:")
+
+
+def test_unknown_nested_key_suggests_close_match(write_config, digits_data) -> None:
+    raw = base_config(digits_data)
+    raw["outputs"]["logits"]["knd"] = "logits"
+    assert_refused(write_config(raw), "outputs.logits.knd", "did you mean 'kind'")
+
+
+def test_out_of_range_knob(write_config) -> None:
+    flat = assert_refused(write_config(search={"optimization_level": [0, 7]}), "search.optimization_level", "0-4")
+    assert "7" in flat
+
+
+def test_level_the_backend_cannot_honour_is_refused(write_config) -> None:
+    assert_refused(write_config(search={"optimization_level": [2, 4]}), "search.optimization_level", "optimization_level=4", "AdaRound")
+
+
+def test_unknown_target(write_config) -> None:
+    assert_refused(write_config(target="hailo8x"), "target", "'hailo8x'", "did you mean 'hailo8'")
+
+
+def test_missing_model(write_config, tmp_path) -> None:
+    assert_refused(write_config(model=str(tmp_path / "nope.onnx")), "model", "not found")
+
+
+def test_non_onnx_model(write_config, tmp_path) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"this is not a protobuf" * 10)
+    assert_refused(write_config(model=str(bogus)), "model", "not a valid ONNX model", "torch.onnx.export")
+
+
+def test_layout_mixup_is_named(write_config, digits_data) -> None:
+    raw = base_config(digits_data)
+    raw["data"]["layout"] = "NCHW"  # the files are NHWC
+    assert_refused(write_config(raw), "data.layout", "NHWC", "set data.layout: NHWC")
+
+
+def test_shape_mismatch(write_config, digits_data, tmp_path) -> None:
+    small = tmp_path / "small.npy"
+    np.save(small, np.zeros((8, 64, 64, 1), np.uint8))
+    raw = base_config(digits_data)
+    raw["data"]["calibration"] = str(small)
+    assert_refused(write_config(raw), "small.npy", "(96, 128, 1)")
+
+
+def test_nan_in_data(write_config, digits_data, tmp_path) -> None:
+    bad = np.load(digits_data["calibration"]).astype(np.float32)[:200]
+    bad[3, 10, 10, 0] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, bad)
+    raw = base_config(digits_data)
+    raw["data"]["calibration"] = str(path)
+    assert_refused(write_config(raw), "data.calibration", "NaN/inf", "sample 3")
+
+
+def test_empty_data(write_config, digits_data, tmp_path) -> None:
+    path = tmp_path / "empty.npy"
+    np.save(path, np.zeros((0, 96, 128, 1), np.uint8))
+    raw = base_config(digits_data)
+    raw["data"]["calibration"] = str(path)
+    assert_refused(write_config(raw), "data.calibration", "empty")
+
+
+def test_calibset_larger_than_data(write_config) -> None:
+    assert_refused(write_config(search={"calibset_size": [64, 4096]}), "search.calibset_size", "4096", "1024 samples")
+
+
+def test_labels_requested_but_absent(write_config, digits_data, tmp_path) -> None:
+    x = np.load(digits_data["evaluation"])["x"]
+    path = tmp_path / "nolabels.npz"
+    np.savez(path, x=x)
+    raw = base_config(digits_data)
+    raw["data"]["evaluation"] = str(path)
+    assert_refused(write_config(raw), "data.labels_key", "labels were requested", "no array 'y'")
+
+
+def test_output_not_in_model(write_config) -> None:
+    assert_refused(
+        write_config(outputs={"logits": {"kind": "logits"}, "boxes": {}}), "outputs.boxes", "featmap, logits"
+    )
+
+
+def test_pickled_npy_is_refused_and_never_loaded(write_config, digits_data, tmp_path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # runs on unpickling
+            return (marker.write_text, ("loaded",))
+
+    path = tmp_path / "evil.npy"
+    np.save(path, np.array([Payload()], dtype=object), allow_pickle=True)
+    raw = base_config(digits_data)
+    raw["data"]["calibration"] = str(path)
+    assert_refused(write_config(raw), "data.calibration", "pickled", "not loaded")
+    assert not marker.exists(), "the pickle was executed"
+
+
+def test_yaml_is_loaded_safely(write_config, tmp_path) -> None:
+    marker = tmp_path / "yaml-pwned"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"!!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]\n")
+    code, out = run_cli(cfg)
+    assert code == 2 and "not valid YAML" in out
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("metric", ["logits.nope", "boxes.mae", "featmap.softmax_mae"])
+def test_bad_objective_metric(write_config, metric) -> None:
+    assert_refused(write_config(objective={"metric": metric, "stage": "device"}), "objective.metric")
+
+
+def test_model_path_relative_to_config(tmp_path, digits_data) -> None:
+    """Relative paths resolve against the config file, not the working directory."""
+    from hailo_sweep.config import load_config
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.onnx").write_bytes(MODEL.read_bytes())
+    raw = base_config(digits_data, model="m/x.onnx")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    assert load_config(cfg_path).model == (tmp_path / "m" / "x.onnx").resolve()

@@ -1,0 +1,165 @@
+"""End to end: a short sweep of the example through the CLI, then checks made on the stores themselves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hailo_sweep import metrics as m
+from hailo_sweep.backends.onnxruntime.graph import read_output_quant
+from tests.conftest import MODEL, base_config
+
+pytestmark = pytest.mark.slow
+TRIALS = 6
+
+
+def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hailo_sweep.cli", *args], cwd=root, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, digits_data: dict[str, Path]) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = base_config(digits_data, trials=TRIALS)  # stores default to the working directory, like a user's project
+    config = root / "digits.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = cli(root, "run", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    study = optuna.load_study(study_name=cfg["name"], storage=f"sqlite:///{root / 'sweeps' / 'optuna.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    return {"root": root, "config": config, "cfg": cfg, "study": study, "client": client, "stdout": proc.stdout}
+
+
+def child_runs(client: MlflowClient, study: optuna.Study) -> list:
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    exp = study.user_attrs["mlflow_experiment_id"]
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+
+
+def test_every_trial_has_its_child_run_under_the_parent(sweep) -> None:
+    study, client = sweep["study"], sweep["client"]
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == TRIALS
+    assert sorted(t.number for t in trials) == list(range(TRIALS))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
+    runs = {r.info.run_id: r for r in child_runs(client, study)}
+    assert len(runs) == TRIALS
+    for t in trials:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.tags["hailo_sweep.role"] == "trial"
+        assert run.info.status == ("FINISHED" if t.state == TrialState.COMPLETE else "FAILED")
+        assert run.data.params["optimization_level"] == str(t.params["optimization_level"])
+        for key in ("version.onnxruntime", "version.mlflow", "version.optuna", "hailo_sweep.backend", "hailo_sweep.target"):
+            assert run.data.tags[key]
+        if t.state == TrialState.COMPLETE:
+            assert run.data.metrics["device.logits.softmax_mae"] == pytest.approx(t.value)
+            assert run.data.tags["hailo_sweep.feasible"] == str(all(v <= 0 for v in t.constraints.values()))
+            if "duplicate_of" in t.user_attrs:  # same params as an earlier trial: its result was reused, not recomputed
+                assert run.data.tags["hailo_sweep.duplicate_of"] == trials[t.user_attrs["duplicate_of"]].user_attrs["mlflow_run_id"]
+                continue
+            for stage in ("optimize", "emulate", "compile", "device"):
+                assert run.data.metrics[f"time.{stage}_s"] > 0
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["hailo_sweep.role"] == "sweep"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_complete"] == sum(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_artifacts_and_logged_models_exist(sweep) -> None:
+    study, client = sweep["study"], sweep["client"]
+    model_ids = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "duplicate_of" in t.user_attrs:
+            continue
+        run_id = t.user_attrs["mlflow_run_id"]
+        top = {a.path for a in client.list_artifacts(run_id)}
+        assert {"report.json", "recipe.txt", "compiled", "plots"} <= top
+        assert [a.path for a in client.list_artifacts(run_id, "compiled")] == ["compiled/model.int8.onnx"]
+        assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/error_ladder.png"]
+        report = json.loads(Path(client.download_artifacts(run_id, "report.json")).read_text())
+        assert report["trial"] == t.number and report["objective"]["value"] == pytest.approx(t.value)
+        model = client.get_logged_model(t.user_attrs["mlflow_model_id"])
+        assert model.source_run_id == run_id and str(model.status).endswith("READY")
+        model_ids.add(model.model_id)
+    found = client.search_logged_models(experiment_ids=[study.user_attrs["mlflow_experiment_id"]])
+    assert {lm.model_id for lm in found} == model_ids
+
+
+def test_baseline_enqueued_once(sweep) -> None:
+    baseline = [t for t in sweep["study"].get_trials(deepcopy=False) if t.user_attrs.get("baseline")]
+    assert len(baseline) == 1 and baseline[0].number == 0
+    # the embedded backend's defaults: level 0, no compression, 64 samples, host normalization, no 16-bit outputs
+    assert baseline[0].params == {
+        "optimization_level": 0, "compression_level": 0, "calibset_size": 64,
+        "normalization_placement": "host", "output_16bit": "none",
+    }
+
+
+def test_best_export_loads_and_reproduces_its_device_metric(sweep, digits_data) -> None:
+    root, config, study = sweep["root"], sweep["config"], sweep["study"]
+    out = root / "out"
+    proc = cli(root, "best", str(config), "--export", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["trial"] == study.best_trial.number
+    compiled = out / manifest["files"]["compiled"]["name"]
+    assert manifest["files"]["compiled"]["sha256"] == __import__("hashlib").sha256(compiled.read_bytes()).hexdigest()
+    assert (out / manifest["files"]["script"]["name"]).read_text().startswith("# hailo-sweep onnxruntime")
+
+    # run the exported model ourselves, the way a deployment would
+    with np.load(digits_data["evaluation"]) as ev:
+        x_raw, labels = ev["x"].transpose(0, 3, 1, 2), ev["y"]
+    norm = manifest["input"]["normalization"]
+    x_norm = ((x_raw.astype(np.float32) - norm["mean"][0]) / norm["std"][0]).astype(np.float32)
+    sess = ort.InferenceSession(str(compiled), providers=["CPUExecutionProvider"])
+    feed = x_raw.astype(np.uint8) if sess.get_inputs()[0].type == "tensor(uint8)" else x_norm
+    assert (sess.get_inputs()[0].type == "tensor(uint8)") == (manifest["settings"]["normalization_placement"] == "model")
+    raw = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: feed})))
+    quant = read_output_quant(onnx.load(str(compiled)))
+    device = {n: (raw[n].astype(np.float32) - np.float32(quant[n].zero_point)) * np.float32(quant[n].scale) for n in raw}
+    ref_sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    reference = dict(zip(["featmap", "logits"], ref_sess.run(None, {"input": x_norm})))
+    measured = m.output_metrics(reference["logits"], device["logits"], kind="logits", labels=labels)
+    assert measured["softmax_mae"] == pytest.approx(manifest["metrics"]["device.logits.softmax_mae"], rel=1e-5)
+    assert measured["softmax_mae"] == pytest.approx(study.best_trial.value, rel=1e-5)
+
+    client = sweep["client"]
+    version = client.get_model_version_by_alias(sweep["cfg"]["name"], "best")
+    assert version.source == f"models:/{manifest['mlflow']['model_id']}"
+    assert manifest["mlflow"]["model_id"] == study.best_trial.user_attrs["mlflow_model_id"]
+    # exporting again re-uses the registration instead of adding versions
+    assert cli(root, "best", str(config), "--export", str(out)).returncode == 0
+    assert len(client.search_model_versions(f"name = '{sweep['cfg']['name']}'")) == 1
+
+
+def test_resume_does_no_duplicate_work_and_extends_the_budget(sweep) -> None:
+    root, config, client = sweep["root"], sweep["config"], sweep["client"]
+    proc = cli(root, "run", str(config))
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name=sweep["cfg"]["name"], storage=f"sqlite:///{root / 'sweeps' / 'optuna.db'}")
+    assert len(study.get_trials(deepcopy=False)) == TRIALS
+    assert len(child_runs(client, study)) == TRIALS
+
+    proc = cli(root, "run", str(config), "--trials", str(TRIALS + 2))
+    assert proc.returncode == 0, proc.stderr
+    study = optuna.load_study(study_name=sweep["cfg"]["name"], storage=f"sqlite:///{root / 'sweeps' / 'optuna.db'}")
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == TRIALS + 2
+    assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
+    assert len(child_runs(client, study)) == TRIALS + 2
+    parents = client.search_runs([study.user_attrs["mlflow_experiment_id"]], filter_string="tags.hailo_sweep.role = 'sweep'")
+    assert len(parents) == 1
