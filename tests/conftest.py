@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from hailo_sweep.examples import digits
 
@@ -76,3 +80,27 @@ def write_config(tmp_path: Path, digits_data: dict[str, Path]) -> WriteConfig:
         return path
 
     return write
+
+
+TRIALS = 6
+
+
+def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hailo_sweep.cli", *args], cwd=root, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory: pytest.TempPathFactory, digits_data: dict[str, Path]) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = base_config(digits_data, trials=TRIALS)  # stores default to the working directory, like a user's project
+    config = root / "digits.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = cli(root, "run", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    study = optuna.load_study(study_name=cfg["name"], storage=f"sqlite:///{root / 'sweeps' / 'optuna.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    return {"root": root, "config": config, "cfg": cfg, "study": study, "client": client, "stdout": proc.stdout}
+
+

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,35 +10,13 @@ import onnx
 import onnxruntime as ort
 import optuna
 import pytest
-import yaml
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hailo_sweep import metrics as m
 from hailo_sweep.backends.onnxruntime.graph import read_output_quant
-from tests.conftest import MODEL, base_config
+from tests.conftest import MODEL, TRIALS, cli
 
 pytestmark = pytest.mark.slow
-TRIALS = 6
-
-
-def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hailo_sweep.cli", *args], cwd=root, capture_output=True, text=True, timeout=600, check=False
-    )
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory, digits_data: dict[str, Path]) -> dict[str, object]:
-    root = tmp_path_factory.mktemp("e2e")
-    cfg = base_config(digits_data, trials=TRIALS)  # stores default to the working directory, like a user's project
-    config = root / "digits.yaml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    proc = cli(root, "run", str(config))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    study = optuna.load_study(study_name=cfg["name"], storage=f"sqlite:///{root / 'sweeps' / 'optuna.db'}")
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
-    return {"root": root, "config": config, "cfg": cfg, "study": study, "client": client, "stdout": proc.stdout}
 
 
 def child_runs(client: MlflowClient, study: optuna.Study) -> list:
