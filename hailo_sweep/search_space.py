@@ -33,6 +33,13 @@ class SearchSpace:
     config_file: Path | None = None
 
     def __post_init__(self) -> None:
+        for knob in ("optimization_level", "compression_level", "calibset_size"):
+            spec = getattr(self.config, knob)
+            if isinstance(spec, IntRange) and spec.log and spec.low < 1:  # 0 * 2 never grows: choices() would hang
+                raise UserInputError(
+                    f"a log range needs low >= 1, got low={spec.low}", file=self.config_file, key=f"search.{knob}",
+                    fix="start the range at 1 or more, or drop 'log: true'",
+                )
         for choice in self.config.output_16bit:
             self.decode_16bit(self._encode_choice(choice))  # validates names early
 

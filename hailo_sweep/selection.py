@@ -92,7 +92,7 @@ def export_best(config: SweepConfig, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export.", dir=out_dir) as tmp:
         tmp_dir = Path(tmp)
-        model_dir = Path(_download(f"models:/{model_id}", tmp_dir / "model", tracker.tracking_uri))
+        model_dir = tracker.download_model(model_id, tmp_dir / "model")
         compiled_name = trial.user_attrs.get("compiled_name")
         compiled = next((p for p in model_dir.rglob("*") if p.is_file() and (compiled_name is None or p.name == compiled_name)), None)
         if compiled is None:
@@ -119,13 +119,6 @@ def _register_once(tracker: Tracker, model_id: str, name: str) -> str:
     except Exception:  # no registered model or no alias yet
         pass
     return tracker.register(model_id, name, ALIAS)
-
-
-def _download(uri: str, dst: Path, tracking_uri: str) -> str:
-    import mlflow
-
-    dst.mkdir(parents=True, exist_ok=True)
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
 
 
 def file_sha256(path: Path) -> str:

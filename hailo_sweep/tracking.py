@@ -6,11 +6,12 @@ manual and batched (one ``log_batch`` call per run) because per-call logging is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,8 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.artifact_location = artifact_location
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        # Only the explicit client is used: mlflow.set_tracking_uri() would also set MLFLOW_TRACKING_URI in this
+        # process's environment and leak one sweep's store into the next.
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._experiment_id: str | None = None
 
@@ -133,21 +134,28 @@ class Tracker:
 
     def log_model(self, run_id: str, model: LoggedModelRecord) -> str:
         """A LoggedModel holding the compiled file, linked to its trial run; returns the model id."""
-        lm = mlflow.initialize_logged_model(
+        lm = self.client.create_logged_model(
+            self.experiment_id,
             name=model.name,
             source_run_id=run_id,
             model_type=model.model_type,
             params={k: _text(v, MAX_PARAM_LEN) for k, v in model.params.items()},
             tags=dict(model.tags),
-            experiment_id=self.experiment_id,
         )
         self.client.log_model_artifact(lm.model_id, str(model.path))
-        mlflow.finalize_logged_model(lm.model_id, "READY")
+        self.client.finalize_logged_model(lm.model_id, "READY")
         return lm.model_id
 
     def register(self, model_id: str, name: str, alias: str) -> str:
         """Register a LoggedModel under ``name`` and point ``alias`` at the new version; returns the version."""
-        version = mlflow.register_model(f"models:/{model_id}", name)
+        try:
+            self.client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source_run = self.client.get_logged_model(model_id).source_run_id
+        with _global_tracking_uri(self.tracking_uri):  # the registry resolves models:/ through the global URI
+            version = self.client.create_model_version(name, source=f"models:/{model_id}", run_id=source_run, model_id=model_id)
         self.client.set_registered_model_alias(name, alias, version.version)
         return str(version.version)
 
@@ -157,6 +165,12 @@ class Tracker:
     def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
         dst.mkdir(parents=True, exist_ok=True)
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+    def download_model(self, model_id: str, dst: Path) -> Path:
+        """The files of a LoggedModel (``models:/<id>`` resolves through the global URI, so bind it for the call)."""
+        dst.mkdir(parents=True, exist_ok=True)
+        with _global_tracking_uri(self.tracking_uri):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(dst), tracking_uri=self.tracking_uri))
 
     def runs_url(self, base_url: str) -> str:
         return f"{base_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
@@ -176,6 +190,17 @@ class Tracker:
                 params=params[i * 100 : (i + 1) * 100],
                 tags=tags[i * 100 : (i + 1) * 100],
             )
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Temporarily point MLflow's process-global tracking URI (and MLFLOW_TRACKING_URI) at ``uri``, then restore."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets the variable again
 
 
 def _finite(v: Any) -> bool:

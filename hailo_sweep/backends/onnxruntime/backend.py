@@ -128,7 +128,10 @@ class OnnxRuntimeBackend(Backend):
             atomic_write(float_path, lambda tmp: _pre_process(model, tmp))
         self._float_path = float_path
         if self.context.normalization is not None:
-            norm_path = cache / "float.pre.norm.onnx"
+            # keyed on mean/std too: the same model with another normalization must not reuse a stale variant
+            norm = self.context.normalization
+            norm_key = _sha(repr((tuple(map(float, norm.mean)), tuple(map(float, norm.std)))).encode())[:12]
+            norm_path = cache / f"float.pre.norm-{norm_key}.onnx"
             if not norm_path.is_file():
                 model = graph.prepend_normalization(
                     onnx.load(str(float_path)),

@@ -1,0 +1,128 @@
+"""The sweep through its Python API: stage failures, prepare-once, duplicate settings, store resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hailo_sweep import pipeline
+from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
+from hailo_sweep.config import load_config
+from hailo_sweep.sweep import Sweep, resolve_stores
+from hailo_sweep.tracking import redact_url
+
+
+def open_stores(config_path: Path) -> tuple[optuna.Study, MlflowClient]:
+    cfg = load_config(config_path)
+    stores = resolve_stores(cfg)
+    return optuna.load_study(study_name=cfg.name, storage=stores.optuna_url), MlflowClient(stores.mlflow_uri)
+
+
+def test_a_failing_stage_fails_only_its_trial(write_config, monkeypatch) -> None:
+    real_compile = OnnxRuntimeBackend.compile
+
+    def flaky_compile(self, model, work_dir):
+        if model.settings.compression_level == 1:
+            raise RuntimeError("compiler crashed: out of resources")
+        return real_compile(self, model, work_dir)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "compile", flaky_compile)
+    path = write_config(trials=6, search={"compression_level": [0, 1], "calibset_size": [64], "optimization_level": [0]})
+    summary = Sweep(load_config(path)).run()
+    study, client = open_stores(path)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 6
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert failed and complete, "the space has both kinds of trial"
+    assert all(t.params["compression_level"] == 1 for t in failed)
+    assert all(t.params["compression_level"] == 0 for t in complete)
+    for t in failed:
+        assert t.user_attrs["failed_stage"] == "compile"
+        assert "out of resources" in t.user_attrs["error"]
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED"
+        assert run.data.tags["hailo_sweep.failed_stage"] == "compile"
+        assert "out of resources" in run.data.tags["hailo_sweep.error"]
+        assert run.data.metrics["time.optimize_s"] > 0  # the stages that ran are on record
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.json", "recipe.txt"}
+    assert summary.best_number in {t.number for t in complete}
+
+
+def test_prepare_runs_once_per_sweep(write_config, monkeypatch) -> None:
+    calls = {"prepare": 0, "reference": 0}
+    real_prepare = OnnxRuntimeBackend.prepare
+    real_reference = pipeline.reference_outputs
+
+    def counting_prepare(self):
+        calls["prepare"] += 1
+        return real_prepare(self)
+
+    def counting_reference(*args, **kwargs):
+        calls["reference"] += 1
+        return real_reference(*args, **kwargs)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "prepare", counting_prepare)
+    monkeypatch.setattr(pipeline, "reference_outputs", counting_reference)
+    path = write_config(trials=4)
+    summary = Sweep(load_config(path)).run()
+    assert summary.trials_run == 4
+    assert calls == {"prepare": 1, "reference": 1}
+    assert summary.prepare_runs == 1
+
+
+def test_identical_settings_are_not_recomputed(write_config, monkeypatch) -> None:
+    optimize_calls = []
+    real_optimize = OnnxRuntimeBackend.optimize
+
+    def counting_optimize(self, settings, calibration, work_dir):
+        optimize_calls.append(settings)
+        return real_optimize(self, settings, calibration, work_dir)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "optimize", counting_optimize)
+    one_point = {"optimization_level": [1], "compression_level": [0], "calibset_size": [64], "normalization_placement": ["host"], "output_16bit": ["none"]}
+    path = write_config(trials=3, search=one_point)
+    Sweep(load_config(path)).run()
+    study, client = open_stores(path)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert len(optimize_calls) == 1
+    first = trials[0]
+    for t in trials[1:]:
+        assert t.user_attrs["duplicate_of"] == 0
+        assert t.value == first.value
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["hailo_sweep.duplicate_of"] == first.user_attrs["mlflow_run_id"]
+        assert run.data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
+
+
+def test_changed_objective_on_an_existing_study_is_refused(write_config) -> None:
+    from hailo_sweep.errors import UserInputError
+
+    path = write_config(trials=1)
+    Sweep(load_config(path)).run()
+    path.write_text(path.read_text().replace("metric: logits.softmax_mae", "metric: total.snr_db"))
+    with pytest.raises(UserInputError, match="objective"):
+        Sweep(load_config(path)).run()
+
+
+def test_store_resolution_and_redaction(write_config, monkeypatch, tmp_path) -> None:
+    path = write_config()
+    cfg = load_config(path)
+    stores = resolve_stores(cfg)
+    assert stores.optuna_url == f"sqlite:///{tmp_path / 'sweeps' / 'optuna.db'}"
+    assert stores.mlflow_uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert stores.artifact_location == (tmp_path / "mlruns" / "artifacts" / cfg.name).as_uri()
+
+    monkeypatch.setenv("OPTUNA_STORAGE", "postgresql+psycopg://sweeper:s3cret@db.lan:5432/optuna")
+    env_stores = resolve_stores(cfg)
+    assert env_stores.optuna_url.endswith("@db.lan:5432/optuna")
+    described = env_stores.describe()
+    assert "s3cret" not in str(described)
+    assert described["optuna_storage"] == "postgresql+psycopg://sweeper:***@db.lan:5432/optuna"
+    assert redact_url("http://u:p@h/x") == "http://u:***@h/x"
+    assert redact_url("sqlite:////abs/optuna.db") == "sqlite:////abs/optuna.db"
