@@ -149,7 +149,7 @@ def best(
 def ui(
     config: Annotated[Optional[Path], typer.Argument(help="sweep config; its experiment is opened (default: the latest)")] = None,
     host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless you mean to share it")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port (a free one is picked if it is taken)")] = 5000,
+    port: Annotated[int, typer.Option(help="port (0, or a port that is taken: a free one is picked)")] = 5000,
 ) -> None:
     """Start the MLflow UI on the sweep's tracking store and print the runs page URL."""
     from hailo_sweep import ui as ui_mod
@@ -170,7 +170,7 @@ def ui(
         raise _fail(exc) from None
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise _fail(UserInputError(f"no tracking store at {tracking_uri}", fix="run a sweep first: hailo-sweep run CONFIG"))
-    if ui_mod.port_in_use(host, port):
+    if port == 0 or ui_mod.port_in_use(host, port):
         port = ui_mod.free_port(host)
     artifact_root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts" if tracking_uri.startswith("sqlite:///") else None
     server = ui_mod.start(tracking_uri, artifact_root, host=host, port=port)

@@ -250,7 +250,8 @@ class Sweep:
                         callbacks=[optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)],
                     )
         finally:
-            self._summarize_parent(study, tracker, parent_run_id, objective)
+            extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
+            self._summarize_parent(study, tracker, parent_run_id, objective, extra)
         best = _best(study)
         return SweepSummary(
             study_name=study.study_name,
@@ -327,10 +328,11 @@ class Sweep:
             **self.stores.describe(),
         }
 
-    def _summarize_parent(self, study: optuna.Study, tracker: Tracker, parent: str, objective: Objective) -> None:
+    def _summarize_parent(self, study: optuna.Study, tracker: Tracker, parent: str, objective: Objective, extra: dict[str, float]) -> None:
         trials = study.get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(1 for t in trials if t.state == state) for state in FINISHED_STATES}
         metrics: dict[str, float] = {f"trials_{k}": float(v) for k, v in counts.items()}
+        metrics.update(extra)
         best = _best(study)
         tags = {}
         if best is not None:
@@ -394,7 +396,9 @@ class _TrialRunner:
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         wall = time.perf_counter() - start
-        self.timings.append(TrialTiming(trial.number, wall, result.stage_seconds() + record_s))
+        timing = TrialTiming(trial.number, wall, result.stage_seconds() + record_s)
+        self.timings.append(timing)
+        trial.set_user_attr("timing", {"wall_s": wall, "stages_s": timing.stages_s, "record_s": record_s, "overhead_s": timing.overhead_s})
         if value is None:
             obs.trial_finished(trial.number, "FAIL", None, None)
             raise TrialFailed(f"trial {trial.number} failed in stage {result.failed_stage}: {result.error}")
