@@ -72,33 +72,146 @@ class RichObserver:
         self.progress.console.print(f"trial {number:>3}  {state:<18} value={shown}  {mark}")
 
 
+def _errors(fn):  # type: ignore[no-untyped-def]
+    """Turn the tool's own errors into a clear message and a non-zero exit code (2: bad input, 3: a store is down)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        from hailo_sweep.sweep import StoreUnavailable
+        from hailo_sweep.tracking import TrackingUnavailable
+
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as exc:
+            raise _fail(exc) from None
+        except (TrackingUnavailable, StoreUnavailable) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=3) from None
+
+    return wrapper
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+
+
 @app.command()
+@_errors
 def run(
     config: ConfigArg,
     trials: Annotated[Optional[int], typer.Option("--trials", "-n", min=1, help="total trials for the sweep (default: the config's)")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="local worker processes")] = 1,
 ) -> None:
     """Run (or resume) the sweep described by CONFIG."""
     from hailo_sweep.config import load_config
-    from hailo_sweep.selection import top_trials
+    from hailo_sweep.selection import load_study, top_trials
     from hailo_sweep.sweep import Sweep
 
     _quiet()
-    try:
-        cfg = load_config(config)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-            sweep = Sweep(cfg, RichObserver(progress))
-            summary = sweep.run(trials)
-    except UserInputError as exc:
-        raise _fail(exc) from None
-    from hailo_sweep.selection import load_study
-
+    cfg = load_config(config)
+    if jobs == 1:
+        with _progress() as progress:
+            summary = Sweep(cfg, RichObserver(progress)).run(trials)
+        best_number, best_value = summary.best_number, summary.best_value
+    else:
+        best_number, best_value = _run_jobs(cfg, config, trials or cfg.trials, jobs)
     study, _ = load_study(cfg)
     _print_table(top_trials(study, 5), study.user_attrs.get("objective", {}).get("key", "value"))
-    if summary.best_number is not None:
-        console.print(f"best trial: [bold]{summary.best_number}[/] (value {summary.best_value:.6g})")
+    if best_number is not None:
+        console.print(f"best trial: [bold]{best_number}[/] (value {best_value:.6g})")
     else:
         console.print("[yellow]no feasible completed trial yet[/]")
     console.print(f"browse the runs: [bold]hailo-sweep ui {config}[/]   export the best: [bold]hailo-sweep best {config} --export out/[/]")
+
+
+def _run_jobs(cfg, config: Path, total: int, jobs: int) -> tuple[int | None, float | None]:  # type: ignore[no-untyped-def]
+    """``init`` here, then ``jobs`` worker processes; their output goes to sweeps/<name>/logs/."""
+    import subprocess
+    import sys
+    import time
+
+    from hailo_sweep.selection import load_study
+    from hailo_sweep.sweep import Sweep, budget_used
+
+    sweep = Sweep(cfg)
+    sweep.init()
+    log_dir = sweep.stores.work_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for index in range(jobs):
+        log = (log_dir / f"worker-{index}.log").open("ab")
+        cmd = [sys.executable, "-m", "hailo_sweep.cli", "worker", str(config), "--trials", str(total), "--worker-index", str(index)]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}), log))
+    study, _ = load_study(cfg)
+    with _progress() as progress:
+        task = progress.add_task(f"{jobs} workers", total=total)
+        while any(p.poll() is None for p, _ in procs):
+            progress.update(task, completed=min(budget_used(study, count_running=False), total))
+            time.sleep(1.0)
+        progress.update(task, completed=min(budget_used(study, count_running=False), total))
+    failed = []
+    for index, (proc, log) in enumerate(procs):
+        log.close()
+        if proc.returncode != 0:
+            failed.append(index)
+    if failed:
+        err_console.print(f"[bold red]error:[/] worker(s) {failed} exited with an error; see {log_dir}")
+        raise typer.Exit(code=1)
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None, None
+    return best.number, best.value
+
+
+@app.command()
+@_errors
+def init(config: ConfigArg) -> None:
+    """Create the study, the MLflow experiment and the parent run once, and enqueue the baseline (before starting workers)."""
+    from hailo_sweep.config import load_config
+    from hailo_sweep.sweep import Sweep
+
+    _quiet()
+    sweep = Sweep(load_config(config))
+    ids = sweep.init()
+    console.print(f"sweep [bold]{ids.study_name}[/] ready: experiment {ids.experiment_id}, parent run {ids.parent_run_id}")
+    for line in (f"optuna: {sweep.stores.describe()['optuna_storage']}", f"mlflow: {sweep.stores.describe()['mlflow_tracking_uri']}"):
+        console.print(f"  {line}", soft_wrap=True)
+    console.print(f"start workers with: hailo-sweep worker {config}")
+
+
+@app.command()
+@_errors
+def worker(
+    config: ConfigArg,
+    trials: Annotated[Optional[int], typer.Option("--trials", "-n", min=1, help="total trials for the sweep (default: the config's)")] = None,
+    worker_index: Annotated[Optional[int], typer.Option("--worker-index", min=0, help="offsets the sampler seed; default: from the process id")] = None,
+) -> None:
+    """Join an initialized sweep and run trials until its budget is spent."""
+    from hailo_sweep.config import load_config
+    from hailo_sweep.sweep import Sweep
+
+    _quiet()
+    index = worker_index if worker_index is not None else os.getpid() % 100000
+    with _progress() as progress:
+        summary = Sweep(load_config(config), RichObserver(progress), worker_index=index).work(trials)
+    console.print(f"worker done: {summary.trials_run} trials run here")
+
+
+@app.command()
+@_errors
+def finalize(config: ConfigArg) -> None:
+    """Select the best feasible trial and register its model with the alias 'best'."""
+    from hailo_sweep.config import load_config
+    from hailo_sweep.selection import finalize as finalize_sweep
+
+    _quiet()
+    result = finalize_sweep(load_config(config))
+    console.print(
+        f"best trial {result['trial']} (value {result['value']:.6g}): registered model '{result['registered_model']}' "
+        f"version {result['version']}, alias best; run {result['run_id']}"
+    )
 
 
 def _print_table(rows: list, objective_key: str) -> None:
@@ -121,6 +234,7 @@ def _print_table(rows: list, objective_key: str) -> None:
 
 
 @app.command()
+@_errors
 def best(
     config: ConfigArg,
     export: Annotated[Optional[Path], typer.Option("--export", help="write the best compiled model, its script and a manifest here")] = None,
@@ -131,18 +245,15 @@ def best(
     from hailo_sweep.selection import export_best, load_study, top_trials
 
     _quiet()
-    try:
-        cfg = load_config(config)
-        study, _ = load_study(cfg)
-        _print_table(top_trials(study, top), study.user_attrs.get("objective", {}).get("key", "value"))
-        if export is not None:
-            manifest = export_best(cfg, export)
-            console.print(
-                f"exported trial {manifest['trial']} to [bold]{export}[/]: {', '.join(f['name'] for f in manifest['files'].values())}, manifest.json "
-                f"(registered model '{manifest['mlflow']['registered_model']}' version {manifest['mlflow']['version']}, alias best)"
-            )
-    except UserInputError as exc:
-        raise _fail(exc) from None
+    cfg = load_config(config)
+    study, _ = load_study(cfg)
+    _print_table(top_trials(study, top), study.user_attrs.get("objective", {}).get("key", "value"))
+    if export is not None:
+        manifest = export_best(cfg, export)
+        console.print(
+            f"exported trial {manifest['trial']} to [bold]{export}[/]: {', '.join(f['name'] for f in manifest['files'].values())}, manifest.json "
+            f"(registered model '{manifest['mlflow']['registered_model']}' version {manifest['mlflow']['version']}, alias best)"
+        )
 
 
 @app.command()

@@ -158,6 +158,29 @@ class StoresConfig(_Strict):
     mlflow: str | None = None  # MLflow tracking URI; env MLFLOW_TRACKING_URI; default sqlite:///<root>/mlruns/mlflow.db
 
 
+class WorkersConfig(_Strict):
+    """How workers share a study: Optuna heartbeats find trials whose worker died; each is retried ``max_retry`` times."""
+
+    heartbeat_interval: int = Field(default=30, ge=1)  # seconds between a running trial's heartbeats
+    grace_period: int = Field(default=120, ge=2)  # a trial with no heartbeat for this long is stale: failed and retried
+    max_retry: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _grace_after_heartbeat(self) -> WorkersConfig:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError("grace_period must be longer than heartbeat_interval")
+        return self
+
+
+class TimeoutsConfig(_Strict):
+    """Per-stage time limits in seconds (unset: no limit). A stage past its limit fails its trial, not the worker."""
+
+    optimize: float | None = Field(default=None, gt=0)
+    emulate: float | None = Field(default=None, gt=0)
+    compile: float | None = Field(default=None, gt=0)
+    device: float | None = Field(default=None, gt=0)
+
+
 class HailoConfig(_Strict):
     """Options of the ``hailo`` backend only."""
 
@@ -183,6 +206,8 @@ class SweepConfig(_Strict):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     trials: int = Field(default=20, ge=1)
     stores: StoresConfig = Field(default_factory=StoresConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     hailo: HailoConfig = Field(default_factory=HailoConfig)
 
     # set by load_config, not by the user

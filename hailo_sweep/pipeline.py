@@ -9,9 +9,11 @@ never inside a backend.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,10 +164,38 @@ StageHook = Callable[[str], None]
 Checkpoint = Callable[[str, TrialResult], None]
 
 
+class StageTimeout(Exception):
+    """A stage ran past its configured time limit."""
+
+
+@contextmanager
+def time_limit(stage: str, seconds: float | None) -> Iterator[None]:
+    """Raise ``StageTimeout`` in this thread if the block runs longer than ``seconds`` (SIGALRM; main thread only).
+
+    Python code (and native code that returns to the interpreter) is interrupted; a native call that never returns
+    is not, which is why device runs also carry their own runtime timeout.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise StageTimeout(f"stage '{stage}' exceeded its time limit of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class _Ladder:
-    def __init__(self, result: TrialResult, on_stage: StageHook | None):
+    def __init__(self, result: TrialResult, on_stage: StageHook | None, timeouts: Mapping[str, float | None]):
         self.result = result
         self.on_stage = on_stage
+        self.timeouts = timeouts
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -174,7 +204,8 @@ class _Ladder:
         start = time.perf_counter()
         ok = False
         try:
-            yield
+            with time_limit(name, self.timeouts.get(name)):
+                yield
             ok = True
         finally:
             self.result.timings.append(StageTiming(name, time.perf_counter() - start, ok))
@@ -188,13 +219,14 @@ def run_trial(
     *,
     on_stage: StageHook | None = None,
     checkpoint: Checkpoint | None = None,
+    timeouts: Mapping[str, float | None] | None = None,
 ) -> TrialResult:
     """Optimize, emulate, compile and run on the device; never raises for a stage failure (see ``TrialResult.error``).
 
     ``checkpoint(stage, result)`` is called after the emulation stage; it may raise ``StopTrial`` to skip the rest.
     """
     result = TrialResult(settings=settings)
-    ladder = _Ladder(result, on_stage)
+    ladder = _Ladder(result, on_stage, timeouts or {})
     cfg = prepared.config
     ds = prepared.dataset
     calib = feed(ds.calibration[: settings.calibset_size], settings.normalization_placement, prepared.normalization, cfg.data.domain)
@@ -232,10 +264,12 @@ def run_trial(
         _measure(result, DEVICE_PREFIX, prepared, dev.outputs)
         result.metrics.update({f"{DEVICE_PREFIX}.{k}": float(v) for k, v in dev.metrics.items()})
         result.notes.extend(dev.notes)
-        if emulated is not None:
-            agreement = m.agreement_metrics(emulated, dev.raw, dev.quant, prepared.outputs)
+        # outputs the device could only return as float (e.g. several quantization parameters) have no raw integers
+        comparable = tuple(spec for spec in prepared.outputs if spec.name in dev.raw and spec.name in dev.quant)
+        if emulated is not None and comparable and any(spec.weight > 0 for spec in comparable):
+            agreement = m.agreement_metrics(emulated, dev.raw, dev.quant, comparable)
             result.metrics.update({f"{AGREEMENT_PREFIX}.{k}": v for k, v in agreement.items()})
-            for spec in prepared.outputs:
+            for spec in comparable:
                 diff = m.lsb_difference(emulated[spec.name], dev.raw[spec.name], dev.quant[spec.name])
                 values, counts = np.unique(diff, return_counts=True)
                 result.lsb_histograms[spec.name] = {int(v): int(c) for v, c in zip(values, counts)}

@@ -163,3 +163,28 @@ def _manifest(
             "alias": ALIAS,
         },
     }
+
+
+def finalize(config: SweepConfig) -> dict[str, Any]:
+    """After the workers: reconcile the records, tag the best run and register its model under the alias ``best``."""
+    from hailo_sweep.sweep import reconcile
+
+    study, stores = load_study(config)
+    tracker = Tracker(stores.mlflow_uri, config.name, stores.artifact_location)
+    reconcile(study, tracker)
+    trial = best_trial(study, config)
+    model_id = trial.user_attrs.get("mlflow_model_id")
+    if not model_id:
+        raise UserInputError(f"trial {trial.number} has no compiled model on record", file=config.source)
+    version = _register_once(tracker, model_id, config.name)
+    run_id = str(trial.user_attrs.get("mlflow_run_id", ""))
+    for previous in tracker.client.search_runs(
+        [study.user_attrs["mlflow_experiment_id"]], filter_string="tags.`hailo_sweep.best` = 'true'", max_results=100
+    ):
+        if previous.info.run_id != run_id:
+            tracker.set_tags(previous.info.run_id, {"hailo_sweep.best": "false"})
+    tracker.set_tags(run_id, {"hailo_sweep.best": "true"})
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        tracker.set_tags(parent, {"hailo_sweep.best_run_id": run_id, "hailo_sweep.best_trial": str(trial.number), "hailo_sweep.finalized": "true"})
+    return {"trial": trial.number, "value": trial.value, "run_id": run_id, "model_id": model_id, "registered_model": config.name, "version": version}

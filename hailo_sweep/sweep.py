@@ -7,12 +7,16 @@ baseline enqueued once -> prepare once -> for each trial: suggest -> pipeline ->
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import random
 import shutil
 import socket
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +34,7 @@ from hailo_sweep.pipeline import Prepared, TrialResult, load_inputs, prepare_swe
 from hailo_sweep.plots import error_ladder
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
-from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, redact_url
+from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable, redact_url
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEVICE_ONLY_METRICS = {"throughput_fps": "device.throughput_fps", "latency_ms": "device.latency_ms", "size_bytes": "compile.size_bytes"}
@@ -64,18 +68,93 @@ def resolve_stores(config: SweepConfig) -> Stores:
     return Stores(root=root, optuna_url=optuna_url, mlflow_uri=mlflow_uri, artifact_location=artifact_location, work_dir=root / "sweeps" / config.name)
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+class BudgetSpent(Exception):
+    """Raised when a worker asks for a new trial after the sweep's budget is spent: the worker stops cleanly."""
+
+
+class SweepStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage with the two steps where concurrent workers race made atomic.
+
+    1. Claiming an enqueued (WAITING) trial: Optuna relies on ``SELECT ... FOR UPDATE``, which sqlite ignores, so
+       two workers starting together could both run the baseline.
+    2. Creating a new trial while the budget is nearly spent: every worker checks "finished + running < budget" and
+       creates the trial under the same lock, so N workers never overshoot the budget.
+    The lock is a file lock next to the database on sqlite (one host), a PostgreSQL advisory lock on PostgreSQL.
+    """
+
+    def __init__(self, url: str, **kwargs: Any):
+        super().__init__(url, **kwargs)
+        self.url = url
+        self.budget: int | None = None
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        if self.url.startswith("sqlite:///"):
+            path = Path(self.url.removeprefix("sqlite:///"))
+            with path.with_name(path.name + ".lock").open("a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+        elif self.url.startswith("postgresql"):
+            from sqlalchemy import text
+
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                    conn.commit()
+        else:
+            yield
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        if state != TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        with self._lock():
+            return super().set_trial_state_values(trial_id, state, values)
+
+    def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+        # Optuna's cached storage calls this private hook directly (optuna 5: _CachedStorage.create_new_trial)
+        if template_trial is not None or self.budget is None:  # enqueued trials and retries are not new work
+            return super()._create_new_trial(study_id, template_trial)
+        with self._lock():
+            trials = self.get_all_trials(study_id, deepcopy=False)
+            if _used(trials, count_running=True) >= self.budget:
+                raise BudgetSpent(f"the budget of {self.budget} trials is spent")
+            return super()._create_new_trial(study_id, template_trial)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "url": self.url, "budget": self.budget}
+
+
+_LOCK_KEY = 0x6861696C6F  # "hailo": the advisory lock id of hailo-sweep's trial claims
+
+
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> SweepStorage:
+    """Optuna RDB storage; with heartbeats, a trial whose worker died is found, failed and handed to ``on_stale``."""
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:"):
+    kwargs: dict[str, Any] = {
+        "heartbeat_interval": heartbeat_interval,
+        "grace_period": grace_period,
+        "heartbeat_stale_trial_callback": on_stale if heartbeat_interval else None,
+    }
+    if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=30,
-        grace_period=120,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return SweepStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
 # -- objective and constraints -----------------------------------------------------------------------------------
@@ -191,16 +270,29 @@ class SweepSummary:
 
 
 # -- the sweep -------------------------------------------------------------------------------------------------
-class Sweep:
-    """One sweep, as described by a config; ``run`` resumes whatever the stores already hold."""
+@dataclass(frozen=True)
+class SweepIds:
+    study_name: str
+    experiment_id: str
+    parent_run_id: str
 
-    def __init__(self, config: SweepConfig, observer: SweepObserver | None = None):
+
+class Sweep:
+    """One sweep, as described by a config.
+
+    ``init`` creates the study, the experiment and the parent run once and enqueues the baseline; ``work`` joins the
+    study and runs trials until the budget is spent (any number of workers, on any number of hosts); ``run`` is both.
+    """
+
+    def __init__(self, config: SweepConfig, observer: SweepObserver | None = None, worker_index: int | None = None):
         self.config = config
         self.observer: SweepObserver = observer or NullObserver()
         self.stores = resolve_stores(config)
+        self.worker_index = worker_index
+        self._opened_storage: SweepStorage | None = None
 
     # Everything that can be checked without touching a store is checked here, first.
-    def preflight(self) -> tuple[type[Backend], Backend, SearchSpace, Objective]:
+    def preflight(self) -> tuple[Backend, SearchSpace, Objective]:
         cfg = self.config
         model_io, outputs, dataset, normalization = load_inputs(cfg)
         space = SearchSpace(cfg.search, model_io.output_names, cfg.source)
@@ -221,16 +313,37 @@ class Sweep:
             reference={}, model_sha256="", work_dir=self.stores.work_dir, prepare_seconds=0.0,
         )
         backend = backend_cls(ctx_preview.backend_context(cfg.target, cfg.hailo.model_dump()))
-        baseline = space.project(backend.default_settings(n_calib, model_io.output_names))
-        space.check_supported(baseline, backend.validate)
-        return backend_cls, backend, space, objective
+        space.check_supported(self._baseline(space, backend), backend.validate)
+        return backend, space, objective
+
+    def _baseline(self, space: SearchSpace, backend: Backend) -> Settings:
+        return space.project(backend.default_settings(space.max_calibset_size(), space.output_names))
+
+    # -- commands ------------------------------------------------------------------------------------------
+    def init(self) -> SweepIds:
+        """Create (or find) the study, the experiment and the parent run; enqueue the baseline once."""
+        backend, space, objective = self.preflight()
+        study, tracker, parent = self._create_stores(objective, space, backend)
+        return SweepIds(study.study_name, tracker.experiment_id, parent)
 
     def run(self, n_trials: int | None = None) -> SweepSummary:
-        backend_cls, backend, space, objective = self.preflight()
+        """``init`` then ``work`` in this process: the single-machine path."""
+        backend, space, objective = self.preflight()
+        study, tracker, parent = self._create_stores(objective, space, backend)
+        return self._work(backend, space, objective, study, tracker, parent, n_trials)
+
+    def work(self, n_trials: int | None = None) -> SweepSummary:
+        """Join a study created by ``init`` and run trials until the budget is spent."""
+        backend, space, objective = self.preflight()
+        study, tracker, parent = self._join_stores(objective, space)
+        return self._work(backend, space, objective, study, tracker, parent, n_trials)
+
+    def _work(
+        self, backend: Backend, space: SearchSpace, objective: Objective, study: optuna.Study, tracker: Tracker, parent_run_id: str, n_trials: int | None
+    ) -> SweepSummary:
         total = n_trials or self.config.trials
-        study, tracker, parent_run_id = self._open_stores(objective, space, backend)
-        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED_STATES)
-        remaining = max(0, total - finished)
+        reconcile(study, tracker)
+        remaining = max(0, total - budget_used(study, count_running=False))
         self.observer.sweep_started(total, remaining)
         timings: list[TrialTiming] = []
         prepare_runs = 0
@@ -243,12 +356,12 @@ class Sweep:
                     prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
                     prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
                     objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings)
-                    study.optimize(
-                        objective_fn,
-                        n_trials=remaining,
-                        catch=(TrialFailed,),
-                        callbacks=[optuna.study.MaxTrialsCallback(total, states=FINISHED_STATES)],
-                    )
+                    if self._opened_storage is not None:
+                        self._opened_storage.budget = total
+                    try:
+                        study.optimize(objective_fn, n_trials=remaining, catch=(TrialFailed,))
+                    except BudgetSpent:
+                        pass  # other workers took the last trials
         finally:
             extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
             self._summarize_parent(study, tracker, parent_run_id, objective, extra)
@@ -266,27 +379,41 @@ class Sweep:
         )
 
     # -- stores --------------------------------------------------------------------------------------------
-    def _open_stores(self, objective: Objective, space: SearchSpace, backend: Backend) -> tuple[optuna.Study, Tracker, str]:
-        cfg = self.config
-        if cfg.stores.mlflow is None and cfg.stores.root is None or self.stores.mlflow_uri.startswith("sqlite:///"):
-            Path(self.stores.mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        storage = open_storage(self.stores.optuna_url)
-        study = optuna.create_study(
-            study_name=cfg.name,
-            storage=storage,
-            direction=objective.direction,
-            sampler=self._sampler(space),
-            load_if_exists=True,
+    def _storage(self) -> SweepStorage:
+        w = self.config.workers
+        self._opened_storage = open_storage(
+            self.stores.optuna_url,
+            heartbeat_interval=w.heartbeat_interval,
+            grace_period=w.grace_period,
+            on_stale=StaleTrialHandler(self.stores.mlflow_uri, self.config.name, w.max_retry),
         )
+        return self._opened_storage
+
+    def _tracker(self) -> Tracker:
+        if self.stores.mlflow_uri.startswith("sqlite:///"):
+            Path(self.stores.mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return Tracker(self.stores.mlflow_uri, self.config.name, self.stores.artifact_location)
+
+    def _check_objective(self, study: optuna.Study, objective: Objective) -> None:
         recorded = study.user_attrs.get("objective")
         if recorded is not None and recorded != {"key": objective.key, "direction": objective.direction}:
             raise UserInputError(
-                f"study '{cfg.name}' was created with objective {recorded}, the config now asks for "
+                f"study '{self.config.name}' was created with objective {recorded}, the config now asks for "
                 f"{{'key': '{objective.key}', 'direction': '{objective.direction}'}}",
-                file=cfg.source, key="objective",
+                file=self.config.source, key="objective",
                 fix="restore the original objective, or give the sweep a new name so a new study is created",
             )
-        tracker = Tracker(self.stores.mlflow_uri, cfg.name, self.stores.artifact_location)
+
+    def _create_stores(self, objective: Objective, space: SearchSpace, backend: Backend) -> tuple[optuna.Study, Tracker, str]:
+        cfg = self.config
+        study = with_retries(
+            lambda: optuna.create_study(
+                study_name=cfg.name, storage=self._storage(), direction=objective.direction, sampler=self._sampler(space), load_if_exists=True
+            ),
+            what=f"open the study in {redact_url(self.stores.optuna_url)}",
+        )
+        self._check_objective(study, objective)
+        tracker = self._tracker()
         parent = study.user_attrs.get("mlflow_parent_run_id")
         if parent is None or not tracker.run_exists(parent):
             parent = tracker.create_parent_run(
@@ -301,18 +428,38 @@ class Sweep:
             study.set_user_attr("objective", {"key": objective.key, "direction": objective.direction})
             study.set_user_attr("backend", backend.name)
         if cfg.sampler.name != "grid" and not study.user_attrs.get("baseline_enqueued"):
-            baseline = space.project(backend.default_settings(space.max_calibset_size(), space.output_names))
-            study.enqueue_trial(space.params_of(baseline), user_attrs={"baseline": True}, skip_if_exists=True)
+            study.enqueue_trial(space.params_of(self._baseline(space, backend)), user_attrs={"baseline": True}, skip_if_exists=True)
             study.set_user_attr("baseline_enqueued", True)
         return study, tracker, parent
 
+    def _join_stores(self, objective: Objective, space: SearchSpace) -> tuple[optuna.Study, Tracker, str]:
+        cfg = self.config
+        try:
+            study = with_retries(
+                lambda: optuna.load_study(study_name=cfg.name, storage=self._storage(), sampler=self._sampler(space)),
+                what=f"open the study in {redact_url(self.stores.optuna_url)}",
+            )
+        except KeyError:
+            study = None
+        parent = study.user_attrs.get("mlflow_parent_run_id") if study is not None else None
+        if study is None or parent is None:
+            raise UserInputError(
+                f"sweep '{cfg.name}' has not been initialized in {redact_url(self.stores.optuna_url)}",
+                file=cfg.source, key="name", fix=f"run `hailo-sweep init {cfg.source}` once before starting workers",
+            )
+        self._check_objective(study, objective)
+        return study, self._tracker(), parent
+
     def _sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler:
         s = self.config.sampler
+        seed = s.seed
+        if seed is not None and self.worker_index is not None:
+            seed = seed + 1000 * (self.worker_index + 1)  # workers must not replay each other's random sequence
         if s.name == "random":
-            return optuna.samplers.RandomSampler(seed=s.seed)
+            return optuna.samplers.RandomSampler(seed=seed)
         if s.name == "grid":
-            return optuna.samplers.GridSampler(space.choices(), seed=s.seed)
-        return optuna.samplers.TPESampler(seed=s.seed)
+            return optuna.samplers.GridSampler(space.choices(), seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)
 
     def _sweep_params(self, space: SearchSpace, backend: Backend) -> dict[str, Any]:
         cfg = self.config
@@ -340,7 +487,74 @@ class Sweep:
             metrics["best_trial"] = float(best.number)
             tags["hailo_sweep.best_run_id"] = str(best.user_attrs.get("mlflow_run_id", ""))
         tracker.log_to(parent, RunRecord(name="", metrics=metrics, tags=tags))
-        tracker.finish(parent)
+        running = any(t.state == TrialState.RUNNING for t in trials)
+        if not running:  # other workers are still at it: the last one to stop closes the parent
+            tracker.finish(parent)
+
+
+def budget_used(study: optuna.Study, *, count_running: bool) -> int:
+    """Trials that count against the budget: finished ones (a failed trial that was retried counts once, through its
+    retry) and, with ``count_running``, the ones in progress on any worker."""
+    return _used(study.get_trials(deepcopy=False), count_running=count_running)
+
+
+def _used(trials: Sequence[optuna.trial.FrozenTrial], *, count_running: bool) -> int:
+    superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    used = sum(1 for t in trials if t.state in FINISHED_STATES and not (t.state == TrialState.FAIL and t.number in superseded))
+    if count_running:
+        used += sum(1 for t in trials if t.state == TrialState.RUNNING)
+    return used
+
+
+class StaleTrialHandler:
+    """Optuna found a trial whose worker stopped sending heartbeats: end its MLflow run as FAILED, then retry it."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, max_retry: int):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracker = Tracker(self.tracking_uri, self.experiment_name)
+            tracker.set_tags(run_id, {"hailo_sweep.state": "FAIL", "hailo_sweep.error": "worker lost: no heartbeat within the grace period"})
+            tracker.finish(run_id, failed=True)
+        self.retry(study, trial)
+
+
+def reconcile(study: optuna.Study, tracker: Tracker) -> int:
+    """End as FAILED every MLflow run whose Optuna trial has failed but whose run was left RUNNING (e.g. tracking was down)."""
+    fixed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id and tracker.run_status(run_id) == "RUNNING":
+            tracker.set_tags(run_id, {"hailo_sweep.state": "FAIL", "hailo_sweep.reconciled": "true"})
+            tracker.finish(run_id, failed=True)
+            fixed += 1
+    return fixed
+
+
+def with_retries(fn: Callable[[], Any], *, what: str, attempts: int = 5, first_delay: float = 0.5) -> Any:
+    """Call ``fn``; on a transient storage error (e.g. concurrent first-time schema creation) retry with backoff."""
+    from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (IntegrityError, OperationalError, DBAPIError) as exc:
+            if attempt == attempts:
+                raise StoreUnavailable(f"could not {what} after {attempts} attempts: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+            time.sleep(delay * (0.5 + random.random()))
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+class StoreUnavailable(Exception):
+    """A store stayed unreachable after bounded retries."""
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -379,19 +593,35 @@ class _TrialRunner:
             return self._reuse(trial, settings, duplicate, start)
         record_s = 0.0
         t0 = time.perf_counter()
-        run_id = self.tracker.start_child(self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), tags=self._tags(trial, settings)))
+        try:
+            run_id = self.tracker.start_child(
+                self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), tags=self._tags(trial, settings))
+            )
+        except TrackingUnavailable as exc:
+            # nothing has been computed yet: fail the trial with the reason and stop this worker (no unrecorded compiles)
+            trial.set_user_attr("failed_stage", "record")
+            trial.set_user_attr("error", str(exc)[:2000])
+            raise
         trial.set_user_attr("mlflow_run_id", run_id)
         record_s += time.perf_counter() - t0
         work_dir = self.sweep.stores.work_dir / "trials" / f"{trial.number:04d}-{os.getpid()}"
         work_dir.mkdir(parents=True, exist_ok=True)
         try:
-            result = run_trial(self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started)
+            result = run_trial(
+                self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started, timeouts=self.config.timeouts.model_dump()
+            )
             obs.stage_started("record")
             t0 = time.perf_counter()
             value, feasible = self._record(trial, run_id, result, work_dir, start)
             record_s += time.perf_counter() - t0
-        except BaseException:
-            self.tracker.finish(run_id, failed=True)  # interrupted: never leave the run RUNNING
+        except BaseException as exc:
+            if isinstance(exc, TrackingUnavailable):
+                trial.set_user_attr("failed_stage", "record")
+                trial.set_user_attr("error", str(exc)[:2000])
+            try:
+                self.tracker.finish(run_id, failed=True)  # interrupted: never leave the run RUNNING
+            except TrackingUnavailable:
+                pass  # the Optuna trial fails too; `reconcile` ends the run once the store is back
             raise
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -554,5 +784,3 @@ def _lib_versions() -> dict[str, str]:
 
     return {"mlflow": mlflow.__version__, "numpy": numpy.__version__}
 
-
-ProgressCallback = Callable[[str], None]

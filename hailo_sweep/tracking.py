@@ -27,8 +27,11 @@ ROLE_TAG = "hailo_sweep.role"
 
 
 def quiet_mlflow_env() -> None:
-    """Telemetry off and no URL printing, unless the user chose otherwise in their environment."""
+    """Telemetry off, no URL printing, bounded HTTP retries; each unless the user chose otherwise in their environment."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
@@ -57,6 +60,53 @@ class LoggedModelRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
+class TrackingUnavailable(Exception):
+    """The tracking store stayed unreachable after bounded retries."""
+
+
+_TRANSIENT_TEXT = ("connection refused", "max retries exceeded", "database is locked", "could not connect", "temporarily unavailable", "timed out", "connection reset", "server closed the connection")
+
+
+def _transient(exc: BaseException) -> bool:
+    import requests
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, OperationalError, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, mlflow.exceptions.MlflowException) and any(t in str(exc).lower() for t in _TRANSIENT_TEXT)
+
+
+class _RetryingClient:
+    """``MlflowClient`` whose calls retry transient failures a bounded number of times, then raise ``TrackingUnavailable``."""
+
+    def __init__(self, client: MlflowClient, uri: str, attempts: int = 3, first_delay: float = 1.0):
+        self._client, self._uri, self._attempts, self._first_delay = client, uri, attempts, first_delay
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._client, name)
+        if not callable(target):
+            return target
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            delay = self._first_delay
+            for attempt in range(1, self._attempts + 1):
+                try:
+                    return target(*args, **kwargs)
+                except Exception as exc:
+                    if not _transient(exc):
+                        raise
+                    if attempt == self._attempts:
+                        raise TrackingUnavailable(
+                            f"the MLflow tracking store {redact_url(self._uri)} did not answer {name}() after {self._attempts} attempts: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                        ) from exc
+                    time.sleep(delay)
+                    delay *= 2
+            raise AssertionError("unreachable")
+
+        return call
+
+
 class Tracker:
     """Thin, explicit wrapper over ``MlflowClient`` bound to one tracking URI and one experiment."""
 
@@ -67,7 +117,7 @@ class Tracker:
         self.artifact_location = artifact_location
         # Only the explicit client is used: mlflow.set_tracking_uri() would also set MLFLOW_TRACKING_URI in this
         # process's environment and leak one sweep's store into the next.
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.client: Any = _RetryingClient(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), tracking_uri)
         self._experiment_id: str | None = None
 
     # -- experiment and parent ---------------------------------------------------------------------------
@@ -99,6 +149,12 @@ class Tracker:
 
     def finish(self, run_id: str, *, failed: bool = False) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+    def run_status(self, run_id: str) -> str | None:
+        try:
+            return str(self.client.get_run(run_id).info.status)
+        except mlflow.exceptions.MlflowException:
+            return None
 
     def run_exists(self, run_id: str) -> bool:
         try:

@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from hailo_sweep.examples import digits
+from tests.hailo_fixtures import hailo_fakes, tiny_model  # noqa: F401  (fixtures of the hailo backend tests)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "configs" / "models" / "digits_cnn.onnx"

@@ -28,10 +28,10 @@ def select_backend(requested: str) -> tuple[type[Backend], str | None]:
             hailo: type[Backend] | None = backend_class("hailo")
         except ImportError:
             hailo = None
-        if hailo is not None and hailo.is_available():
+        if hailo is not None and getattr(hailo, "is_complete", hailo.is_available)():
             return hailo, None
         return backend_class("onnxruntime"), (
-            "backend auto: the Hailo SDK (hailo_sdk_client, hailo_platform) is not installed; using the embedded onnxruntime backend"
+            "backend auto: the Hailo SDK (hailo_sdk_client and hailo_platform) is not fully installed; using the embedded onnxruntime backend"
         )
     cls = backend_class(requested)
     if not cls.is_available():

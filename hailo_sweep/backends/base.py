@@ -124,6 +124,15 @@ class DeviceOutputs:
     notes: list[str] = field(default_factory=list)  # e.g. "float32 fallback: multiple quant infos for 'x'"
 
 
+@dataclass(frozen=True)
+class LayerNoise:
+    """Per-layer noise of the quantized model: SNR of a layer's quantized output against the float model's."""
+
+    layer: str
+    snr_db: float
+    kind: str = "activation"  # "activation" | "weight" | "output"
+
+
 class DeviceRunner(abc.ABC):
     """Runs one compiled model on one device; a context manager that owns the device while active."""
 
@@ -214,3 +223,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def device(self, compiled: CompiledModel) -> DeviceRunner:
         """A runner for the compiled model on this backend's device (use it as a context manager)."""
+
+    def layer_noise(self, model: OptimizedModel, inputs: np.ndarray) -> list[LayerNoise]:
+        """Per-layer SNR of the quantized model against float on ``inputs`` (feed domain), noisiest first.
+
+        Optional: a backend without a per-layer analysis raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"the {self.name} backend has no per-layer noise analysis")

@@ -52,7 +52,7 @@ _PAIRING = (
 )
 
 
-class try_import:  # noqa: N801 - named after optuna's helper on purpose
+class try_import:
     """Context manager that records a failed import instead of raising it; ``check()`` raises it, explained.
 
     Any exception is recorded, not only ``ImportError``: HailoRT raises ``MissingPyHRTLib`` (an ``Exception``) when

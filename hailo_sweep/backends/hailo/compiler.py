@@ -23,11 +23,11 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,6 +41,7 @@ INFERENCE_CONTEXT = {
 }
 
 _CACHE_FORMAT = "hailo-sweep-har-v1"
+T = TypeVar("T")
 
 
 # -- translate, cached --------------------------------------------------------------------------------------------
@@ -168,28 +169,26 @@ def captured_output() -> Iterator[CapturedOutput]:
 class DfcError(RuntimeError):
     """A Dataflow Compiler call failed; the message carries the call, the SDK's error and the end of its output."""
 
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
+
 
 def _tail(text: str, lines: int = 25) -> str:
-    kept = text.rstrip("\n").splitlines()[-lines:]
-    return "\n".join(kept)
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
-def run_captured(what: str, call: Callable[[], T], captured: CapturedOutput | None = None) -> T:
+def run_captured(what: str, call: Callable[[], T]) -> tuple[T, CapturedOutput]:
     """Run an SDK call with its output captured; on failure raise ``DfcError`` with the output's last lines."""
-    with contextlib.ExitStack() as stack:
-        cap = captured if captured is not None else None
-        try:
-            if cap is None:
-                cap = stack.enter_context(captured_output())
-                return call()
-            with captured_output() as inner:
-                try:
-                    return call()
-                finally:
-                    pass
-        except Exception as exc:
-            text = cap.text if cap is not None else ""
-            raise DfcError(f"{what} failed: {type(exc).__name__}: {exc}" + (f"\n--- SDK output (last lines) ---\n{_tail(text)}" if text.strip() else "")) from exc
+    captured: CapturedOutput | None = None
+    try:
+        with captured_output() as captured:
+            result = call()
+    except Exception as exc:
+        text = captured.text if captured is not None else ""
+        tail = f"\n--- SDK output (last lines) ---\n{_tail(text)}" if text.strip() else ""
+        raise DfcError(f"{what} failed: {type(exc).__name__}: {exc}{tail}", output=text) from exc
+    return result, captured
 
 
 # -- optimize -----------------------------------------------------------------------------------------------------
@@ -228,9 +227,8 @@ def parse_optimize_log(text: str, optimization_level: int, compression_level: in
 
 def optimize(runner: Any, script: str, calibration_nhwc: np.ndarray) -> CapturedOutput:
     """Load the script (replacing any previous one) and quantize; returns everything the DFC said."""
-    runner.load_model_script(script)
-    with captured_output() as captured:
-        runner.optimize(calibration_nhwc)
+    run_captured("load_model_script", lambda: runner.load_model_script(script))
+    _, captured = run_captured("optimize", lambda: runner.optimize(calibration_nhwc))
     return captured
 
 
@@ -242,17 +240,19 @@ def has_context(dfc: ModuleType, context: EmulationContext) -> bool:
 def emulate(dfc: ModuleType, runner: Any, context: EmulationContext, x_nhwc: np.ndarray) -> list[np.ndarray]:
     """Outputs of the emulator in HN output order (float32, NHWC / (N, C)); always a list."""
     target = getattr(dfc.InferenceContext, INFERENCE_CONTEXT[context])
-    with captured_output():
+
+    def infer() -> Any:
         with runner.infer_context(target) as ctx:
-            result = runner.infer(ctx, x_nhwc)
+            return runner.infer(ctx, x_nhwc)
+
+    result, _ = run_captured(f"emulation in {INFERENCE_CONTEXT[context]}", infer)
     if isinstance(result, np.ndarray):
         return [result]
     return [np.asarray(r) for r in result]
 
 
 def compile_hef(runner: Any) -> bytes:
-    with captured_output():
-        hef = runner.compile()
+    hef, _ = run_captured("compile", runner.compile)
     if not isinstance(hef, (bytes, bytearray)):
         raise TypeError(f"ClientRunner.compile() returned {type(hef).__name__}, expected the HEF as bytes")
     return bytes(hef)

@@ -68,13 +68,13 @@ def check_extra_lines(lines: Sequence[str]) -> None:
                     key=EXTRA_KEY,
                     fix="remove the line; set the knob through the sweep's search space instead",
                 )
-        if _first_arg_command(line) == "quantization_param" and "precision_mode" in line:
-            if any(_OUTPUT_LAYER.match(name) for name in _named_layers(line)):
-                raise UserInputError(
-                    f"line {number} ({line.strip()!r}) sets the precision of an output layer, which is the output_16bit knob",
-                    key=EXTRA_KEY,
-                    fix="remove the line and list the output under search.output_16bit instead",
-                )
+        sets_precision = _first_arg_command(line) == "quantization_param" and "precision_mode" in line
+        if sets_precision and any(_OUTPUT_LAYER.match(name) for name in _named_layers(line)):
+            raise UserInputError(
+                f"line {number} ({line.strip()!r}) sets the precision of an output layer, which is the output_16bit knob",
+                key=EXTRA_KEY,
+                fix="remove the line and list the output under search.output_16bit instead",
+            )
 
 
 def _first_arg_command(line: str) -> str | None:

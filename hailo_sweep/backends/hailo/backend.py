@@ -1,0 +1,315 @@
+"""``HailoBackend``: the trial's stages on Hailo's Dataflow Compiler and HailoRT.
+
+Data convention (``hailo_sweep.backends.base``): every stage receives NCHW batches in the pipeline's feed domain —
+host-normalized float32 with placement "host", the raw domain (uint8 0..255 frames for 0..255 data) with placement
+"model". This backend transposes to NHWC itself and never normalizes: with placement "model" the model script's
+``normalization`` layer does it on the chip (and in emulation), so calibration and inputs arrive raw; with placement
+"host" they arrive normalized and the script has no normalization. One normalization, always, never two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from hailo_sweep.atomic import atomic_write_bytes, atomic_write_text
+from hailo_sweep.backends.base import (
+    Backend,
+    BackendContext,
+    CompiledModel,
+    DeviceRunner,
+    EmulationContext,
+    OptimizedModel,
+)
+from hailo_sweep.backends.hailo import compiler
+from hailo_sweep.backends.hailo._imports import DFC, HAILORT, import_dfc, import_hailort, importable, version_of
+from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
+from hailo_sweep.backends.hailo.naming import HnGraph, OnnxOutput, parse_hn, read_onnx_outputs
+from hailo_sweep.backends.hailo.runtime import DeviceOptions, HailoDeviceRunner, OutputNaming
+from hailo_sweep.backends.hailo.script import SCRIPT_NAME, check_extra_lines, check_layer_names, model_script
+from hailo_sweep.errors import UnsupportedSetting, UserInputError
+from hailo_sweep.settings import COMPRESSION_LEVELS, OPTIMIZATION_LEVELS, Settings
+
+TARGETS = ("hailo8", "hailo8l", "hailo10h")
+
+# Defaults the DFC uses when a script says nothing (hailo-api.md §2): optimization level 2 ("[info] Using default
+# optimization level of 2", issue hailo-ai/Hailo-Application-Code-Examples#280) and 64 calibration entries ("Using
+# dataset with 64 entries for calibration", same log). The default compression level is not in public code
+# (hailo-api.md lists it as UNVERIFIED); 1 is the value this project assumes, recorded with every baseline trial.
+DEFAULT_OPTIMIZATION_LEVEL = 2
+DEFAULT_COMPRESSION_LEVEL = 1
+DEFAULT_CALIBSET_SIZE = 64
+DEFAULT_TIMEOUT_MS = 10000
+
+_OPTION_KEYS = (
+    "extra_model_script",
+    "device_id",
+    "start_node_names",
+    "end_node_names",
+    "net_name",
+    "device_timeout_ms",
+    "lock_dir",
+)
+
+
+@dataclass(frozen=True)
+class HailoOptions:
+    """``BackendContext.options`` of the hailo backend (validated by the config; re-checked cheaply here)."""
+
+    extra_model_script: tuple[str, ...] = ()
+    device_id: str | None = None
+    start_node_names: tuple[str, ...] | None = None
+    end_node_names: tuple[str, ...] | None = None
+    net_name: str | None = None
+    device_timeout_ms: int = DEFAULT_TIMEOUT_MS
+    lock_dir: Path | None = None
+
+    @classmethod
+    def from_context(cls, context: BackendContext) -> HailoOptions:
+        opts = dict(context.options)
+        unknown = sorted(set(opts) - set(_OPTION_KEYS))
+        if unknown:
+            raise UserInputError(
+                f"unknown hailo backend option(s) {', '.join(unknown)}; known: {', '.join(_OPTION_KEYS)}", key="hailo"
+            )
+        nodes = {k: tuple(opts[k]) if opts.get(k) is not None else None for k in ("start_node_names", "end_node_names")}
+        timeout = DEFAULT_TIMEOUT_MS if opts.get("device_timeout_ms") is None else int(opts["device_timeout_ms"])
+        if timeout <= 0:
+            raise UserInputError(f"device_timeout_ms must be > 0, got {timeout}", key="hailo.device_timeout_ms")
+        return cls(
+            extra_model_script=tuple(opts.get("extra_model_script") or ()),
+            device_id=opts.get("device_id") or None,
+            net_name=opts.get("net_name") or None,
+            device_timeout_ms=timeout,
+            lock_dir=Path(opts["lock_dir"]) if opts.get("lock_dir") else None,
+            **nodes,
+        )
+
+
+def default_net_name(model_path: Path) -> str:
+    """A HN-friendly network name from the model file name (letters, digits, underscores)."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", model_path.stem).strip("_") or "net"
+    return name if not name[0].isdigit() else f"net_{name}"
+
+
+@dataclass
+class _Prepared:
+    har: Path
+    cache_key: str
+    graph: HnGraph
+    onnx_outputs: tuple[OnnxOutput, ...]
+
+
+@dataclass
+class HailoOptimized:
+    """``OptimizedModel.handle``: the runner holding the quantized model, and where it was saved."""
+
+    runner: Any
+    har: Path
+    log: Path
+    graph: HnGraph
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class HailoBackend(Backend):
+    """Translate (cached), optimize, emulate and compile with the DFC; run the HEF on a locked device with HailoRT."""
+
+    name: ClassVar[str] = "hailo"
+    compiled_kind: ClassVar[str] = "hef"
+
+    def __init__(self, context: BackendContext):
+        super().__init__(context)
+        self.options = HailoOptions.from_context(context)
+        check_extra_lines(self.options.extra_model_script)
+        self._dfc: ModuleType | None = None
+        self._prepared: _Prepared | None = None
+
+    # -- resources and facts -----------------------------------------------------------------------------------
+    @classmethod
+    def is_available(cls) -> bool:
+        """True when the Dataflow Compiler imports; HailoRT is needed only by ``device()`` (checked there)."""
+        return importable(DFC)
+
+    @classmethod
+    def is_complete(cls) -> bool:
+        """Both packages import: what ``backend: auto`` requires before it picks this backend for a whole sweep."""
+        return importable(DFC) and importable(HAILORT)
+
+    @property
+    def dfc(self) -> ModuleType:
+        if self._dfc is None:
+            self._dfc = import_dfc()
+        return self._dfc
+
+    def activate(self) -> None:
+        _ = self.dfc
+
+    def versions(self) -> dict[str, str]:
+        return {"hailo_sdk_client": version_of(DFC), "hailo_platform": version_of(HAILORT)}
+
+    def default_settings(self, calibset_size: int, output_names: tuple[str, ...]) -> Settings:
+        return Settings(
+            optimization_level=DEFAULT_OPTIMIZATION_LEVEL,
+            compression_level=DEFAULT_COMPRESSION_LEVEL,
+            calibset_size=max(1, min(DEFAULT_CALIBSET_SIZE, calibset_size)),
+            normalization_placement="model",
+            output_16bit=(),
+        )
+
+    def emulation_contexts(self) -> tuple[EmulationContext, ...]:
+        contexts = [EmulationContext.FP_OPTIMIZED, EmulationContext.QUANTIZED]
+        if compiler.has_context(self.dfc, EmulationContext.BIT_EXACT):
+            contexts.append(EmulationContext.BIT_EXACT)
+        return tuple(contexts)
+
+    def validate(self, settings: Settings) -> None:
+        """Refuse what the targeted DFC does not accept (hailo-api.md §2: levels 0..4 and 0..5; hw_arch values)."""
+        if self.context.target not in TARGETS:
+            raise UnsupportedSetting(
+                f"target {self.context.target!r} is not supported by the hailo backend; use one of {', '.join(TARGETS)}",
+                key="target",
+            )
+        if settings.optimization_level not in OPTIMIZATION_LEVELS:
+            raise UnsupportedSetting(f"optimization_level {settings.optimization_level} is outside the DFC's 0..4", key="search.optimization_level")
+        if settings.compression_level not in COMPRESSION_LEVELS:
+            raise UnsupportedSetting(f"compression_level {settings.compression_level} is outside the DFC's 0..5", key="search.compression_level")
+        if settings.calibset_size < 1:
+            raise UnsupportedSetting(f"calibset_size must be >= 1, got {settings.calibset_size}", key="search.calibset_size")
+        outputs = self.context.model_io.output_names
+        unknown = [n for n in settings.output_16bit if n not in outputs]
+        if unknown:
+            raise UnsupportedSetting(
+                f"output_16bit names {', '.join(map(repr, unknown))}, which is not an output of the model; "
+                f"valid outputs: {', '.join(sorted(outputs))}",
+                key="search.output_16bit",
+            )
+
+    # -- stages ------------------------------------------------------------------------------------------------
+    def _request(self) -> compiler.TranslateRequest:
+        io = self.context.model_io
+        shape = [1 if not isinstance(d, int) else int(d) for d in io.input_shape]
+        shape[0] = 1
+        return compiler.TranslateRequest(
+            model_path=Path(self.context.model_path),
+            target=self.context.target,
+            net_name=self.options.net_name or default_net_name(Path(self.context.model_path)),
+            input_shapes={io.input_name: shape},
+            start_node_names=self.options.start_node_names,
+            end_node_names=self.options.end_node_names,
+        )
+
+    def prepare(self) -> dict[str, str | float]:
+        """Translate ONNX -> HAR once, cached under ``work_dir/hailo`` by content hash; map outputs; check scripts."""
+        if self.context.target not in TARGETS:
+            raise UnsupportedSetting(f"target {self.context.target!r} is not one of {', '.join(TARGETS)}", key="target")
+        request = self._request()
+        har, key, hit = compiler.translate_cached(self.dfc, request, Path(self.context.work_dir) / "hailo")
+        onnx_outputs = read_onnx_outputs(request.model_path)
+        runner = compiler.new_runner(self.dfc, self.context.target, har)
+        graph = parse_hn(compiler.read_hn(runner), onnx_outputs)
+        known = [o.script_name for o in graph.outputs]
+        check_layer_names("\n".join(self.options.extra_model_script), graph.has_layer, known)
+        self._prepared = _Prepared(har=har, cache_key=key, graph=graph, onnx_outputs=onnx_outputs)
+        return {"cache_hit": "true" if hit else "false", "har_key": key[:16], "net_name": graph.net_name}
+
+    def _ready(self) -> _Prepared:
+        if self._prepared is None:
+            self.prepare()
+        assert self._prepared is not None
+        return self._prepared
+
+    def script_for(self, settings: Settings) -> str:
+        """The model script of a trial, with every layer name checked against the HN."""
+        prepared = self._ready()
+        script = model_script(
+            settings,
+            normalization=self.context.normalization,
+            output_layers=prepared.graph.script_names(),
+            extra_lines=self.options.extra_model_script,
+        )
+        check_layer_names(script, prepared.graph.has_layer, [o.script_name for o in prepared.graph.outputs])
+        return script
+
+    def _nhwc(self, batch: np.ndarray, what: str) -> np.ndarray:
+        x = to_nhwc(batch).astype(np.float32)
+        expected = self._ready().graph.input_shape
+        if expected is not None and tuple(x.shape[1:]) != tuple(expected):
+            raise ValueError(f"{what} has NHWC frame shape {tuple(x.shape[1:])}; the HN input expects {tuple(expected)}")
+        return x
+
+    def optimize(self, settings: Settings, calibration: np.ndarray, work_dir: Path) -> OptimizedModel:
+        self.validate(settings)
+        prepared = self._ready()
+        script = self.script_for(settings)
+        calib = self._nhwc(calibration, "calibration data")
+        work_dir = Path(work_dir)
+        log_path = work_dir / "optimize.log"
+        runner = compiler.new_runner(self.dfc, self.context.target, prepared.har)
+        try:
+            captured = compiler.optimize(runner, script, calib)
+        except compiler.DfcError as exc:
+            atomic_write_text(log_path, exc.output)
+            raise
+        atomic_write_text(log_path, captured.text)
+        facts = compiler.parse_optimize_log(captured.text, settings.optimization_level, settings.compression_level)
+        har = compiler.save_har_atomic(runner, work_dir / "model_quantized.har")
+        params: dict[str, str | int | float] = {
+            "effective_optimization_level": facts.effective_optimization_level,
+            "effective_compression_level": facts.effective_compression_level,
+            "hailo_net_name": prepared.graph.net_name,
+        }
+        if facts.calibration_entries is not None:
+            params["calibration_entries_used"] = facts.calibration_entries
+        flags = ["optimization_level_lowered"] if facts.lowered else []
+        return OptimizedModel(
+            settings=settings,
+            script=script,
+            script_name=SCRIPT_NAME,
+            handle=HailoOptimized(runner=runner, har=har, log=log_path, graph=prepared.graph, extra={"reduce": facts.reduce_message}),
+            params=params,
+            flags=flags,
+        )
+
+    def emulate(self, model: OptimizedModel, inputs: np.ndarray, context: EmulationContext) -> dict[str, np.ndarray]:
+        handle: HailoOptimized = model.handle
+        if not compiler.has_context(self.dfc, context):
+            raise UnsupportedSetting(
+                f"the installed Dataflow Compiler has no InferenceContext.{compiler.INFERENCE_CONTEXT[context]}", key="emulation"
+            )
+        x = self._nhwc(inputs, "emulation inputs")
+        outs = compiler.emulate(self.dfc, handle.runner, context, x)
+        if len(outs) != len(handle.graph.outputs):
+            raise RuntimeError(f"the emulator returned {len(outs)} outputs, the HN has {len(handle.graph.outputs)}")
+        return {o.onnx_name: to_onnx_layout(outs[o.index], o.onnx_rank, len(x)).astype(np.float32) for o in handle.graph.outputs}
+
+    def compile(self, model: OptimizedModel, work_dir: Path) -> CompiledModel:
+        handle: HailoOptimized = model.handle
+        hef = compiler.compile_hef(handle.runner)
+        path = atomic_write_bytes(Path(work_dir) / "model.hef", hef)
+        return CompiledModel(
+            path=path,
+            size_bytes=len(hef),
+            kind=self.compiled_kind,
+            params={"hef_target": self.context.target, "hef_sha256": hashlib.sha256(hef).hexdigest()[:16]},
+        )
+
+    def device(self, compiled: CompiledModel) -> DeviceRunner:
+        hrt = import_hailort()
+        prepared = self._ready()
+        lock_dir = self.options.lock_dir or Path(self.context.work_dir) / "locks"
+        return HailoDeviceRunner(
+            hrt=hrt,
+            hef_path=Path(compiled.path),
+            hef_target=str(compiled.params.get("hef_target", self.context.target)),
+            naming=OutputNaming(prepared.onnx_outputs, prepared.graph.vstream_to_onnx()),
+            options=DeviceOptions(device_id=self.options.device_id, timeout_ms=self.options.device_timeout_ms, lock_dir=lock_dir),
+        )
+
+
+__all__ = ["HailoBackend", "HailoOptimized", "HailoOptions", "default_net_name"]

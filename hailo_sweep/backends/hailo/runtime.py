@@ -1,0 +1,526 @@
+"""Running a HEF on a Hailo device with HailoRT (``hailo_platform``), one device per worker process.
+
+What this module guarantees, and where each fact comes from (hailo-api.md §3; ``hailo-ai/hailort`` branch hailo8):
+
+- One device per process: an exclusive, non-blocking ``fcntl.flock`` per device id. Device choice: the config's
+  ``hailo.device_id``, else ``$HAILO_SWEEP_DEVICE_ID``, else the first device of ``Device.scan()`` whose lock is free.
+- Target check before running: the HEF's target against ``Device(...).control.identify().device_architecture``,
+  with HailoRT's own compatibility rule (``device_internal.cpp::is_hef_compatible``: a Hailo-8L runs only hailo8l
+  HEFs; a Hailo-8 runs hailo8/hailo8r/hailo8l, the last more slowly).
+- InferModel API with a ROUND_ROBIN VDevice (HRT_0 tutorial; pyhailort.py ``InferModel``/``ConfiguredInferModel``),
+  falling back to ``InferVStreams`` where ``VDevice.create_infer_model`` is missing (HRT_2 tutorial, MZ
+  ``hw_infer_utils.py``).
+- Raw outputs: each output keeps its own device type (UINT8, or UINT16 for a16_w16 layers) and is dequantized here
+  with its own ``qp_scale``/``qp_zp``: ``x = (q - qp_zp) * qp_scale`` (``quantization.hpp``). An output with several
+  quant infos (``quant_infos`` longer than one, or the single ``quant_info`` all zeros = ``is_qp_valid`` false) asks
+  HailoRT for FLOAT32 instead, and says so in the notes.
+- Inputs in the type the HEF expects: raw integers (uint8 frames pass through when the input QP is the identity, as
+  with on-chip normalization of 0..255 data); other data are quantized on the host exactly as HailoRT would
+  (``q = bankers_round(clip(x, limvals) / qp_scale + qp_zp)``, float32 arithmetic).
+- Any failure releases the device and the lock before the error leaves ``run``/``activate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import os
+import re
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+
+from hailo_sweep.backends.base import DeviceOutputs, DeviceRunner, QuantParams
+from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
+from hailo_sweep.backends.hailo.naming import OnnxOutput, onnx_name_for
+from hailo_sweep.errors import UserInputError
+
+ENV_DEVICE_ID = "HAILO_SWEEP_DEVICE_ID"
+
+#: DeviceArchitectureTypes member -> hw_arch name (pyhailort.py DeviceArchitectureTypes, both 4.23 and 5.2)
+_ARCH = {
+    "HAILO8_A0": "hailo8",
+    "HAILO8": "hailo8",
+    "HAILO8L": "hailo8l",
+    "HAILO10H": "hailo10h",
+    "HAILO15H": "hailo15h",
+    "HAILO15M": "hailo15m",
+    "HAILO15L": "hailo15l",
+}
+#: device arch -> HEF targets it runs (device_internal.cpp::is_hef_compatible, hailort@hailo8)
+_RUNS = {
+    "hailo8": ("hailo8", "hailo8r", "hailo8l"),
+    "hailo8l": ("hailo8l",),
+    "hailo10h": ("hailo10h", "hailo15h", "hailo15m"),
+    "hailo15h": ("hailo10h", "hailo15h", "hailo15m"),
+    "hailo15m": ("hailo15m",),
+    "hailo15l": ("hailo15l",),
+}
+_PRETTY = {"hailo8": "Hailo-8", "hailo8r": "Hailo-8R", "hailo8l": "Hailo-8L", "hailo10h": "Hailo-10H"}
+
+
+def pretty(arch: str) -> str:
+    return _PRETTY.get(arch, arch)
+
+
+class HailoDeviceError(RuntimeError):
+    """The device failed, timed out, is busy or missing; the message says which device and why."""
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    device_id: str | None
+    timeout_ms: int
+    lock_dir: Path
+
+
+# -- one device per process ---------------------------------------------------------------------------------------
+class DeviceLock:
+    """Exclusive, non-blocking ``flock`` on ``<lock_dir>/hailo-device-<id>.lock``; the holder's pid is written in it.
+
+    flock is per open file description, so a second open in the same process conflicts too. The file is never
+    deleted (deleting a lock file races with a process about to lock it).
+    """
+
+    def __init__(self, lock_dir: Path, device_id: str):
+        self.device_id = device_id
+        self.path = lock_dir / f"hailo-device-{re.sub(r'[^A-Za-z0-9_.-]', '_', device_id)}.lock"
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8").strip() or "an unknown process"
+        except OSError:
+            return "an unknown process"
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+
+def select_device(hrt: ModuleType, options: DeviceOptions) -> tuple[str, DeviceLock]:
+    """The device this worker will own, already locked."""
+    if options.device_id:
+        ids, source = [options.device_id], "hailo.device_id"
+    elif os.environ.get(ENV_DEVICE_ID):
+        ids, source = [os.environ[ENV_DEVICE_ID]], f"${ENV_DEVICE_ID}"
+    else:
+        ids, source = [str(d) for d in hrt.Device.scan()], "Device.scan()"
+        if not ids:
+            raise HailoDeviceError(
+                "no Hailo device found: Device.scan() returned nothing (check `hailortcli scan`, the PCIe driver "
+                "and that no container hides /dev/hailo*)"
+            )
+    busy: list[str] = []
+    for device_id in ids:
+        lock = DeviceLock(options.lock_dir, device_id)
+        if lock.try_acquire():
+            return device_id, lock
+        busy.append(f"{device_id} (lock {lock.path} held by {lock.holder()})")
+    what = f"Hailo device {busy[0]}" if len(busy) == 1 else f"all {len(busy)} Hailo devices ({'; '.join(busy)})"
+    raise HailoDeviceError(
+        f"{what}, chosen from {source}, is in use by another process. hailo-sweep runs one device per worker "
+        f"process: give this worker a free device (hailo.device_id or ${ENV_DEVICE_ID}) or run fewer workers"
+    )
+
+
+# -- target check -------------------------------------------------------------------------------------------------
+def device_arch(hrt: ModuleType, device_id: str) -> str | None:
+    """The device's architecture as a hw_arch name, or None when it cannot be identified."""
+    try:
+        with hrt.Device(device_id) as device:
+            arch = device.control.identify().device_architecture
+    except hrt.HailoRTException:
+        return None
+    name = str(getattr(arch, "name", arch)).rsplit(".", 1)[-1].upper()
+    return _ARCH.get(name, name.lower())
+
+
+def target_mismatch(hef_target: str, arch: str, device_id: str) -> UserInputError:
+    return UserInputError(
+        f"the HEF was compiled for {hef_target} ({pretty(hef_target)}) but device {device_id} is a {pretty(arch)}; "
+        f"HailoRT refuses it (HEF not compatible with device)",
+        key="target",
+        fix=(
+            f"set target: {arch} to compile for this device, or run on a {pretty(hef_target)} device "
+            "(a Hailo-8 also runs hailo8l HEFs, more slowly; a Hailo-8L runs only hailo8l HEFs)"
+        ),
+    )
+
+
+def check_target(hef_target: str, arch: str | None, device_id: str) -> list[str]:
+    """Raise before loading a HEF the device would refuse; return notes about the pairing."""
+    if arch is None:
+        return [f"device {device_id}: architecture not identified; relying on HailoRT's own HEF compatibility check"]
+    runs = _RUNS.get(arch)
+    if runs is not None and hef_target not in runs:
+        raise target_mismatch(hef_target, arch, device_id)
+    notes = [f"device {device_id}: {pretty(arch)}"]
+    if arch == "hailo8" and hef_target == "hailo8l":
+        notes.append("a hailo8l HEF on a Hailo-8 runs at lower performance (HailoRT warns the same)")
+    return notes
+
+
+# -- formats and quantization -------------------------------------------------------------------------------------
+_DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16), "FLOAT32": np.dtype(np.float32)}
+
+
+def _type_name(format_type: Any) -> str:
+    return str(getattr(format_type, "name", format_type)).rsplit(".", 1)[-1].upper()
+
+
+def is_valid_qp(q: Any) -> bool:
+    """False for the all-zero quant info HailoRT reports when a stream has several QPs (quantization.hpp)."""
+    return not (q.qp_zp == 0 and q.qp_scale == 0 and q.limvals_min == 0 and q.limvals_max == 0)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One input or output stream as this runner uses it."""
+
+    name: str
+    shape: tuple[int, ...]  # host shape without batch: (H, W, C), (C,) for NC outputs
+    dtype: np.dtype  # host buffer type requested from HailoRT
+    quant: QuantParams | None  # None: HailoRT converts (FLOAT32 requested)
+    limits: tuple[float, float] | None = None  # limvals of an input QP
+
+
+def _choose(name: str, shape: Any, format_type: Any, quant_infos: list[Any]) -> tuple[StreamSpec, str | None]:
+    """Raw device type with its single QP, or FLOAT32 (with the reason) when that is impossible."""
+    kind = _type_name(format_type)
+    valid = [q for q in quant_infos if is_valid_qp(q)]
+    if kind in ("UINT8", "UINT16") and len(quant_infos) == 1 and len(valid) == 1:
+        q = valid[0]
+        lo, hi = float(q.limvals_min), float(q.limvals_max)
+        quant = QuantParams(scale=float(q.qp_scale), zero_point=float(q.qp_zp), dtype=_DTYPES[kind].name)
+        return StreamSpec(name, tuple(int(d) for d in shape), _DTYPES[kind], quant, (lo, hi) if lo < hi else None), None
+    if kind in ("UINT8", "UINT16"):
+        why = f"float32 fallback: {name!r} has {len(quant_infos)} quant infos; HailoRT dequantizes it (no raw integers)"
+    else:
+        why = f"{name!r} is {kind} on the host; no raw integers to dequantize"
+    return StreamSpec(name, tuple(int(d) for d in shape), _DTYPES["FLOAT32"], None), why
+
+
+def host_input(frames: np.ndarray, spec: StreamSpec) -> tuple[np.ndarray, str | None]:
+    """Frames (NHWC) in the type the HEF input expects; quantized here, as HailoRT would, when needed."""
+    if spec.quant is None:
+        return np.ascontiguousarray(frames, dtype=np.float32), None
+    q = spec.quant
+    info = np.iinfo(spec.dtype)
+    identity = q.scale == 1.0 and q.zero_point == 0.0
+    if identity and np.issubdtype(frames.dtype, np.integer) and frames.min() >= info.min and frames.max() <= info.max:
+        return np.ascontiguousarray(frames, dtype=spec.dtype), None
+    x = frames.astype(np.float32)
+    if spec.limits is not None:
+        x = np.clip(x, np.float32(spec.limits[0]), np.float32(spec.limits[1]))
+    raw = np.rint(x / np.float32(q.scale) + np.float32(q.zero_point))
+    raw = np.clip(raw, info.min, info.max).astype(spec.dtype)
+    note = f"input quantized on the host with the HEF's qp_scale={q.scale:g}, qp_zp={q.zero_point:g} ({spec.dtype.name})"
+    return np.ascontiguousarray(raw), note
+
+
+# -- engines: the two HailoRT APIs --------------------------------------------------------------------------------
+class Engine(Protocol):
+    api: str
+    input: StreamSpec
+    outputs: list[StreamSpec]
+    notes: list[str]
+
+    def infer(self, frames: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]: ...
+
+    def original_names(self, vstream: str) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+def _hef_original_names(hef: Any, vstream: str) -> list[str]:
+    try:
+        return [str(n) for n in hef.get_original_names_from_vstream_name(vstream)]
+    except Exception:  # older HEFs may lack the mapping; the HN mapping is the fallback
+        return []
+
+
+class InferModelEngine:
+    """``VDevice(ROUND_ROBIN).create_infer_model(hef)``: sync runs per frame (latency), async runs (throughput)."""
+
+    api = "InferModel API (ROUND_ROBIN scheduler)"
+
+    def __init__(self, hrt: ModuleType, hef_path: Path, device_id: str, timeout_ms: int):
+        self.timeout_ms = timeout_ms
+        self.notes: list[str] = []
+        self._stack = contextlib.ExitStack()
+        try:
+            params = hrt.VDevice.create_params()
+            params.device_ids = [device_id]
+            params.scheduling_algorithm = hrt.HailoSchedulingAlgorithm.ROUND_ROBIN
+            vdevice = self._stack.enter_context(hrt.VDevice(params))
+            self._model = vdevice.create_infer_model(str(hef_path))
+            self._model.set_batch_size(1)
+            names = list(self._model.input_names)
+            if len(names) != 1:
+                raise HailoDeviceError(f"the HEF has {len(names)} inputs; hailo-sweep supports one")
+            stream = self._model.input(names[0])
+            self.input, note = _choose(names[0], stream.shape, stream.format.type, list(stream.quant_infos))
+            stream.set_format_type(hrt.FormatType.FLOAT32 if self.input.quant is None else stream.format.type)
+            self.notes += [note] if note else []
+            self.outputs = []
+            for name in self._model.output_names:
+                stream = self._model.output(name)
+                spec, note = _choose(name, stream.shape, stream.format.type, list(stream.quant_infos))
+                stream.set_format_type(hrt.FormatType.FLOAT32 if spec.quant is None else stream.format.type)
+                self.outputs.append(spec)
+                self.notes += [note] if note else []
+            self._configured = self._stack.enter_context(self._model.configure())
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def original_names(self, vstream: str) -> list[str]:
+        return _hef_original_names(self._model.hef, vstream)
+
+    def _bindings(self, frame: np.ndarray) -> Any:
+        bindings = self._configured.create_bindings(
+            output_buffers={o.name: np.empty(o.shape, o.dtype) for o in self.outputs}
+        )
+        bindings.input(self.input.name).set_buffer(np.ascontiguousarray(frame))
+        return bindings
+
+    def infer(self, frames: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        n = len(frames)
+        results = {o.name: np.empty((n, *o.shape), o.dtype) for o in self.outputs}
+        latencies = []
+        for i in range(n):
+            bindings = self._bindings(frames[i])
+            start = time.perf_counter()
+            self._configured.run([bindings], self.timeout_ms)
+            latencies.append(time.perf_counter() - start)
+            for o in self.outputs:
+                results[o.name][i] = bindings.output(o.name).get_buffer()
+        # throughput: keep the queue full with async jobs, as HailoRT's own benchmark does
+        keep, job = [], None
+        start = time.perf_counter()
+        for i in range(n):
+            self._configured.wait_for_async_ready(timeout_ms=self.timeout_ms, frames_count=1)
+            keep.append(self._bindings(frames[i]))
+            job = self._configured.run_async([keep[-1]])
+        if job is not None:
+            job.wait(self.timeout_ms)
+        elapsed = time.perf_counter() - start
+        return results, _timing(n, elapsed, latencies)
+
+    def close(self) -> None:
+        # "as long as the InferModel object is alive, the VDevice object is alive as well" (pyhailort.py L3617): drop
+        # every reference and collect, so the device is really free when the lock is released
+        self._stack.close()
+        self._configured = self._model = None
+        gc.collect()
+
+
+class VStreamsEngine:
+    """``InferVStreams`` on an activated network group (scheduler off): the 4.x synchronous path."""
+
+    api = "InferVStreams (InferModel API not available in this HailoRT)"
+
+    def __init__(self, hrt: ModuleType, hef_path: Path, device_id: str, timeout_ms: int):
+        self.timeout_ms = timeout_ms
+        self.notes: list[str] = []
+        self._stack = contextlib.ExitStack()
+        try:
+            params = hrt.VDevice.create_params()
+            params.device_ids = [device_id]
+            vdevice = self._stack.enter_context(hrt.VDevice(params))
+            self._hef = hrt.HEF(str(hef_path))
+            configure = hrt.ConfigureParams.create_from_hef(self._hef, interface=hrt.HailoStreamInterface.PCIe)
+            group = vdevice.configure(self._hef, configure)[0]
+            infos = list(self._hef.get_input_vstream_infos())
+            if len(infos) != 1:
+                raise HailoDeviceError(f"the HEF has {len(infos)} inputs; hailo-sweep supports one")
+            info = infos[0]
+            self.input, note = _choose(info.name, info.shape, info.format.type, [info.quant_info])
+            self.notes += [note] if note else []
+            in_type = hrt.FormatType.FLOAT32 if self.input.quant is None else info.format.type
+            in_params = hrt.InputVStreamParams.make(group, format_type=in_type, timeout_ms=timeout_ms)
+            out_params = {}
+            self.outputs = []
+            for info in self._hef.get_output_vstream_infos():
+                spec, note = _choose(info.name, info.shape, info.format.type, [info.quant_info])
+                out_type = hrt.FormatType.FLOAT32 if spec.quant is None else info.format.type
+                out_params[info.name] = hrt.OutputVStreamParams.make(group, format_type=out_type, timeout_ms=timeout_ms)[info.name]
+                self.outputs.append(spec)
+                self.notes += [note] if note else []
+            self._pipe = self._stack.enter_context(hrt.InferVStreams(group, in_params, out_params))
+            self._stack.enter_context(group.activate(group.create_params()))
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def original_names(self, vstream: str) -> list[str]:
+        return _hef_original_names(self._hef, vstream)
+
+    def infer(self, frames: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        n = len(frames)
+        results = self._pipe.infer({self.input.name: np.ascontiguousarray(frames)})
+        batch_seconds = float(self._pipe.get_hw_time())
+        latencies = []
+        for i in range(min(n, 16)):
+            self._pipe.infer({self.input.name: np.ascontiguousarray(frames[i : i + 1])})
+            latencies.append(float(self._pipe.get_total_time()))
+        return {o.name: np.asarray(results[o.name]) for o in self.outputs}, _timing(n, batch_seconds, latencies)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._pipe = self._hef = None
+        gc.collect()
+
+
+def _timing(frames: int, seconds: float, latencies: list[float]) -> dict[str, float]:
+    metrics = {"frames": float(frames)}
+    if seconds > 0:
+        metrics["throughput_fps"] = frames / seconds
+    if latencies:
+        metrics["latency_ms"] = 1000.0 * statistics.median(latencies)
+        metrics["latency_max_ms"] = 1000.0 * max(latencies)
+    return metrics
+
+
+# -- the runner -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputNaming:
+    """How to name HEF outputs: the ONNX outputs, and the HN's vstream -> ONNX mapping as the fallback."""
+
+    onnx_outputs: tuple[OnnxOutput, ...]
+    vstream_to_onnx: dict[str, str]
+
+    def resolve(self, engine: Engine) -> dict[str, str]:
+        """HEF output vstream name -> ONNX output name, for every output; refuse anything unmapped."""
+        routes: dict[str, str] = {}
+        for spec in engine.outputs:
+            name = onnx_name_for(engine.original_names(spec.name), self.onnx_outputs) or self.vstream_to_onnx.get(spec.name)
+            if name is None or name in routes.values():
+                raise HailoDeviceError(
+                    f"cannot map HEF output {spec.name!r} to an ONNX output ({', '.join(o.name for o in self.onnx_outputs)})"
+                )
+            routes[spec.name] = name
+        missing = [o.name for o in self.onnx_outputs if o.name not in routes.values()]
+        if missing:
+            raise HailoDeviceError(f"the HEF has no output for ONNX output(s) {', '.join(missing)}")
+        return routes
+
+
+@dataclass
+class HailoDeviceRunner(DeviceRunner):
+    """Runs one HEF on one locked device. Use as a context manager; everything is released on exit or failure."""
+
+    hrt: ModuleType
+    hef_path: Path
+    hef_target: str
+    naming: OutputNaming
+    options: DeviceOptions
+    device_id: str | None = field(default=None, init=False)
+    _lock: DeviceLock | None = field(default=None, init=False)
+    _engine: Engine | None = field(default=None, init=False)
+    _routes: dict[str, str] = field(default_factory=dict, init=False)
+    _notes: list[str] = field(default_factory=list, init=False)
+
+    def activate(self) -> None:
+        if self._engine is not None:
+            return
+        try:
+            self.device_id, self._lock = select_device(self.hrt, self.options)
+            self._notes = check_target(self.hef_target, device_arch(self.hrt, self.device_id), self.device_id)
+            self._engine = self._open()
+            self._notes += [self._engine.api, *self._engine.notes]
+            self._routes = self.naming.resolve(self._engine)
+        except self.hrt.HailoRTException as exc:
+            self.deactivate()
+            if type(exc).__name__ == "HailoRTHEFNotCompatibleWithDevice":
+                raise UserInputError(
+                    f"HailoRT refused the {self.hef_target} HEF on device {self.device_id}: {exc}",
+                    key="target",
+                    fix="set target to the device's architecture (hailortcli fw-control identify shows it)",
+                ) from exc
+            raise HailoDeviceError(f"device {self.device_id}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self.deactivate()
+            raise
+
+    def _open(self) -> Engine:
+        assert self.device_id is not None
+        if hasattr(self.hrt.VDevice, "create_infer_model"):
+            return InferModelEngine(self.hrt, self.hef_path, self.device_id, self.options.timeout_ms)
+        return VStreamsEngine(self.hrt, self.hef_path, self.device_id, self.options.timeout_ms)
+
+    def deactivate(self) -> None:
+        engine, self._engine = self._engine, None
+        lock, self._lock = self._lock, None
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def run(self, inputs: np.ndarray) -> DeviceOutputs:
+        engine = self._engine
+        if engine is None:
+            raise HailoDeviceError("the device runner is not active (use it as a context manager; a failed run releases it)")
+        frames = to_nhwc(inputs)
+        if tuple(frames.shape[1:]) != engine.input.shape:
+            raise ValueError(f"inputs have frame shape {frames.shape[1:]} (NHWC), the HEF expects {engine.input.shape}")
+        fed, note = host_input(frames, engine.input)
+        try:
+            results, metrics = engine.infer(fed)
+        except BaseException as exc:
+            self.deactivate()
+            if isinstance(exc, self.hrt.HailoRTException):
+                raise HailoDeviceError(
+                    f"device {self.device_id}: inference failed ({type(exc).__name__}: {exc}); the device was released"
+                ) from exc
+            raise
+        return self._outputs(results, metrics, [*self._notes, *([note] if note else [])], len(fed))
+
+    def _outputs(self, results: dict[str, np.ndarray], metrics: dict[str, float], notes: list[str], n: int) -> DeviceOutputs:
+        assert self._engine is not None
+        ranks = {o.name: o.rank for o in self.naming.onnx_outputs}
+        out = DeviceOutputs(raw={}, quant={}, outputs={}, metrics=metrics, notes=list(notes))
+        for spec in self._engine.outputs:
+            name = self._routes[spec.name]
+            arranged = to_onnx_layout(results[spec.name], ranks.get(name), n)
+            if spec.quant is None:
+                out.outputs[name] = arranged.astype(np.float32)
+                continue
+            out.raw[name] = arranged
+            out.quant[name] = spec.quant
+            out.outputs[name] = spec.quant.dequantize(arranged)
+        return out

@@ -1,0 +1,1 @@
+"""Contract fake of the ``hailo_platform.pyhailort`` package (test-only)."""

@@ -1,0 +1,104 @@
+"""Golden tests of the generated model scripts (``hailo_sweep.backends.hailo.script``).
+
+The golden files in ``tests/golden/hailo/`` were written by hand from the command shapes in hailo-api.md §2 (MZ
+``cfg/alls`` lines), not produced by the code under test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hailo_sweep.backends.base import Normalization
+from hailo_sweep.backends.hailo.script import check_extra_lines, check_layer_names, model_script
+from hailo_sweep.errors import UnsupportedSetting, UserInputError
+from hailo_sweep.settings import Settings
+
+GOLDEN = Path(__file__).parent / "golden" / "hailo"
+OUTPUT_LAYERS = {"feat": "output_layer1", "logits": "output_layer2"}
+GRAY = Normalization(mean=(100.0,), std=(50.0,))
+RGB = Normalization(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+EXTRA = [
+    "performance_param(compiler_optimization_level=max)",
+    "pre_quantization_optimization(activation_clipping, layers=[conv1], mode=percentile, clipping_values=[0.01, 99.7])",
+]
+
+CASES = [
+    # golden file, settings, normalization, extra lines
+    ("model_default", Settings(2, 1, 64, "model"), GRAY, []),
+    ("host_default", Settings(2, 1, 64, "host"), GRAY, []),
+    ("host_default", Settings(2, 1, 64, "model"), None, []),  # placement model without normalization: nothing to add
+    ("model_16bit_one", Settings(2, 1, 64, "model", ("logits",)), GRAY, []),
+    ("model_16bit_all", Settings(2, 1, 64, "model", ("logits", "feat")), GRAY, []),
+    ("host_l0_c5", Settings(0, 5, 1024, "host"), GRAY, []),
+    ("model_l4_c0", Settings(4, 0, 2000, "model"), GRAY, []),
+    ("model_extra_lines", Settings(2, 1, 64, "model"), GRAY, EXTRA),
+    ("host_16bit_all_extra", Settings(3, 2, 256, "host", ("feat", "logits")), GRAY, EXTRA),
+    ("model_rgb_16bit_one", Settings(1, 0, 8, "model", ("logits",)), RGB, []),
+]
+
+
+@pytest.mark.parametrize(("golden", "settings", "normalization", "extra"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_script_matches_golden(golden: str, settings: Settings, normalization: Normalization | None, extra: list[str]) -> None:
+    expected = (GOLDEN / f"{golden}.alls").read_text()
+    assert model_script(settings, normalization=normalization, output_layers=OUTPUT_LAYERS, extra_lines=extra) == expected
+
+
+def test_normalization_line_only_with_placement_model() -> None:
+    for placement, count in (("model", 1), ("host", 0)):
+        script = model_script(Settings(2, 1, 64, placement), normalization=GRAY, output_layers=OUTPUT_LAYERS)  # type: ignore[arg-type]
+        assert script.count("normalization(") == count
+
+
+def test_unknown_16bit_output_is_refused_listing_valid_outputs() -> None:
+    with pytest.raises(UnsupportedSetting) as info:
+        model_script(Settings(2, 1, 64, "model", ("logit",)), normalization=GRAY, output_layers=OUTPUT_LAYERS)
+    message = str(info.value)
+    assert "'logit'" in message
+    assert "valid outputs: feat, logits" in message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "normalization2 = normalization([0.0], [255.0])",
+        "model_optimization_flavor(optimization_level=4, compression_level=0)",
+        "model_optimization_config(calibration, batch_size=8, calibset_size=1024)",
+        "quantization_param(output_layer1, precision_mode=a16_w16)",
+        "quantization_param([tiny/output_layer2, conv1], precision_mode=a8_w8)",
+    ],
+)
+def test_extra_lines_that_override_a_swept_knob_are_refused(line: str) -> None:
+    with pytest.raises(UserInputError) as info:
+        check_extra_lines(["performance_param(compiler_optimization_level=max)", line])
+    assert info.value.key == "hailo.extra_model_script"
+    assert "line 2" in str(info.value)
+
+
+def test_extra_lines_on_other_layers_are_allowed() -> None:
+    check_extra_lines(
+        [
+            "quantization_param(conv1, precision_mode=a16_w16)",
+            "model_optimization_config(globals, output_encoding_vector=enabled)",
+            "post_quantization_optimization(finetune, policy=disabled)",
+        ]
+    )
+
+
+def test_layer_names_are_checked_against_the_hn() -> None:
+    layers = {"tiny/input_layer1", "tiny/conv1", "tiny/fc1", "tiny/output_layer1", "tiny/output_layer2"}
+
+    def has_layer(name: str) -> bool:
+        return name in layers or f"tiny/{name}" in layers
+
+    good = "quantization_param(output_layer2, precision_mode=a16_w16)\nquantization_param({conv*}, bias_mode=double_scale_initialization)\n"
+    check_layer_names(good + "quantization_param(tiny/conv1, precision_mode=a8_w4)\n", has_layer, ["output_layer1", "output_layer2"])
+    with pytest.raises(UserInputError) as info:
+        check_layer_names(
+            good + "pre_quantization_optimization(activation_clipping, layers=[conv1, conv9], mode=manual, clipping_values=[0, 6])",
+            has_layer,
+            ["output_layer1", "output_layer2"],
+        )
+    assert "names layer(s) conv9 that" in str(info.value)  # conv1 exists, only conv9 is reported
+    assert "output_layer1, output_layer2" in str(info.value)
