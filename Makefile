@@ -28,8 +28,9 @@ demo: data
 ui: install
 	$(BIN)/hailo-sweep ui $(CONFIG)
 
+# the distributed tests use a private PostgreSQL cluster and an MLflow server, started and stopped around pytest
 test: install
-	$(BIN)/python -m pytest -q
+	VENV_PY=$(BIN)/python bash .ci/services.sh $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf sweeps mlruns out

@@ -358,10 +358,7 @@ class Sweep:
                     objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings)
                     if self._opened_storage is not None:
                         self._opened_storage.budget = total
-                    try:
-                        study.optimize(objective_fn, n_trials=remaining, catch=(TrialFailed,))
-                    except BudgetSpent:
-                        pass  # other workers took the last trials
+                    self._optimize_until_spent(study, objective_fn, total)
         finally:
             extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
             self._summarize_parent(study, tracker, parent_run_id, objective, extra)
@@ -377,6 +374,26 @@ class Sweep:
             best_number=best.number if best else None,
             best_value=best.value if best else None,
         )
+
+    def _optimize_until_spent(self, study: optuna.Study, objective_fn: Callable[[optuna.Trial], float], total: int) -> None:
+        """Run trials until the budget is spent, then stay while other workers' trials are in progress.
+
+        A trial whose worker died still counts as running until its heartbeat goes stale; this worker then fails it
+        (Optuna calls ``StaleTrialHandler``, which retries it) and runs the retry. So no budget is lost to a dead worker.
+        """
+        poll = float(self.config.workers.heartbeat_interval)
+        while True:
+            if budget_used(study, count_running=True) < total or _waiting(study):
+                try:
+                    study.optimize(objective_fn, n_trials=max(1, total - budget_used(study, count_running=False)), catch=(TrialFailed,))
+                except BudgetSpent:
+                    pass  # the remaining trials are taken by other workers
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed here, and its retry enqueued
+            if budget_used(study, count_running=True) < total or _waiting(study):
+                continue
+            if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+                return  # budget spent, nothing in progress anywhere
+            time.sleep(poll)  # others' trials are in progress: wait for them to finish or to go stale
 
     # -- stores --------------------------------------------------------------------------------------------
     def _storage(self) -> SweepStorage:
@@ -490,6 +507,10 @@ class Sweep:
         running = any(t.state == TrialState.RUNNING for t in trials)
         if not running:  # other workers are still at it: the last one to stop closes the parent
             tracker.finish(parent)
+
+
+def _waiting(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
 
 def budget_used(study: optuna.Study, *, count_running: bool) -> int:

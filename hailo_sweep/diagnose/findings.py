@@ -167,6 +167,8 @@ def check_normalization(
         return None
     m = float(np.mean(normalization.mean))
     s = float(np.mean(normalization.std))
+    if not s > 0:
+        return None
     lo, hi = float(domain[0]), float(domain[1])
     slack = 1e-6 * max(hi - lo, 1.0)
     within = stats.min >= lo - slack and stats.max <= hi + slack

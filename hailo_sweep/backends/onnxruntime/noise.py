@@ -104,7 +104,7 @@ def _skipped_tensors(model: onnx.ModelProto) -> set[str]:
             consumers.setdefault(name, []).append(node.op_type)
     outputs = {o.name for o in graph.output}
     for name, ops in consumers.items():
-        if False:
+        if name not in outputs and all(op in _FOLDABLE_ACTIVATIONS for op in ops):
             skipped.add(name)
     return skipped
 
