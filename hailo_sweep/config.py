@@ -56,6 +56,8 @@ class SearchSpaceConfig(_Strict):
     normalization_placement: list[Literal["host", "model"]] = Field(default_factory=lambda: ["model"])
     # each choice: "none", "all", one output name, or a list of output names
     output_16bit: list[str | list[str]] = Field(default_factory=lambda: ["none"])
+    # k: promote the k noisiest layers (lowest per-layer SNR, ranked once per sweep) to 16-bit
+    noisy_layers_16bit: IntKnob = Field(default_factory=lambda: [0])
 
     @field_validator("optimization_level")
     @classmethod
@@ -75,7 +77,15 @@ class SearchSpaceConfig(_Strict):
             raise ValueError("calibset_size values must be >= 1")
         return v
 
-    @field_validator("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit")
+    @field_validator("noisy_layers_16bit")
+    @classmethod
+    def _noisy_non_negative(cls, v: IntKnob) -> IntKnob:
+        values = v if isinstance(v, list) else [v.low, v.high]
+        if any(x < 0 for x in values):
+            raise ValueError("noisy_layers_16bit values must be >= 0")
+        return v
+
+    @field_validator("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit", "noisy_layers_16bit")
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
@@ -181,6 +191,16 @@ class TimeoutsConfig(_Strict):
     device: float | None = Field(default=None, gt=0)
 
 
+class DiagnosticsConfig(_Strict):
+    """What each trial measures beyond its metrics, to explain where the error comes from."""
+
+    layer_noise: bool = True  # per-layer SNR of the quantized model (table + plot per trial)
+    layer_noise_samples: int = Field(default=32, ge=1)
+    determinism_samples: int = Field(default=16, ge=0)  # run this many inputs twice on the device; 0: skip
+    lsb_tolerance: float = Field(default=1.0, ge=0)  # device vs emulation, in LSB of an 8-bit output (x256 for 16-bit)
+    identical_min: float = Field(default=0.99, ge=0, le=1)  # share of bit-identical values expected of 8-bit outputs
+
+
 class HailoConfig(_Strict):
     """Options of the ``hailo`` backend only."""
 
@@ -208,6 +228,7 @@ class SweepConfig(_Strict):
     stores: StoresConfig = Field(default_factory=StoresConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     hailo: HailoConfig = Field(default_factory=HailoConfig)
 
     # set by load_config, not by the user

@@ -25,11 +25,16 @@ from hailo_sweep.backends.base import (
     Backend,
     BackendContext,
     CompiledModel,
+    DeviceOutputs,
     EmulationContext,
+    LayerNoise,
     ModelIO,
     Normalization,
+    OptimizedModel,
 )
-from hailo_sweep.config import SweepConfig
+from hailo_sweep.config import DiagnosticsConfig, SweepConfig
+from hailo_sweep.diagnose.findings import Evidence, Finding, check_agreement, check_calibration_coverage, run_all
+from hailo_sweep.diagnose.ladder import ladder_steps
 from hailo_sweep.data import Dataset, feed, load_dataset
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.model_io import file_sha256, output_specs, read_model_io
@@ -60,6 +65,7 @@ class Prepared:
     work_dir: Path
     prepare_seconds: float
     facts: dict[str, str | float] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)  # sweep-wide findings (e.g. calibration coverage)
 
     def backend_context(self, target: str, options: dict[str, object]) -> BackendContext:
         return BackendContext(
@@ -111,6 +117,9 @@ def prepare_sweep(config: SweepConfig, work_dir: Path, backend: Backend | None =
         prepare_seconds=0.0,
         facts={"reference_cache_hit": "true" if hit else "false"},
     )
+    coverage = check_calibration_coverage(dataset.calibration, dataset.evaluation)
+    if coverage is not None:
+        prepared.findings.append(coverage)
     if backend is not None:
         prepared.facts.update({f"backend.{k}": v for k, v in backend.prepare().items()})
     prepared.prepare_seconds = time.perf_counter() - start
@@ -142,6 +151,8 @@ class TrialResult:
     #: per emulation context / device: per-sample weighted error (for statistical pruning and plots)
     sample_errors: dict[str, np.ndarray] = field(default_factory=dict)
     lsb_histograms: dict[str, dict[int, int]] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    layer_noise: list[LayerNoise] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -220,6 +231,7 @@ def run_trial(
     on_stage: StageHook | None = None,
     checkpoint: Checkpoint | None = None,
     timeouts: Mapping[str, float | None] | None = None,
+    diagnostics: DiagnosticsConfig | None = None,
 ) -> TrialResult:
     """Optimize, emulate, compile and run on the device; never raises for a stage failure (see ``TrialResult.error``).
 
@@ -259,8 +271,14 @@ def run_trial(
         result.metrics["compile.size_bytes"] = float(compiled.size_bytes)
 
         stage = "device"
+        diag = diagnostics or DiagnosticsConfig()
+        repeat = None
         with ladder.stage("device"), backend.device(compiled) as runner:
             dev = runner.run(evaluation)
+            if diag.determinism_samples:
+                # the same inputs again: a device must return the same bytes
+                again = runner.run(evaluation[: diag.determinism_samples])
+                repeat = ({k: v[: diag.determinism_samples] for k, v in dev.raw.items()}, again.raw)
         _measure(result, DEVICE_PREFIX, prepared, dev.outputs)
         result.metrics.update({f"{DEVICE_PREFIX}.{k}": float(v) for k, v in dev.metrics.items()})
         result.notes.extend(dev.notes)
@@ -273,6 +291,11 @@ def run_trial(
                 diff = m.lsb_difference(emulated[spec.name], dev.raw[spec.name], dev.quant[spec.name])
                 values, counts = np.unique(diff, return_counts=True)
                 result.lsb_histograms[spec.name] = {int(v): int(c) for v, c in zip(values, counts)}
+        with ladder.stage("diagnose"):
+            try:
+                _diagnose(result, prepared, backend, optimized, settings, evaluation, dev, repeat, diag)
+            except Exception as exc:  # the trial's measurements stand; only the explanation is missing
+                result.notes.append(f"diagnosis incomplete: {type(exc).__name__}: {exc}")
     except StopTrial as stop:
         for timing in result.timings:
             result.metrics[f"time.{timing.name}_s"] = timing.seconds
@@ -291,3 +314,50 @@ def _measure(result: TrialResult, prefix: str, prepared: Prepared, outputs: dict
     values = m.stage_metrics(prepared.reference, outputs, prepared.outputs, prepared.dataset.labels)
     result.metrics.update({f"{prefix}.{k}": v for k, v in values.items()})
     result.sample_errors[prefix] = m.sample_weighted_error(prepared.reference, outputs, prepared.outputs)
+
+
+def _diagnose(
+    result: TrialResult,
+    prepared: Prepared,
+    backend: Backend,
+    optimized: OptimizedModel,
+    settings: Settings,
+    evaluation: np.ndarray,
+    dev: DeviceOutputs,
+    repeat: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None,
+    diag: DiagnosticsConfig,
+) -> None:
+    """Where the error comes from: ladder steps, per-layer noise, and the findings of every check with evidence."""
+    names = [o.name for o in prepared.outputs]
+    result.metrics.update(ladder_steps(result.metrics, names))
+    if diag.layer_noise:
+        try:
+            result.layer_noise = backend.layer_noise(optimized, evaluation[: diag.layer_noise_samples])
+        except NotImplementedError as exc:
+            result.notes.append(str(exc))
+        for rank, layer in enumerate(result.layer_noise[:3]):
+            result.metrics[f"layer_noise.worst{rank + 1}_snr_db"] = layer.snr_db
+    cfg = prepared.config
+    evidence = Evidence(
+        fed=evaluation,
+        placement=settings.normalization_placement,
+        normalization=prepared.normalization,
+        domain=cfg.data.domain,
+        candidate=dev.outputs,
+        reference=prepared.reference,
+        raw={k: v for k, v in dev.raw.items()},
+        quant=dev.quant,
+        requested_optimization_level=settings.optimization_level,
+        params=result.params,
+        flags=result.flags,
+        repeat=repeat,
+    )
+    found = run_all(evidence)
+    for spec in prepared.outputs:  # tolerances are in 8-bit LSB; a 16-bit output's step is 256x finer
+        quant = dev.quant.get(spec.name)
+        wide = quant is not None and quant.bits > 8
+        tolerance = diag.lsb_tolerance * (256 if wide else 1)
+        found.extend(check_agreement(result.metrics, [spec.name], tolerance, 0.0 if wide else diag.identical_min))
+    found.extend(prepared.findings)
+    result.findings = found
+    result.metrics["findings.count"] = float(len(found))

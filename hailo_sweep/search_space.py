@@ -13,7 +13,8 @@ from hailo_sweep.config import IntKnob, IntRange, SearchSpaceConfig
 from hailo_sweep.errors import UnsupportedSetting, UserInputError
 from hailo_sweep.settings import Settings
 
-KNOBS = ("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit")
+KNOBS = ("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit", "noisy_layers_16bit")
+INT_KNOBS = ("optimization_level", "compression_level", "calibset_size", "noisy_layers_16bit")
 MAX_GRID = 5000
 
 
@@ -33,7 +34,7 @@ class SearchSpace:
     config_file: Path | None = None
 
     def __post_init__(self) -> None:
-        for knob in ("optimization_level", "compression_level", "calibset_size"):
+        for knob in INT_KNOBS:
             spec = getattr(self.config, knob)
             if isinstance(spec, IntRange) and spec.log and spec.low < 1:  # 0 * 2 never grows: choices() would hang
                 raise UserInputError(
@@ -76,7 +77,7 @@ class SearchSpace:
     def choices(self) -> dict[str, list[Any]]:
         """Every knob's values as a finite list (ranges expanded), for grids, baselines and pre-flight checks."""
         out: dict[str, list[Any]] = {}
-        for knob in ("optimization_level", "compression_level", "calibset_size"):
+        for knob in INT_KNOBS:
             out[knob] = _expand(getattr(self.config, knob))
         out["normalization_placement"] = list(dict.fromkeys(self.config.normalization_placement))
         out["output_16bit"] = list(dict.fromkeys(self._encode_choice(c) for c in self.config.output_16bit))
@@ -103,7 +104,7 @@ class SearchSpace:
     # -- optuna --------------------------------------------------------------------------------------------
     def suggest(self, trial: optuna.Trial) -> Settings:
         params: dict[str, Any] = {}
-        for knob in ("optimization_level", "compression_level", "calibset_size"):
+        for knob in INT_KNOBS:
             spec: IntKnob = getattr(self.config, knob)
             if isinstance(spec, IntRange):
                 params[knob] = trial.suggest_int(knob, spec.low, spec.high, step=spec.step, log=spec.log)
@@ -122,6 +123,7 @@ class SearchSpace:
             calibset_size=int(params["calibset_size"]),
             normalization_placement=params["normalization_placement"],
             output_16bit=self.decode_16bit(str(params["output_16bit"])),
+            noisy_layers_16bit=int(params.get("noisy_layers_16bit", 0)),
         )
 
     def params_of(self, settings: Settings) -> dict[str, Any]:
@@ -132,6 +134,7 @@ class SearchSpace:
             "calibset_size": settings.calibset_size,
             "normalization_placement": settings.normalization_placement,
             "output_16bit": encode_16bit(settings.output_16bit, self.output_names),
+            "noisy_layers_16bit": settings.noisy_layers_16bit,
         }
 
     def project(self, settings: Settings) -> Settings:
@@ -154,6 +157,7 @@ class SearchSpace:
             calibset_size=nearest("calibset_size", settings.calibset_size),
             normalization_placement=placement,
             output_16bit=self.decode_16bit(out16),
+            noisy_layers_16bit=nearest("noisy_layers_16bit", settings.noisy_layers_16bit),
         )
 
     def check_supported(self, baseline: Settings, validate: Any) -> None:

@@ -24,6 +24,8 @@ class Settings:
     calibset_size: int
     normalization_placement: Placement
     output_16bit: tuple[str, ...] = field(default_factory=tuple)
+    #: promote the k layers with the lowest per-layer SNR (ranked once per sweep) to 16-bit
+    noisy_layers_16bit: int = 0
 
     def __post_init__(self) -> None:
         if self.optimization_level not in OPTIMIZATION_LEVELS:
@@ -34,6 +36,8 @@ class Settings:
             raise ValueError(f"calibset_size must be >= 1, got {self.calibset_size}")
         if self.normalization_placement not in ("host", "model"):
             raise ValueError(f"normalization_placement must be host or model, got {self.normalization_placement!r}")
+        if self.noisy_layers_16bit < 0:
+            raise ValueError(f"noisy_layers_16bit must be >= 0, got {self.noisy_layers_16bit}")
         object.__setattr__(self, "output_16bit", tuple(sorted(self.output_16bit)))
 
     def as_params(self) -> dict[str, str | int]:

@@ -17,7 +17,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,8 @@ from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.pipeline import Prepared, TrialResult, load_inputs, prepare_sweep, run_trial
-from hailo_sweep.plots import error_ladder
+from hailo_sweep.diagnose import plots as diag_plots
+from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable, redact_url
@@ -629,7 +630,8 @@ class _TrialRunner:
         work_dir.mkdir(parents=True, exist_ok=True)
         try:
             result = run_trial(
-                self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started, timeouts=self.config.timeouts.model_dump()
+                self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started,
+                timeouts=self.config.timeouts.model_dump(), diagnostics=self.config.diagnostics,
             )
             obs.stage_started("record")
             t0 = time.perf_counter()
@@ -684,7 +686,9 @@ class _TrialRunner:
             tags.update({"hailo_sweep.state": "COMPLETE", "hailo_sweep.feasible": str(feasible)})
             assert result.compiled is not None
             artifacts.append((result.compiled.path, "compiled"))
-            artifacts.append((error_ladder(metrics, [o.name for o in self.prepared.outputs], work_dir / "error_ladder.png"), "plots"))
+            artifacts.extend(self._diagnosis_artifacts(result, metrics, work_dir))
+            if result.findings:
+                tags["hailo_sweep.findings"] = ",".join(sorted({f.code for f in result.findings}))
         else:
             tags.update({"hailo_sweep.state": "FAIL", "hailo_sweep.failed_stage": str(result.failed_stage), "hailo_sweep.error": str(result.error)})
             trial.set_user_attr("failed_stage", result.failed_stage)
@@ -710,6 +714,22 @@ class _TrialRunner:
         trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.key)})
         return value, feasible
 
+    def _diagnosis_artifacts(self, result: TrialResult, metrics: dict[str, float], work_dir: Path) -> list[tuple[Path, str]]:
+        """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``)."""
+        outputs = [o.name for o in self.prepared.outputs]
+        out = [(diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png"), "plots")]
+        if result.lsb_histograms:
+            out.append((diag_plots.lsb_histogram_plot(result.lsb_histograms, work_dir / "lsb_histogram.png"), "plots"))
+        if result.layer_noise:
+            out.append((diag_plots.layer_noise_plot(result.layer_noise, work_dir / "layer_noise.png"), "plots"))
+            table = work_dir / "layer_noise.json"
+            table.write_text(json.dumps([asdict(n) for n in result.layer_noise], indent=1), encoding="utf-8")
+            out.append((table, "diagnosis"))
+        findings = work_dir / "findings.json"
+        findings.write_text(json.dumps([asdict(f) for f in result.findings], indent=1, default=str), encoding="utf-8")
+        out.append((findings, "diagnosis"))
+        return out
+
     def _report(self, trial: optuna.Trial, result: TrialResult, metrics: dict[str, float], value: float | None, feasible: bool) -> dict[str, Any]:
         return {
             "trial": trial.number,
@@ -725,6 +745,8 @@ class _TrialRunner:
             "error": result.error,
             "traceback": result.traceback,
             "lsb_histograms": result.lsb_histograms,
+            "findings": [asdict(f) for f in result.findings],
+            "explanation": explain(metrics, [o.name for o in self.prepared.outputs]) if result.ok else [],
             "versions": self.versions,
             "model_sha256": self.prepared.model_sha256,
             "calibration_sha256": self.prepared.dataset.calibration_sha256,

@@ -106,7 +106,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, frames: Frames) -> Iterat
     def trial_dir(settings: Settings) -> Path:
         s = settings
         out16 = "+".join(s.output_16bit) or "none"
-        return root / f"trial-o{s.optimization_level}-c{s.compression_level}-{s.normalization_placement}-{out16}"
+        return root / f"trial-o{s.optimization_level}-c{s.compression_level}-{s.normalization_placement}-{out16}-n{s.noisy_layers_16bit}-k{s.calibset_size}"
 
     def optimize(settings: Settings) -> OptimizedModel:
         if settings not in optimized:
@@ -479,3 +479,32 @@ def test_same_settings_in_fresh_work_dirs_compile_to_identical_bytes(tmp_path: P
         optimized = backend.optimize(trial, frames.calib(trial), tmp_path / run / "trial")
         blobs.append(backend.compile(optimized, tmp_path / run / "trial").path.read_bytes())
     assert blobs[0] == blobs[1]
+
+
+@pytest.mark.parametrize("compression", [0, 1])
+def test_layer_noise_pairs_every_quantized_activation(prepared: Prepared, frames: Frames, compression: int) -> None:
+    """4-bit weights put com.microsoft Q/DQ nodes in the model; layers must still pair (it once returned nothing)."""
+    model = prepared.optimize(settings(level=1, compression=compression))
+    noise = prepared.backend.layer_noise(model, frames.eval("host")[:16])
+    names = {n.layer for n in noise}
+    assert {"featmap", "logits"} <= names
+    assert len([n for n in noise if n.kind == "activation"]) >= 4
+    assert [n.snr_db for n in noise] == sorted(n.snr_db for n in noise)
+
+
+def test_noisy_layers_are_promoted_to_16_bit_with_their_weights(prepared: Prepared, frames: Frames) -> None:
+    base = Settings(0, 0, CALIB, "host", (), 0)
+    promoted = Settings(0, 0, CALIB, "host", (), 2)
+    model = prepared.optimize(promoted)
+    layers = str(model.params["ort.noisy_layers"]).split(",")
+    assert len(layers) == 2
+    ranking = prepared.backend.layer_noise(prepared.optimize(base), frames.calib(base)[:32])
+    activations = [n.layer for n in ranking if n.kind == "activation"]
+    assert set(layers) <= set(activations[:4])  # among the noisiest (ranked on calibration data, here re-measured)
+    qdq = onnx.load(str(model.handle["qdq"]))
+    zero_point_types = {i.name: i.data_type for i in qdq.graph.initializer}
+    uint16_q = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and zero_point_types.get(n.input[2]) == onnx.TensorProto.UINT16}
+    for layer in layers:
+        assert layer in uint16_q, f"{layer} was not quantized to 16 bit"
+    int16_weights = [i.name for i in qdq.graph.initializer if i.data_type == onnx.TensorProto.INT16]
+    assert int16_weights, "the promoted layers' conv weights stay 8-bit"

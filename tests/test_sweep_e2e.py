@@ -63,11 +63,17 @@ def test_artifacts_and_logged_models_exist(sweep) -> None:
             continue
         run_id = t.user_attrs["mlflow_run_id"]
         top = {a.path for a in client.list_artifacts(run_id)}
-        assert {"report.json", "recipe.txt", "compiled", "plots"} <= top
+        assert {"report.json", "recipe.txt", "compiled", "plots", "diagnosis"} <= top
         assert [a.path for a in client.list_artifacts(run_id, "compiled")] == ["compiled/model.int8.onnx"]
-        assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/error_ladder.png"]
+        plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+        assert plots == {"plots/error_ladder.png", "plots/lsb_histogram.png", "plots/layer_noise.png"}
+        diagnosis = {a.path for a in client.list_artifacts(run_id, "diagnosis")}
+        assert diagnosis == {"diagnosis/findings.json", "diagnosis/layer_noise.json"}
+        noise = json.loads(Path(client.download_artifacts(run_id, "diagnosis/layer_noise.json")).read_text())
+        assert noise and [n["snr_db"] for n in noise] == sorted(n["snr_db"] for n in noise)
         report = json.loads(Path(client.download_artifacts(run_id, "report.json")).read_text())
         assert report["trial"] == t.number and report["objective"]["value"] == pytest.approx(t.value)
+        assert len(report["explanation"]) == 2  # one sentence per output: where its error comes from
         model = client.get_logged_model(t.user_attrs["mlflow_model_id"])
         assert model.source_run_id == run_id and str(model.status).endswith("READY")
         model_ids.add(model.model_id)
@@ -81,7 +87,7 @@ def test_baseline_enqueued_once(sweep) -> None:
     # the embedded backend's defaults: level 0, no compression, 64 samples, host normalization, no 16-bit outputs
     assert baseline[0].params == {
         "optimization_level": 0, "compression_level": 0, "calibset_size": 64,
-        "normalization_placement": "host", "output_16bit": "none",
+        "normalization_placement": "host", "output_16bit": "none", "noisy_layers_16bit": 0,
     }
 
 

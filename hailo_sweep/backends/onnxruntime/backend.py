@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import platform
 import time
@@ -26,18 +27,20 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from hailo_sweep.atomic import atomic_write
+from hailo_sweep.atomic import atomic_write, atomic_write_text
 from hailo_sweep.backends.base import (
     Backend,
     CompiledModel,
     DeviceOutputs,
     DeviceRunner,
     EmulationContext,
+    LayerNoise,
     OptimizedModel,
     QuantParams,
 )
 from hailo_sweep.backends.onnxruntime import graph
 from hailo_sweep.backends.onnxruntime.equalize import bias_correction, cross_layer_equalize
+from hailo_sweep.backends.onnxruntime.noise import layer_noise
 from hailo_sweep.backends.onnxruntime.recipe import PERCENTILE, Recipe, check
 from hailo_sweep.data import is_uint8_domain
 from hailo_sweep.onnx_runner import run_chunked, session
@@ -47,7 +50,8 @@ from hailo_sweep.settings import Settings
 log = logging.getLogger(__name__)
 
 RAW_INPUT_SUFFIX = "_raw"
-OPSET_MIN = 13  # per-channel QDQ needs opset >= 13 (pitfall P5)
+OPSET_MIN = 13
+_PASS_THROUGH = ("Relu", "Clip", "MaxPool", "LeakyRelu")  # per-channel QDQ needs opset >= 13 (pitfall P5)
 
 
 def _sha(data: bytes) -> str:
@@ -80,6 +84,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(context)
         self._float_path: Path | None = None  # pre-processed float model, input as in the original
         self._float_norm_path: Path | None = None  # same with Mul/Add normalization prepended (raw input)
+        self._noise_ranking: dict[str, list[str]] = {}  # placement -> activation tensors, noisiest first
 
     # -- facts ---------------------------------------------------------------------------------------------
     @classmethod
@@ -170,7 +175,13 @@ class OnnxRuntimeBackend(Backend):
             details.append(f"cross_layer_equalization: {pairs} Conv pairs")
             params["ort.equalized_pairs"] = pairs
 
-        overrides, chosen_4bit, share = self._overrides(model, settings, recipe, input_name if uint8_input else None)
+        noisy: list[str] = []
+        if settings.noisy_layers_16bit:
+            ranking = self._ranking(settings.normalization_placement, base_path, calibration, input_name, work_dir)
+            noisy = [t for t in ranking if t not in settings.output_16bit][: settings.noisy_layers_16bit]
+            details.append(f"noisy_layers_16bit: {', '.join(noisy) or 'none found'} (lowest per-layer SNR at level 0, ranked once per sweep)")
+            params["ort.noisy_layers"] = ",".join(noisy)
+        overrides, chosen_4bit, share = self._overrides(model, settings, recipe, input_name if uint8_input else None, noisy)
         params["ort.weights_4bit_share"] = round(share, 4)
         if chosen_4bit:
             details.append(f"weights_4bit: {', '.join(w.name for w in chosen_4bit)} (share {share:.1%})")
@@ -202,15 +213,18 @@ class OnnxRuntimeBackend(Backend):
         )
 
     def _overrides(
-        self, model: onnx.ModelProto, settings: Settings, recipe: Recipe, uint8_input: str | None
+        self, model: onnx.ModelProto, settings: Settings, recipe: Recipe, uint8_input: str | None, noisy: list[str]
     ) -> tuple[dict[str, list[dict[str, Any]]], list[graph.WeightTensor], float]:
         overrides: dict[str, list[dict[str, Any]]] = {}
         weights = {w.node: w for w in graph.weight_tensors(model)}
-        producers = graph.output_producers(model)
+        producers = graph.tensor_producers(model, [t for node in model.graph.node for t in node.output])
         sixteen: set[str] = set()
-        for out in settings.output_16bit:
+        for out in (*settings.output_16bit, *noisy):
             overrides[out] = [{"quant_type": QuantType.QUInt16}]
             node = producers.get(out)
+            # a16_w16 is a property of the layer: an activation or pooling output is promoted with the conv feeding it
+            while node is not None and node.name not in weights and node.op_type in _PASS_THROUGH and node.input:
+                node = producers.get(node.input[0])
             if node is not None and node.name in weights:
                 w = weights[node.name]
                 overrides[w.name] = [{"quant_type": QuantType.QInt16, "axis": w.out_axis}]
@@ -283,6 +297,36 @@ class OnnxRuntimeBackend(Backend):
             atomic_write(cache_file, lambda tmp: (tmp.unlink(), run(tmp)))
         source.unlink(missing_ok=True)
         return onnx.load(str(out_path))
+
+    def _ranking(self, placement: str, base_path: Path, calibration: np.ndarray, input_name: str, work_dir: Path) -> list[str]:
+        """Activation tensors ranked by per-layer SNR of the level-0 quantized model, computed once per sweep and placement."""
+        if placement not in self._noise_ranking:
+            key = _sha(base_path.read_bytes() + placement.encode())[:16]
+            cache = self.context.work_dir / f"noise-ranking-{key}.json"
+            if cache.is_file():
+                self._noise_ranking[placement] = json.loads(cache.read_text())
+            else:
+                probe = Recipe.for_settings(Settings(0, 0, len(calibration), placement))  # type: ignore[arg-type]
+                overrides: dict[str, list[dict[str, Any]]] = {}
+                uint8 = placement == "model" and is_uint8_domain(self.context.domain, calibration)
+                if uint8:
+                    overrides[input_name] = [
+                        {"quant_type": QuantType.QUInt8, "scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
+                    ]
+                scratch = work_dir / "noise-ranking"
+                qdq = self._quantize(onnx.load(str(base_path)), calibration, input_name, probe, overrides, self.context.work_dir / "calibration-cache", scratch / "q.onnx")
+                if uint8:
+                    qdq = graph.make_input_uint8(qdq, input_name)
+                onnx.save(qdq, str(scratch / "q.onnx"))
+                ranked = layer_noise(base_path, scratch / "q.onnx", calibration, scratch, max_samples=32)
+                names = [n.layer for n in ranked if n.kind == "activation"]
+                atomic_write_text(cache, json.dumps(names))
+                self._noise_ranking[placement] = names
+        return self._noise_ranking[placement]
+
+    def layer_noise(self, model: OptimizedModel, inputs: np.ndarray) -> list[LayerNoise]:
+        scratch = Path(model.handle["qdq"]).parent / "layer-noise"
+        return layer_noise(Path(model.handle["fp"]), Path(model.handle["qdq"]), inputs, scratch, max_samples=len(inputs))
 
     # -- emulate / compile / device ------------------------------------------------------------------------
     def emulate(self, model: OptimizedModel, inputs: np.ndarray, context: EmulationContext) -> dict[str, np.ndarray]:

@@ -505,6 +505,12 @@ def select_4bit_weights(model: onnx.ModelProto, share: float) -> tuple[list[Weig
     return chosen, (taken / total if total else 0.0)
 
 
+def tensor_producers(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node producing it, for the given tensors (absent names are left out)."""
+    wanted = set(names)
+    return {out: node for node in model.graph.node for out in node.output if out in wanted}
+
+
 def output_producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     """Graph output name -> the node producing it (outputs that are graph inputs or constants are left out)."""
     graph = model.graph

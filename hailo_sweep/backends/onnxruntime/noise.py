@@ -109,10 +109,32 @@ def _skipped_tensors(model: onnx.ModelProto) -> set[str]:
     return skipped
 
 
+def _typed_dequantize_outputs(model_path: Path, typed_path: Path) -> Path:
+    """Declare the float type of every DequantizeLinear output that shape inference left untyped.
+
+    With 4-bit weights below opset 21 the quantizer emits ``com.microsoft`` Q/DQ nodes, which ONNX shape inference
+    does not know; their outputs then have no type and the debugging tools skip them, so no layer pairs at all.
+    """
+    model = onnx.load(str(model_path))
+    typed = {v.name for v in (*model.graph.value_info, *model.graph.output, *model.graph.input)}
+    added = 0
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            for out in node.output:
+                if out not in typed:
+                    model.graph.value_info.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+                    added += 1
+    if not added:
+        return model_path
+    onnx.save(model, str(typed_path))
+    return typed_path
+
+
 def _activations(model_path: Path, augmented_path: Path, inputs: np.ndarray, role: str) -> dict[str, list[np.ndarray]]:
     """Every float tensor of the model on ``inputs`` (cast to the model's input dtype), keyed by tensor name."""
     input_name, dtype, batch = _input_spec(model_path)
     data = _as_input(inputs, dtype, role)
+    model_path = _typed_dequantize_outputs(model_path, augmented_path.with_suffix(".typed.onnx"))
     modify_model_output_intermediate_tensors(str(model_path), str(augmented_path))
     return collect_activations(str(augmented_path), _BatchReader(input_name, data, batch or len(data)))
 

@@ -1,0 +1,169 @@
+"""A launcher for the fault tests, and the process bookkeeping they share.
+
+Why a separate script: the faults under test (a worker killed mid-trial, workers racing to fail a stale trial) only
+mean something across processes, and monkeypatching has to happen inside the process that runs the trial.
+
+Usage:
+    python tests/fault_worker.py hang-compile MARKER -- <hailo-sweep arguments>
+        The first compile of this process writes MARKER (its trial work dir's name) and blocks forever, like a
+        compiler that hangs or a machine that froze; the test then kills the process group.
+    python tests/fault_worker.py fail-stale READY GO OPTUNA_URL MLFLOW_URI STUDY
+        Opens the study with hailo-sweep's storage, writes READY, waits (bounded) until GO exists, then fails the
+        study's stale trials, so that several processes do it at the same instant.
+
+The tests import ``Processes`` and ``wait_until`` from here: every process a test starts is its own process group
+(``start_new_session``) and is killed with its group when the test ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GO_TIMEOUT_S = 60.0
+SELF = Path(__file__).resolve()
+
+
+# -- used by the tests -------------------------------------------------------------------------------------------
+def hailo_sweep(*args: str) -> list[str]:
+    """The command line of ``hailo-sweep ARGS`` in this interpreter."""
+    return [sys.executable, "-m", "hailo_sweep.cli", *args]
+
+
+def launcher(*args: str) -> list[str]:
+    """The command line of this script."""
+    return [sys.executable, str(SELF), *args]
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; fails the test (with the process's output) if it does not exit within ``timeout``."""
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit within {timeout:g} s; its output:\n{self.output()[-4000:]}") from None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the worker and anything it started)."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(timeout=30)
+
+
+class Processes:
+    """Starts processes in their own process groups; on exit kills every group still alive and reaps it."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None):
+        self.log_dir = log_dir
+        self.env = {**os.environ, "COLUMNS": "200", **(env or {})}
+        self.procs: list[Proc] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, cmd: Sequence[str], cwd: Path) -> Proc:
+        log = self.log_dir / f"{name}.log"
+        with log.open("wb") as fh:  # the child keeps its own copy of the descriptor
+            popen = subprocess.Popen(list(cmd), cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.popen.poll() is None:
+                proc.kill()
+            else:
+                try:  # the leader exited; kill anything left in its group
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+# -- run as a script -----------------------------------------------------------------------------------------------
+def hang_compile(marker: Path, cli_args: list[str]) -> None:
+    """Run ``hailo-sweep <cli_args>`` with a compile stage that announces itself and never returns."""
+    from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
+    from hailo_sweep.cli import app
+
+    def hanging_compile(self, model, work_dir):  # type: ignore[no-untyped-def]
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(Path(work_dir).name, encoding="utf-8")
+        os.replace(tmp, marker)  # the test never sees a half-written marker
+        threading.Event().wait()  # forever: the heartbeat thread keeps the trial alive until the process is killed
+
+    OnnxRuntimeBackend.compile = hanging_compile  # type: ignore[method-assign]
+    app(args=cli_args, prog_name="hailo-sweep")
+
+
+def fail_stale(ready: Path, go: Path, optuna_url: str, mlflow_uri: str, study_name: str) -> None:
+    """Fail the study's stale trials at the moment GO appears (the race between workers that notice the same death)."""
+    import optuna
+
+    from hailo_sweep.sweep import StaleTrialHandler, open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")
+    storage = open_storage(optuna_url, heartbeat_interval=1, grace_period=2, on_stale=StaleTrialHandler(mlflow_uri, study_name, max_retry=1))
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    study.get_trials(deepcopy=False)  # connections and caches warm before the start line
+    ready.write_text(str(os.getpid()), encoding="utf-8")
+    deadline = time.monotonic() + GO_TIMEOUT_S
+    while not go.exists():  # a start line for all processes at once
+        if time.monotonic() > deadline:
+            raise SystemExit("fault_worker: GO never appeared")
+        time.sleep(0.001)
+    optuna.storages.fail_stale_trials(study)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) >= 3 and argv[0] == "hang-compile" and argv[2] == "--":
+        hang_compile(Path(argv[1]), argv[3:])
+    elif len(argv) == 6 and argv[0] == "fail-stale":
+        fail_stale(Path(argv[1]), Path(argv[2]), argv[3], argv[4], argv[5])
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
