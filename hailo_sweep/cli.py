@@ -214,6 +214,41 @@ def finalize(config: ConfigArg) -> None:
     )
 
 
+@app.command()
+@_errors
+def diagnose(
+    config: ConfigArg,
+    trial: Annotated[Optional[int], typer.Option("--trial", "-t", help="trial number to explain")] = None,
+    compiled: Annotated[Optional[Path], typer.Option("--compiled", help="a compiled model (HEF or int8 ONNX) to run on the config's data")] = None,
+    outputs: Annotated[Optional[Path], typer.Option("--outputs", help=".npz of your own device outputs on the evaluation set, one array per output")] = None,
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npy of what your code fed the model")] = None,
+    placement: Annotated[str, typer.Option(help="where normalization runs for --compiled: host or model")] = "model",
+    report: Annotated[Optional[Path], typer.Option("--report", help="where to write the HTML report")] = None,
+) -> None:
+    """Explain where the error comes from: findings with fixes, the error ladder, per-layer noise; writes an HTML report."""
+    from hailo_sweep.config import load_config
+    from hailo_sweep.diagnose.command import diagnose_files, diagnose_trial
+
+    _quiet()
+    cfg = load_config(config)
+    if placement not in ("host", "model"):
+        raise UserInputError(f"--placement must be host or model, got {placement!r}")
+    if trial is not None:
+        result = diagnose_trial(cfg, trial, report)
+    else:
+        result = diagnose_files(cfg, compiled=compiled, outputs_file=outputs, inputs_file=inputs, placement=placement, report=report)
+    console.print(f"[bold]{result.title}[/]")
+    if result.findings:
+        for f in result.findings:
+            colour = {"error": "red", "warning": "yellow", "info": "cyan"}[f.severity]
+            console.print(f"[{colour}]{f.severity}[/] [bold]{f.code}[/]: {f.title}\n  {f.message}\n  [green]fix:[/] {f.fix}", soft_wrap=True)
+    else:
+        console.print("[green]no findings[/]: inputs, outputs and device agree with what the model expects")
+    for sentence in result.explanation:
+        console.print(f"- {sentence}", soft_wrap=True)
+    console.print(f"report: {result.report}" + (f" (also logged to run {result.logged_to_run})" if result.logged_to_run else ""), soft_wrap=True)
+
+
 def _print_table(rows: list, objective_key: str) -> None:
     table = Table(title=f"top trials by {objective_key}")
     for col in ("trial", "value", "feasible", "opt", "comp", "calib", "norm", "16-bit", "device fps"):

@@ -76,8 +76,8 @@ class BudgetSpent(Exception):
 class SweepStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage with the two steps where concurrent workers race made atomic.
 
-    1. Claiming an enqueued (WAITING) trial: Optuna relies on ``SELECT ... FOR UPDATE``, which sqlite ignores, so
-       two workers starting together could both run the baseline.
+    1. Changing a trial's state: Optuna relies on ``SELECT ... FOR UPDATE``, which sqlite ignores, so two workers
+       starting together could both run the baseline, and two workers failing the same stale trial would retry it twice.
     2. Creating a new trial while the budget is nearly spent: every worker checks "finished + running < budget" and
        creates the trial under the same lock, so N workers never overshoot the budget.
     The lock is a file lock next to the database on sqlite (one host), a PostgreSQL advisory lock on PostgreSQL.
@@ -112,8 +112,8 @@ class SweepStorage(optuna.storages.RDBStorage):
             yield
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
-        if state != TrialState.RUNNING:
-            return super().set_trial_state_values(trial_id, state, values)
+        # every transition, not only WAITING -> RUNNING: workers that notice the same dead worker at once would
+        # otherwise all fail its trial (sqlite reads the state unlocked) and each enqueue a retry of it
         with self._lock():
             return super().set_trial_state_values(trial_id, state, values)
 

@@ -98,7 +98,7 @@ class _RetryingClient:
                     if attempt == self._attempts:
                         raise TrackingUnavailable(
                             f"the MLflow tracking store {redact_url(self._uri)} did not answer {name}() after {self._attempts} attempts: "
-                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                            f"{type(exc).__name__}: {redact_url(str(exc).splitlines()[0])[:300]}"  # the client's error repeats the URL
                         ) from exc
                     time.sleep(delay)
                     delay *= 2
