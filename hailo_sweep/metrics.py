@@ -473,3 +473,27 @@ def agreement_metrics(
         [per_output[o.name]["identical_share"] for o in weighted], [o.weight for o in weighted]
     )
     return out
+
+
+def per_sample_metric(
+    metric: str, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], outputs: Sequence[OutputSpec]
+) -> np.ndarray:
+    """Per-sample values (N,) whose mean tracks the error metric ``"<output>.<base>"`` (or ``"total.<base>"``).
+
+    Used for statistical pruning: the samples pair up across trials. ``softmax_mae`` gives each sample's mean
+    |softmax difference|; ``nmae``/``mae`` the sample's mean |difference| (nmae scaled by the reference level);
+    ``total.*`` the weighted, normalized per-sample error over all outputs. Other metrics fall back to the output's
+    per-sample mean absolute error, which moves with them.
+    """
+    output, _, base = metric.rpartition(".")
+    if output == "total" or output not in {o.name for o in outputs}:
+        return sample_weighted_error(reference, candidate, outputs)
+    ref, cand = _check_pair(_get(reference, output, "reference"), _get(candidate, output, "candidate"))
+    if base == "softmax_mae":
+        diff = np.abs(_softmax_inplace(ref.astype(np.float64)) - _softmax_inplace(cand.astype(np.float64)))
+        return diff.reshape(len(diff), -1).mean(axis=1)
+    err = per_sample_error(ref, cand)
+    if base == "nmae":
+        level = float(np.abs(ref).mean())
+        return err / (level if level > 0 else 1.0)
+    return err
