@@ -191,6 +191,14 @@ class TimeoutsConfig(_Strict):
     device: float | None = Field(default=None, gt=0)
 
 
+class PruningConfig(_Strict):
+    """Stop hopeless trials after emulation, before the compile (Optuna's Wilcoxon pruner over per-sample errors)."""
+
+    enabled: bool = False
+    p_threshold: float = Field(default=0.1, gt=0, lt=1)  # prune when "worse than the best" is significant at this level
+    groups: int = Field(default=30, ge=5)  # per-sample errors are reported as this many paired group means
+
+
 class DiagnosticsConfig(_Strict):
     """What each trial measures beyond its metrics, to explain where the error comes from."""
 
@@ -229,6 +237,7 @@ class SweepConfig(_Strict):
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
     hailo: HailoConfig = Field(default_factory=HailoConfig)
 
     # set by load_config, not by the user

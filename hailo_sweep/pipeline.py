@@ -172,7 +172,7 @@ class StopTrial(Exception):
 
 
 StageHook = Callable[[str], None]
-Checkpoint = Callable[[str, TrialResult], None]
+Checkpoint = Callable[[str, TrialResult, dict[str, np.ndarray]], None]
 
 
 class StageTimeout(Exception):
@@ -235,7 +235,8 @@ def run_trial(
 ) -> TrialResult:
     """Optimize, emulate, compile and run on the device; never raises for a stage failure (see ``TrialResult.error``).
 
-    ``checkpoint(stage, result)`` is called after the emulation stage; it may raise ``StopTrial`` to skip the rest.
+    ``checkpoint(stage, result, outputs)`` is called after the emulation stage with the quantized emulation's outputs;
+    it may raise ``StopTrial`` to skip the rest (pruning).
     """
     result = TrialResult(settings=settings)
     ladder = _Ladder(result, on_stage, timeouts or {})
@@ -260,8 +261,8 @@ def run_trial(
                 _measure(result, STAGE_PREFIX[context], prepared, outs)
                 if context is EmulationContext.QUANTIZED:
                     emulated = outs
-        if checkpoint is not None:
-            checkpoint("emulate", result)
+        if checkpoint is not None and emulated is not None:
+            checkpoint("emulate", result, emulated)
 
         stage = "compile"
         with ladder.stage("compile"):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -30,7 +31,7 @@ from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.pipeline import Prepared, TrialResult, load_inputs, prepare_sweep, run_trial
+from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, load_inputs, prepare_sweep, run_trial
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.search_space import SearchSpace
@@ -304,6 +305,11 @@ class Sweep:
                 file=cfg.source, key="search.calibset_size", fix=f"use values <= {n_calib}, or provide more calibration data",
             )
         objective = objective_of(cfg, outputs, dataset.labels is not None)
+        if cfg.pruning.enabled and (objective.direction != "minimize" or not objective.key.startswith("device.")):
+            raise UserInputError(
+                "pruning compares per-sample errors after emulation; it needs an error metric to minimize at stage device",
+                file=cfg.source, key="pruning.enabled", fix="use an error objective (e.g. logits.softmax_mae, total.nmae) or disable pruning",
+            )
         for i, c in enumerate(cfg.constraints):
             check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric")
         backend_cls, note = select_backend(cfg.backend)
@@ -426,7 +432,8 @@ class Sweep:
         cfg = self.config
         study = with_retries(
             lambda: optuna.create_study(
-                study_name=cfg.name, storage=self._storage(), direction=objective.direction, sampler=self._sampler(space), load_if_exists=True
+                study_name=cfg.name, storage=self._storage(), direction=objective.direction, sampler=self._sampler(space),
+                pruner=self._pruner(), load_if_exists=True,
             ),
             what=f"open the study in {redact_url(self.stores.optuna_url)}",
         )
@@ -454,7 +461,7 @@ class Sweep:
         cfg = self.config
         try:
             study = with_retries(
-                lambda: optuna.load_study(study_name=cfg.name, storage=self._storage(), sampler=self._sampler(space)),
+                lambda: optuna.load_study(study_name=cfg.name, storage=self._storage(), sampler=self._sampler(space), pruner=self._pruner()),
                 what=f"open the study in {redact_url(self.stores.optuna_url)}",
             )
         except KeyError:
@@ -467,6 +474,12 @@ class Sweep:
             )
         self._check_objective(study, objective)
         return study, self._tracker(), parent
+
+    def _pruner(self) -> optuna.pruners.BasePruner:
+        p = self.config.pruning
+        if not p.enabled:
+            return optuna.pruners.NopPruner()
+        return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold, n_startup_steps=0)
 
     def _sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler:
         s = self.config.sampler
@@ -498,6 +511,12 @@ class Sweep:
         counts = {state.name.lower(): sum(1 for t in trials if t.state == state) for state in FINISHED_STATES}
         metrics: dict[str, float] = {f"trials_{k}": float(v) for k, v in counts.items()}
         metrics.update(extra)
+        compiled = [t for t in trials if "compile_s" in t.user_attrs.get("timing", {})]
+        metrics["compiles_performed"] = float(len(compiled))
+        metrics["compiles_avoided"] = float(counts.get("pruned", 0))
+        if compiled:
+            mean_compile = sum(t.user_attrs["timing"]["compile_s"] for t in compiled) / len(compiled)
+            metrics["compile_time_saved_s_est"] = metrics["compiles_avoided"] * mean_compile
         best = _best(study)
         tags = {}
         if best is not None:
@@ -629,14 +648,23 @@ class _TrialRunner:
         work_dir = self.sweep.stores.work_dir / "trials" / f"{trial.number:04d}-{os.getpid()}"
         work_dir.mkdir(parents=True, exist_ok=True)
         try:
-            result = run_trial(
-                self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started,
-                timeouts=self.config.timeouts.model_dump(), diagnostics=self.config.diagnostics,
-            )
+            try:
+                result = run_trial(
+                    self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started,
+                    timeouts=self.config.timeouts.model_dump(), diagnostics=self.config.diagnostics,
+                    checkpoint=self._checkpoint(trial) if self.config.pruning.enabled else None,
+                )
+            except StopTrial as stop:
+                assert stop.result is not None
+                self._record_pruned(trial, run_id, stop.result, work_dir)
+                obs.trial_finished(trial.number, "PRUNED (before compile)", None, None)
+                raise optuna.TrialPruned() from None
             obs.stage_started("record")
             t0 = time.perf_counter()
             value, feasible = self._record(trial, run_id, result, work_dir, start)
             record_s += time.perf_counter() - t0
+        except optuna.TrialPruned:
+            raise
         except BaseException as exc:
             if isinstance(exc, TrackingUnavailable):
                 trial.set_user_attr("failed_stage", "record")
@@ -651,12 +679,46 @@ class _TrialRunner:
         wall = time.perf_counter() - start
         timing = TrialTiming(trial.number, wall, result.stage_seconds() + record_s)
         self.timings.append(timing)
-        trial.set_user_attr("timing", {"wall_s": wall, "stages_s": timing.stages_s, "record_s": record_s, "overhead_s": timing.overhead_s})
+        timing_attr = {"wall_s": wall, "stages_s": timing.stages_s, "record_s": record_s, "overhead_s": timing.overhead_s}
+        if "time.compile_s" in result.metrics:
+            timing_attr["compile_s"] = result.metrics["time.compile_s"]
+        trial.set_user_attr("timing", timing_attr)
         if value is None:
             obs.trial_finished(trial.number, "FAIL", None, None)
             raise TrialFailed(f"trial {trial.number} failed in stage {result.failed_stage}: {result.error}")
         obs.trial_finished(trial.number, "COMPLETE", value, feasible)
         return value
+
+    # -- pruning -------------------------------------------------------------------------------------------
+    def _checkpoint(self, trial: optuna.Trial) -> Callable[[str, TrialResult, dict[str, np.ndarray]], None]:
+        """After emulation: report paired per-sample errors of the objective; stop before the compile if pruned."""
+
+        def check(stage: str, result: TrialResult, emulated: dict[str, np.ndarray]) -> None:
+            metric = self.objective.key.removeprefix("device.")
+            per_sample = m.per_sample_metric(metric, self.prepared.reference, emulated, self.prepared.outputs)
+            groups = np.array_split(per_sample, min(self.config.pruning.groups, len(per_sample)))
+            for step, group in enumerate(groups):
+                trial.report(float(group.mean()), step)
+            if trial.should_prune():
+                raise StopTrial(f"pruned after {stage}")
+
+        return check
+
+    def _record_pruned(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path) -> None:
+        """A pruned trial keeps the emulated metrics it reached, in both stores."""
+        metrics = dict(result.metrics)
+        trial.set_user_attr("pruned_at", "emulate")
+        trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k.startswith("emulated.total.") or k.startswith("time.")})
+        artifacts: list[tuple[Path, str]] = []
+        if result.script:
+            script = work_dir / result.script_name
+            script.write_text(result.script, encoding="utf-8")
+            artifacts.append((script, ""))
+        self.tracker.end_child(
+            run_id,
+            RunRecord(name="", params=result.params, metrics=metrics, artifacts=artifacts,
+                      tags={"hailo_sweep.state": "PRUNED", "hailo_sweep.pruned_at": "emulate"}),
+        )
 
     # -- record --------------------------------------------------------------------------------------------
     def _record(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, start: float) -> tuple[float | None, bool]:
@@ -793,6 +855,8 @@ class _TrialRunner:
         assert original.value is not None
         for name, v in (original.constraints or {}).items():
             trial.set_constraint(name, v)
+        for step, v in original.intermediate_values.items():  # so the pruner can compare against it too
+            trial.report(v, step)
         source_run = original.user_attrs.get("mlflow_run_id", "")
         metrics = dict(original.user_attrs.get("metrics", {}))
         tags = {**self._tags(trial, settings), "hailo_sweep.state": "COMPLETE", "hailo_sweep.duplicate_of": str(source_run)}

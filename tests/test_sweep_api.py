@@ -126,3 +126,33 @@ def test_store_resolution_and_redaction(write_config, monkeypatch, tmp_path) -> 
     assert described["optuna_storage"] == "postgresql+psycopg://sweeper:***@db.lan:5432/optuna"
     assert redact_url("http://u:p@h/x") == "http://u:***@h/x"
     assert redact_url("sqlite:////abs/optuna.db") == "sqlite:////abs/optuna.db"
+
+
+def test_pruning_stops_hopeless_trials_before_the_compile(write_config, monkeypatch) -> None:
+    compiled_settings = []
+    real_compile = OnnxRuntimeBackend.compile
+
+    def counting_compile(self, model, work_dir):
+        compiled_settings.append(model.settings)
+        return real_compile(self, model, work_dir)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "compile", counting_compile)
+    search = {"optimization_level": [0, 1], "compression_level": [0, 3], "calibset_size": [64, 128], "normalization_placement": ["host"], "output_16bit": ["none"]}
+    path = write_config(trials=10, search=search, pruning={"enabled": True}, sampler={"name": "random", "seed": 1})
+    Sweep(load_config(path)).run()
+    study, client = open_stores(path)
+    trials = study.get_trials(deepcopy=False)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "4-bit weights on most layers are clearly worse: some trial must be pruned"
+    assert all(t.params["compression_level"] == 3 for t in pruned)
+    assert len(compiled_settings) == sum(1 for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs)
+    for t in pruned:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["hailo_sweep.state"] == "PRUNED"
+        assert run.data.metrics["emulated.logits.softmax_mae"] > 0  # the emulated metrics it did reach
+        assert "device.logits.softmax_mae" not in run.data.metrics
+        assert "compiled" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"]).data.metrics
+    assert parent["compiles_avoided"] == len(pruned)
+    assert parent["compiles_performed"] == len(compiled_settings)
+    assert parent["compile_time_saved_s_est"] > 0

@@ -32,11 +32,33 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 HEF_MAGIC = b"FAKEHEF1\n"
 _SESSIONS: dict[str, ort.InferenceSession] = {}
+_MODELS: dict[str, bytes] = {}
 _ACTIVATIONS = {"Relu", "Sigmoid", "Clip", "LeakyRelu", "Tanh", "HardSigmoid"}
-_KINDS = {"Conv": ("conv", "conv"), "Gemm": ("fc", "dense"), "MatMul": ("fc", "dense")}
+_SHAPE_OPS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity"}  # no arithmetic: folded into the layer before
+_FUSES_ACTIVATION = {"Conv", "Gemm", "MatMul"}
+# ONNX op -> (layer name prefix, HN "type"). input_layer/output_layer/conv/dense are the HN types seen in public code
+# (hailo-api.md §1.6; LUX exporter.py); concat/feature_splitter are the layer kinds the 16-bit notebook names (§2).
+# The other strings are this fake's own.
+_KINDS = {
+    "Conv": ("conv", "conv"),
+    "Gemm": ("fc", "dense"),
+    "MatMul": ("fc", "dense"),
+    "GlobalAveragePool": ("avgpool", "avgpool"),
+    "AveragePool": ("avgpool", "avgpool"),
+    "MaxPool": ("maxpool", "maxpool"),
+    "ReduceMean": ("reduce_mean", "reduce_mean"),
+    "Add": ("ew_add", "ew_add"),
+    "Sub": ("ew_sub", "ew_sub"),
+    "Mul": ("ew_mult", "ew_mult"),
+    "Concat": ("concat", "concat"),
+    "Split": ("feature_splitter", "feature_splitter"),
+    **{op: ("activation", "activation") for op in _ACTIVATIONS},
+}
+MIN_OPSET = 11  # Round and Clip(min, max inputs), used to emulate the quantized hidden layers (see ``chain_model``)
 
 
 class ParsingError(Exception):
@@ -59,18 +81,37 @@ class OutputRoute:
 
 
 @dataclass
+class Layer:
+    """One HN layer: an ONNX node, plus a following activation (after conv/dense) or shape-only op folded into it."""
+
+    name: str  # scoped, e.g. "net/conv2"
+    type: str  # HN "type" (see _KINDS)
+    inputs: list[str]  # scoped names of the layers feeding it (the input layer included)
+    tensor: str  # ONNX tensor holding the layer's output
+    original_names: list[str]  # ONNX node names folded into the layer
+    shape: list[int]  # HN shape without batch ([H, W, C] for feature maps)
+
+
+@dataclass
 class Graph:
     net_name: str
     input_name: str  # ONNX input tensor
     input_layer: str  # scoped input layer
     input_shape: list[int]  # [H, W, C]
     outputs: list[OutputRoute]
+    layers: list[Layer] = field(default_factory=list)  # every layer between the input and output layers, in order
 
     def layer_names(self) -> list[str]:
-        names = [self.input_layer]
+        names = [self.input_layer, *(layer.name for layer in self.layers)]
         for route in self.outputs:
-            names += [route.producer, route.output_layer]
-        return names
+            if route.producer not in names:
+                names.append(route.producer)
+        return names + [route.output_layer for route in self.outputs]
+
+    def hidden_layers(self) -> list[Layer]:
+        """Layers whose output is not a network output: quantized inside the network (see ``chain_model``)."""
+        outputs = {route.onnx_output for route in self.outputs}
+        return [layer for layer in self.layers if layer.tensor not in outputs]
 
     def resolve(self, name: str) -> str | None:
         """Short or scoped layer name -> scoped name (hailo-api.md §2: both forms are accepted)."""
@@ -85,7 +126,13 @@ class Graph:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Graph:
-        return cls(**{**data, "outputs": [OutputRoute(**o) for o in data["outputs"]]})
+        return cls(
+            **{
+                **data,
+                "outputs": [OutputRoute(**o) for o in data["outputs"]],
+                "layers": [Layer(**layer) for layer in data.get("layers", [])],
+            }
+        )
 
 
 def session(onnx_bytes: bytes) -> ort.InferenceSession:
@@ -97,6 +144,64 @@ def session(onnx_bytes: bytes) -> ort.InferenceSession:
     return _SESSIONS[key]
 
 
+def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> None:
+    """Expose ``tensors`` as extra graph outputs (float, shape left to the runtime)."""
+    existing = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in existing:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+            existing.add(name)
+
+
+def tapped_model(onnx_bytes: bytes, tensors: list[str]) -> bytes:
+    """The network with ``tensors`` (layer outputs) exposed as graph outputs, to read every layer's float value."""
+    key = hashlib.sha256(onnx_bytes + json.dumps(["taps", tensors]).encode()).hexdigest()
+    if key not in _MODELS:
+        model = onnx.load_from_string(onnx_bytes)
+        _with_outputs(model, tensors)
+        _MODELS[key] = model.SerializeToString()
+    return _MODELS[key]
+
+
+@dataclass
+class _Group:
+    prefix: str
+    type: str
+    base_op: str
+    nodes: list[Any]
+    tensor: str
+    input_tensors: list[str]
+
+
+def _group_nodes(model: onnx.ModelProto, outputs: set[str]) -> list[_Group]:
+    """ONNX nodes -> layers, in graph (topological) order; see ``Layer`` for what is folded."""
+    inits = {i.name for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    owner: dict[str, _Group] = {}
+    groups: list[_Group] = []
+    for node in model.graph.node:
+        if len(node.output) != 1:
+            raise ParsingError(f"the fake supports single-output nodes only; {node.name!r} ({node.op_type}) has {len(node.output)}")
+        src = node.input[0] if node.input else ""
+        group = owner.get(src)
+        foldable = group is not None and group.tensor == src and uses.get(src) == 1 and src not in outputs
+        activation_after = node.op_type in _ACTIVATIONS and group is not None and group.base_op in _FUSES_ACTIVATION
+        if foldable and group is not None and (node.op_type in _SHAPE_OPS or (activation_after and len(group.nodes) == 1)):
+            group.nodes.append(node)
+            group.tensor = node.output[0]
+            owner[node.output[0]] = group
+            continue
+        prefix, kind = _KINDS.get(node.op_type, (node.op_type.lower(), node.op_type.lower()))
+        inputs = [name for name in node.input if name and name not in inits]
+        group = _Group(prefix, kind, node.op_type, [node], node.output[0], inputs)
+        groups.append(group)
+        owner[node.output[0]] = group
+    return groups
+
+
 def translate(
     onnx_path: str,
     net_name: str,
@@ -104,9 +209,13 @@ def translate(
     end_node_names: list[str] | None,
     net_input_shapes: dict[str, list[int]] | None,
 ) -> tuple[Graph, bytes]:
-    """A reduced HN: the input layer, each output's producing layer and its output_layerN. Whole graphs only."""
+    """An HN of the whole graph: the input layer, one layer per ONNX node (activations after conv/dense and
+    shape-only ops folded in), and an output_layerN per network output. Whole graphs only (no cutting)."""
     onnx_bytes = Path(onnx_path).read_bytes()
     model = onnx.load_from_string(onnx_bytes)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < MIN_OPSET:
+        raise ParsingError(f"the fake parser needs ONNX opset >= {MIN_OPSET}, the model has {opset}")
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
@@ -128,7 +237,6 @@ def translate(
     for name in start_node_names or []:
         if name != inp.name and name not in consumers:
             raise ParsingError(f"start node {name!r} is not the model input or a node reading it (the fake cannot cut graphs)")
-    producers = {out: node for node in model.graph.node for out in node.output}
     graph_outputs = [o.name for o in model.graph.output]
     if end_node_names:
         nodes = {node.name: node for node in model.graph.node}
@@ -142,52 +250,75 @@ def translate(
             ordered += carried
         graph_outputs = ordered
 
-    sess = session(onnx_bytes)
-    probe = sess.run(graph_outputs, {inp.name: np.zeros((1, c, h, w), np.float32)})
+    groups = _group_nodes(model, set(graph_outputs))
     counters: dict[str, int] = {}
+    names: dict[int, str] = {}
+    for group in groups:
+        counters[group.prefix] = counters.get(group.prefix, 0) + 1
+        names[id(group)] = f"{net_name}/{group.prefix}{counters[group.prefix]}"
+    input_layer = f"{net_name}/input_layer1"
+    layer_of = {inp.name: input_layer}
+    for group in groups:
+        for node in group.nodes:
+            layer_of[node.output[0]] = names[id(group)]
+
+    tensors = [group.tensor for group in groups]
+    probe_model = tapped_model(onnx_bytes, tensors)
+    values = dict(zip(tensors, session(probe_model).run(tensors, {inp.name: np.zeros((1, c, h, w), np.float32)}), strict=True))
+    layers = []
+    for group in groups:
+        value = values[group.tensor]
+        shape = [int(value.shape[2]), int(value.shape[3]), int(value.shape[1])] if value.ndim == 4 else [int(d) for d in value.shape[1:]]
+        feeding = [layer_of[t] for t in group.input_tensors if t in layer_of]
+        layers.append(Layer(names[id(group)], group.type, feeding, group.tensor, [n.name for n in group.nodes], shape))
+
+    by_tensor = {layer.tensor: layer for layer in layers}
     routes = []
-    for index, (out, value) in enumerate(zip(graph_outputs, probe, strict=True), 1):
-        node = producers[out]
-        base = node
-        feeding = producers.get(node.input[0]) if node.input else None
-        if node.op_type in _ACTIVATIONS and feeding is not None and feeding.op_type in _KINDS:
-            base = feeding  # an activation fused into its conv/dense layer
-        prefix = _KINDS.get(base.op_type, (base.op_type.lower(), base.op_type.lower()))[0]
-        counters[prefix] = counters.get(prefix, 0) + 1
-        originals = [base.name, node.name] if base is not node else [node.name]
+    for index, out in enumerate(graph_outputs, 1):
+        layer = by_tensor.get(out)
+        if layer is None:
+            raise ParsingError(f"output {out!r} is not the output of a whole layer (the fake cannot cut graphs)")
+        value = values[out]
         if value.ndim == 4:
-            shape, order = [int(value.shape[2]), int(value.shape[3]), int(value.shape[1])], "NHWC"
+            order = "NHWC"
         elif value.ndim == 2:
-            shape, order = [int(value.shape[1])], "NC"
+            order = "NC"
         else:
             raise ParsingError(f"the fake supports 4-D and 2-D outputs, {out!r} is {value.ndim}-D")
-        routes.append(OutputRoute(f"{net_name}/{prefix}{counters[prefix]}", f"{net_name}/output_layer{index}", out, originals, shape, order))
-    graph = Graph(net_name, inp.name, f"{net_name}/input_layer1", [h, w, c], routes)
+        routes.append(OutputRoute(layer.name, f"{net_name}/output_layer{index}", out, list(layer.original_names), list(layer.shape), order))
+    graph = Graph(net_name, inp.name, input_layer, [h, w, c], routes, layers)
     return graph, onnx_bytes
 
 
 def hn_dict(graph: Graph) -> dict[str, Any]:
     """The HN as a dict (hailo-api.md §1.6: layers[name] = {type, input, output, original_names, input_shapes})."""
+    shapes = {graph.input_layer: graph.input_shape, **{layer.name: layer.shape for layer in graph.layers}}
+    consumers: dict[str, list[str]] = {}
+    for layer in graph.layers:
+        for source in layer.inputs:
+            consumers.setdefault(source, []).append(layer.name)
+    for route in graph.outputs:
+        consumers.setdefault(route.producer, []).append(route.output_layer)
     layers: dict[str, Any] = {
         graph.input_layer: {
             "type": "input_layer",
             "input": [],
-            "output": [r.producer for r in graph.outputs],
+            "output": consumers.get(graph.input_layer, []),
             "input_shapes": [[-1, *graph.input_shape]],
             "output_shapes": [[-1, *graph.input_shape]],
             "original_names": [graph.input_name],
         }
     }
-    for route in graph.outputs:
-        kind = "dense" if route.order == "NC" else "conv"
-        layers[route.producer] = {
-            "type": kind,
-            "input": [graph.input_layer],  # reduced HN: intermediate layers are not listed
-            "output": [route.output_layer],
-            "input_shapes": [[-1, *graph.input_shape]],
-            "output_shapes": [[-1, *route.shape]],
-            "original_names": list(route.original_names),
+    for layer in graph.layers:
+        layers[layer.name] = {
+            "type": layer.type,
+            "input": list(layer.inputs),
+            "output": consumers.get(layer.name, []),
+            "input_shapes": [[-1, *shapes[source]] for source in layer.inputs],
+            "output_shapes": [[-1, *layer.shape]],
+            "original_names": list(layer.original_names),
         }
+    for route in graph.outputs:
         layers[route.output_layer] = {
             "type": "output_layer",
             "input": [route.producer],
@@ -366,6 +497,14 @@ class OutputQuant:
 
 
 @dataclass
+class LayerQuant:
+    """A hidden layer's activation quantization: 8 bits, or 16 for a16_* precision modes (hailo-api.md §2)."""
+
+    bits: int
+    qp: QP
+
+
+@dataclass
 class Quantization:
     input_bits: int
     input_qp: QP
@@ -373,6 +512,7 @@ class Quantization:
     normalization: tuple[list[float], list[float]] | None
     optimization_level: int  # effective
     compression_level: int  # effective
+    layers: dict[str, LayerQuant] = field(default_factory=dict)  # hidden layers by scoped name
 
     @property
     def error_lsb(self) -> float:
@@ -385,9 +525,10 @@ class Quantization:
     def from_json(cls, data: dict[str, Any]) -> Quantization:
         outs = [OutputQuant(o["bits"], [QP(**q) for q in o["qps"]]) for o in data["outputs"]]
         norm = data["normalization"]
+        layers = {name: LayerQuant(v["bits"], QP(**v["qp"])) for name, v in (data.get("layers") or {}).items()}
         return cls(
             data["input_bits"], QP(**data["input_qp"]), outs, tuple(norm) if norm else None,  # type: ignore[arg-type]
-            data["optimization_level"], data["compression_level"],
+            data["optimization_level"], data["compression_level"], layers,
         )
 
 
@@ -414,21 +555,99 @@ def dequantize(raw: np.ndarray, qps: list[QP]) -> np.ndarray:
     return ((raw.astype(np.float32) - zp) * scale).astype(np.float32)
 
 
-def run_float(onnx_bytes: bytes, graph: Graph, x_nhwc: np.ndarray, normalization: Any) -> list[np.ndarray]:
-    """Float outputs in HN layout and HN output order; the normalization layer first when the script has one."""
+def _fake_quant_nodes(src: str, dst: str, lq: LayerQuant) -> tuple[list[Any], list[Any]]:
+    """ONNX nodes computing ``dequantize(quantize(src))`` in float32, in the same order of operations as
+    ``quantize``/``dequantize`` above (Round is round-half-to-even like ``np.rint``)."""
+    p = f"{src}__fq"
+    consts = {
+        f"{p}_scale": lq.qp.scale,
+        f"{p}_zp": lq.qp.zp,
+        f"{p}_min": 0.0,
+        f"{p}_max": float((1 << lq.bits) - 1),
+    }
+    inits = [helper.make_tensor(name, TensorProto.FLOAT, [], [np.float32(value)]) for name, value in consts.items()]
+    nodes = [
+        helper.make_node("Div", [src, f"{p}_scale"], [f"{p}_div"], name=f"{p}_div"),
+        helper.make_node("Add", [f"{p}_div", f"{p}_zp"], [f"{p}_add"], name=f"{p}_add"),
+        helper.make_node("Round", [f"{p}_add"], [f"{p}_round"], name=f"{p}_round"),
+        helper.make_node("Clip", [f"{p}_round", f"{p}_min", f"{p}_max"], [f"{p}_clip"], name=f"{p}_clip"),
+        helper.make_node("Sub", [f"{p}_clip", f"{p}_zp"], [f"{p}_sub"], name=f"{p}_sub"),
+        helper.make_node("Mul", [f"{p}_sub", f"{p}_scale"], [dst], name=f"{p}_mul"),
+    ]
+    return nodes, inits
+
+
+def chain_model(onnx_bytes: bytes, graph: Graph, layers: dict[str, LayerQuant]) -> tuple[bytes, dict[str, str]]:
+    """The network with every hidden layer's output quantized and dequantized in place, so the layers after it compute
+    on its integer grid, as on a chip with 8- or 16-bit activations. Returns the model (every hidden layer's quantized
+    value exposed as an output) and {layer name: tensor holding that value}.
+
+    A simplification of this fake: output layers are quantized after the network (``run_quantized``, with the extra
+    error); layers that read an output layer's value inside the network read it in float.
+    """
+    hidden = {layer.tensor: layer.name for layer in graph.hidden_layers() if layer.name in layers}
+    renamed = {tensor: f"{tensor}__fq" for tensor in hidden}
+    taps = {name: renamed[tensor] for tensor, name in hidden.items()}
+    key = hashlib.sha256(onnx_bytes + json.dumps(["chain", {k: asdict(v) for k, v in sorted(layers.items())}]).encode()).hexdigest()
+    if key not in _MODELS:
+        model = onnx.load_from_string(onnx_bytes)
+        nodes: list[Any] = []
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[i] = renamed[name]
+            nodes.append(node)
+            for out in node.output:
+                if out in hidden:
+                    extra, inits = _fake_quant_nodes(out, renamed[out], layers[hidden[out]])
+                    nodes.extend(extra)
+                    model.graph.initializer.extend(inits)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        _with_outputs(model, list(taps.values()))
+        _MODELS[key] = model.SerializeToString()
+    return _MODELS[key], taps
+
+
+def _hn_layout(value: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(value.transpose(0, 2, 3, 1)) if value.ndim == 4 else value
+
+
+def run_network(
+    onnx_bytes: bytes,
+    graph: Graph,
+    x_nhwc: np.ndarray,
+    normalization: Any,
+    layers: dict[str, LayerQuant] | None = None,
+    taps: bool = False,
+) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """(float outputs in HN layout and order, {hidden layer: value} when ``taps``); hidden layers quantized in place
+    when ``layers`` is given (``chain_model``); the normalization layer first when the script has one."""
     x = np.asarray(x_nhwc, np.float32)
     if normalization is not None:
         mean, std = (np.asarray(v, np.float32) for v in normalization)
         x = ((x - mean) / std).astype(np.float32)
-    sess = session(onnx_bytes)
-    outs = sess.run([r.onnx_output for r in graph.outputs], {graph.input_name: np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
-    return [np.ascontiguousarray(o.transpose(0, 2, 3, 1)) if o.ndim == 4 else o for o in outs]
+    if layers:
+        model, tap_names = chain_model(onnx_bytes, graph, layers)
+    else:
+        tap_names = {layer.name: layer.tensor for layer in graph.hidden_layers()}
+        model = tapped_model(onnx_bytes, list(tap_names.values())) if taps else onnx_bytes
+    names = [r.onnx_output for r in graph.outputs] + (list(tap_names.values()) if taps else [])
+    values = session(model).run(names, {graph.input_name: np.ascontiguousarray(x.transpose(0, 3, 1, 2))})
+    outs = [_hn_layout(v) for v in values[: len(graph.outputs)]]
+    hidden = dict(zip(tap_names, values[len(graph.outputs) :], strict=True)) if taps else {}
+    return outs, hidden
+
+
+def run_float(onnx_bytes: bytes, graph: Graph, x_nhwc: np.ndarray, normalization: Any) -> list[np.ndarray]:
+    """Float outputs in HN layout and HN output order; the normalization layer first when the script has one."""
+    return run_network(onnx_bytes, graph, x_nhwc, normalization)[0]
 
 
 def calibrate(onnx_bytes: bytes, graph: Graph, script: Script, calib: np.ndarray, opt: int, comp: int) -> Quantization:
     input_bits = 16 if script.precision.get(graph.input_layer) == "a16_w16" else 8
     input_qp = qp_for_range(float(calib.min()), float(calib.max()), input_bits)
-    outs = run_float(onnx_bytes, graph, calib, script.normalization)
+    outs, hidden = run_network(onnx_bytes, graph, calib, script.normalization, taps=True)
     quants = []
     for route, y in zip(graph.outputs, outs, strict=True):
         sixteen = "a16_w16" in (script.precision.get(route.output_layer), script.precision.get(route.producer))
@@ -439,7 +658,11 @@ def calibrate(onnx_bytes: bytes, graph: Graph, script: Script, calib: np.ndarray
         else:
             qps = [qp_for_range(y.min(), y.max(), bits)]
         quants.append(OutputQuant(bits, qps))
-    return Quantization(input_bits, input_qp, quants, script.normalization, opt, comp)
+    layers = {}
+    for name, value in hidden.items():  # ranges from the float network on the calibration set
+        bits = 16 if script.precision.get(name, "").startswith("a16") else 8
+        layers[name] = LayerQuant(bits, qp_for_range(float(value.min()), float(value.max()), bits))
+    return Quantization(input_bits, input_qp, quants, script.normalization, opt, comp, layers)
 
 
 def _error(shape: tuple[int, ...], qps: list[QP], amount_lsb: float) -> np.ndarray:
@@ -450,20 +673,60 @@ def _error(shape: tuple[int, ...], qps: list[QP], amount_lsb: float) -> np.ndarr
     return (np.float32(amount_lsb) * pattern * scale).astype(np.float32)
 
 
+def _output_integers(outs: list[np.ndarray], q: Quantization) -> list[np.ndarray]:
+    """The output layers' integers: the extra error added, then rounded to each output's grid."""
+    return [quantize(y + _error(y.shape, oq.qps, q.error_lsb), oq.qps, oq.bits) for y, oq in zip(outs, q.outputs, strict=True)]
+
+
 def run_quantized(onnx_bytes: bytes, graph: Graph, q: Quantization, raw_input: np.ndarray) -> list[np.ndarray]:
     """Raw output integers from raw input integers: what the fake chip (and quantized emulation) computes."""
     x = dequantize(raw_input, [q.input_qp])
-    outs = run_float(onnx_bytes, graph, x, q.normalization)
-    raws = []
-    for y, oq in zip(outs, q.outputs, strict=True):
-        y = y + _error(y.shape, oq.qps, q.error_lsb)
-        raws.append(quantize(y, oq.qps, oq.bits))
-    return raws
+    outs, _ = run_network(onnx_bytes, graph, x, q.normalization, q.layers)
+    return _output_integers(outs, q)
 
 
 def emulate_quantized(onnx_bytes: bytes, graph: Graph, q: Quantization, x_nhwc: np.ndarray) -> list[np.ndarray]:
     raw_in = quantize(x_nhwc, [q.input_qp], q.input_bits, clip_limvals=True)
     return [dequantize(r, oq.qps) for r, oq in zip(run_quantized(onnx_bytes, graph, q, raw_in), q.outputs, strict=True)]
+
+
+# -- layer noise analysis ------------------------------------------------------------------------------------------------
+def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """10*log10(signal power / noise power) in float64: +inf when identical, -inf when the reference is all zeros."""
+    ref = np.asarray(reference, np.float64)
+    noise = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(10.0 * np.log10(np.float64(signal) / np.float64(noise)))
+
+
+def layer_noise(onnx_bytes: bytes, graph: Graph, q: Quantization, x_nhwc: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per-layer SNR (dB) of the fake's quantized network against its float network on ``x_nhwc``, two ways:
+
+    - ``snr``: the layer's value in the quantized network (every earlier layer quantized too) against float;
+    - ``partial_snr``: the layer's own quantization alone, applied to its float value.
+
+    Both come from the same numbers the fake's emulator and chip compute, so a layer moved to 16 bits gains ~48 dB of
+    ``partial_snr`` and its ``snr`` rises as far as the noise inherited from earlier layers allows. Output layers
+    carry their producer's values (the emulator's dequantized output, extra error included).
+    """
+    x = np.asarray(x_nhwc, np.float32)
+    x_q = dequantize(quantize(x, [q.input_qp], q.input_bits, clip_limvals=True), [q.input_qp])
+    float_outs, float_hidden = run_network(onnx_bytes, graph, x, q.normalization, taps=True)
+    quant_outs, quant_hidden = run_network(onnx_bytes, graph, x_q, q.normalization, q.layers, taps=True)
+    input_snr = snr_db(x, x_q)
+    result = {graph.input_layer: {"snr": input_snr, "partial_snr": input_snr}}
+    for name, value in float_hidden.items():
+        lq = q.layers[name]
+        own = dequantize(quantize(value, [lq.qp], lq.bits), [lq.qp])
+        result[name] = {"snr": snr_db(value, quant_hidden[name]), "partial_snr": snr_db(value, own)}
+    emulated = [dequantize(r, oq.qps) for r, oq in zip(_output_integers(quant_outs, q), q.outputs, strict=True)]
+    own_outs = [dequantize(r, oq.qps) for r, oq in zip(_output_integers(float_outs, q), q.outputs, strict=True)]
+    for route, f, e, o in zip(graph.outputs, float_outs, emulated, own_outs, strict=True):
+        values = {"snr": snr_db(f, e), "partial_snr": snr_db(f, o)}
+        result[route.producer] = values
+        result[route.output_layer] = dict(values)
+    return result
 
 
 # -- files --------------------------------------------------------------------------------------------------------------
