@@ -117,7 +117,7 @@ def run(
     else:
         best_number, best_value = _run_jobs(cfg, config, trials or cfg.trials, jobs)
     study, _ = load_study(cfg)
-    _print_table(top_trials(study, 5), study.user_attrs.get("objective", {}).get("key", "value"))
+    _print_table(top_trials(study, 5), study.user_attrs.get("objective", {}).get("keys", ["value"])[0])
     if best_number is not None:
         console.print(f"best trial: [bold]{best_number}[/] (value {best_value:.6g})")
     else:
@@ -158,11 +158,10 @@ def _run_jobs(cfg, config: Path, total: int, jobs: int) -> tuple[int | None, flo
     if failed:
         err_console.print(f"[bold red]error:[/] worker(s) {failed} exited with an error; see {log_dir}")
         raise typer.Exit(code=1)
-    try:
-        best = study.best_trial
-    except ValueError:
-        return None, None
-    return best.number, best.value
+    from hailo_sweep.sweep import chosen_trial
+
+    best = chosen_trial(study)
+    return (best.number, best.values[0]) if best is not None else (None, None)
 
 
 @app.command()
@@ -249,8 +248,8 @@ def diagnose(
     console.print(f"report: {result.report}" + (f" (also logged to run {result.logged_to_run})" if result.logged_to_run else ""), soft_wrap=True)
 
 
-def _print_table(rows: list, objective_key: str) -> None:
-    table = Table(title=f"top trials by {objective_key}")
+def _print_table(rows: list, objective_key: str, title: str | None = None) -> None:
+    table = Table(title=title or f"top trials by {objective_key}")
     for col in ("trial", "value", "feasible", "opt", "comp", "calib", "norm", "16-bit", "device fps"):
         table.add_column(col)
     for r in rows:
@@ -272,23 +271,55 @@ def _print_table(rows: list, objective_key: str) -> None:
 @_errors
 def best(
     config: ConfigArg,
-    export: Annotated[Optional[Path], typer.Option("--export", help="write the best compiled model, its script and a manifest here")] = None,
+    export: Annotated[Optional[Path], typer.Option("--export", help="write the chosen compiled model, its script and a manifest here")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="rows in the table")] = 10,
+    pick: Annotated[Optional[int], typer.Option("--pick", help="export this trial instead (e.g. another point of the Pareto front)")] = None,
 ) -> None:
-    """Show the top trials; with --export, register the best model (alias 'best') and export it."""
+    """Show the top trials (and the Pareto front); with --export, register the chosen model (alias 'best') and export it."""
     from hailo_sweep.config import load_config
-    from hailo_sweep.selection import export_best, load_study, top_trials
+    from hailo_sweep.selection import export_best, load_study, log_front, pareto_front, top_trials
 
     _quiet()
     cfg = load_config(config)
-    study, _ = load_study(cfg)
-    _print_table(top_trials(study, top), study.user_attrs.get("objective", {}).get("key", "value"))
+    study, stores = load_study(cfg)
+    objective_key = study.user_attrs.get("objective", {}).get("keys", ["value"])[0]
+    front = pareto_front(study)
+    if front:
+        _print_table(front, objective_key, title="Pareto front: error vs device throughput")
+        plot = log_front(cfg, study, stores, stores.work_dir / "pareto")
+        console.print(f"front plot: {plot} (also logged to the sweep's parent run)", soft_wrap=True)
+    else:
+        _print_table(top_trials(study, top), objective_key)
     if export is not None:
-        manifest = export_best(cfg, export)
+        manifest = export_best(cfg, export, pick)
         console.print(
             f"exported trial {manifest['trial']} to [bold]{export}[/]: {', '.join(f['name'] for f in manifest['files'].values())}, manifest.json "
             f"(registered model '{manifest['mlflow']['registered_model']}' version {manifest['mlflow']['version']}, alias best)"
         )
+
+
+@app.command()
+@_errors
+def verify(export_dir: Annotated[Path, typer.Argument(help="a directory written by `best --export`")]) -> None:
+    """Rebuild an exported model from its lock file; report whether outputs, metrics and (where deterministic) bytes match."""
+    from hailo_sweep.reproduce import verify as verify_export
+
+    _quiet()
+    v = verify_export(export_dir)
+    for name, diff in v.outputs_max_abs_diff.items():
+        console.print(f"output {name}: max |exported - rebuilt| = {diff:.3g}")
+    bad = {k: ab for k, ab in v.metric_diffs.items() if abs(ab[0] - ab[1]) > 1e-6 * max(1.0, abs(ab[0]))}
+    console.print(f"recorded metrics reproduced: {len(v.metric_diffs) - len(bad)}/{len(v.metric_diffs)}")
+    for k, (a, b) in sorted(bad.items())[:10]:
+        console.print(f"  {k}: recorded {a:.6g}, rebuilt {b:.6g}")
+    console.print(f"compiled bytes identical: {'yes' if v.bytes_identical else 'no'}")
+    for k, (old, new) in v.version_changes.items():
+        console.print(f"[yellow]version changed[/]: {k} {old} -> {new}")
+    if v.ok:
+        console.print("[green]verified[/]: the rebuild reproduces the exported model's outputs and metrics")
+    else:
+        err_console.print("[bold red]not reproduced[/]: see the differences above")
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -137,9 +137,22 @@ class OutputConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
+    """``error``: minimize (or maximize) ``metric``. ``fastest_within``: the highest device throughput among trials whose
+    ``metric`` stays within ``budget``. ``pareto``: ``metric`` and device throughput together (a Pareto front)."""
+
+    mode: Literal["error", "fastest_within", "pareto"] = "error"
     metric: str = "total.nmae"
     stage: Stage = "device"
     direction: Literal["minimize", "maximize"] | None = None  # default: the metric's natural direction
+    budget: float | None = None  # fastest_within: the largest acceptable value of `metric`
+
+    @model_validator(mode="after")
+    def _budget_for_fastest(self) -> ObjectiveConfig:
+        if self.mode == "fastest_within" and self.budget is None:
+            raise ValueError("mode fastest_within needs a budget: the largest acceptable value of the metric")
+        if self.mode != "fastest_within" and self.budget is not None:
+            raise ValueError("budget applies to mode fastest_within only")
+        return self
 
 
 class ConstraintConfig(_Strict):

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hailo_sweep.atomic import atomic_write_text
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.sweep import Stores, open_storage, resolve_stores
+from hailo_sweep.sweep import Stores, chosen_trial, open_storage, resolve_stores
 from hailo_sweep.tracking import Tracker, redact_url
 
 ALIAS = "best"
@@ -50,14 +50,14 @@ def is_feasible(trial: FrozenTrial) -> bool:
 
 
 def top_trials(study: optuna.Study, k: int = 10) -> list[TrialRow]:
-    """Completed trials, feasible first, then by objective in the study's direction."""
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    done.sort(key=lambda t: (not is_feasible(t), sign * float(t.value), t.number))  # type: ignore[arg-type]
+    """Completed trials, feasible first, then by the (first) objective in the study's direction."""
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    done.sort(key=lambda t: (not is_feasible(t), sign * float(t.values[0]), t.number))
     return [
         TrialRow(
             number=t.number,
-            value=float(t.value),  # type: ignore[arg-type]
+            value=float(t.values[0]),
             feasible=is_feasible(t),
             params=dict(t.params),
             metrics=dict(t.user_attrs.get("metrics", {})),
@@ -68,21 +68,28 @@ def top_trials(study: optuna.Study, k: int = 10) -> list[TrialRow]:
     ]
 
 
-def best_trial(study: optuna.Study, config: SweepConfig) -> FrozenTrial:
-    try:
-        return study.best_trial  # feasibility-aware in Optuna 5
-    except ValueError:
+def best_trial(study: optuna.Study, config: SweepConfig, pick: int | None = None) -> FrozenTrial:
+    """The trial to select: ``pick`` if given (any completed trial, e.g. another point of the Pareto front), else the
+    best feasible one (with two objectives: the front's point with the lowest error)."""
+    if pick is not None:
+        trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        if pick not in trials:
+            raise UserInputError(f"trial {pick} is not a completed trial of '{config.name}'", file=config.source, fix="pick a trial number from the table")
+        return trials[pick]
+    trial = chosen_trial(study)
+    if trial is None:
         raise UserInputError(
             f"sweep '{config.name}' has no completed trial that meets its constraints",
             file=config.source, key="constraints",
             fix="relax the constraints, widen the search space, or run more trials",
-        ) from None
+        )
+    return trial
 
 
-def export_best(config: SweepConfig, out_dir: Path) -> dict[str, Any]:
-    """Register the best trial's model under the alias ``best`` and write model, script and manifest to ``out_dir``."""
+def export_best(config: SweepConfig, out_dir: Path, pick: int | None = None) -> dict[str, Any]:
+    """Register the chosen trial's model under the alias ``best`` and write model, script and manifest to ``out_dir``."""
     study, stores = load_study(config)
-    trial = best_trial(study, config)
+    trial = best_trial(study, config, pick)
     model_id = trial.user_attrs.get("mlflow_model_id")
     if not model_id:
         raise UserInputError(f"trial {trial.number} has no compiled model on record", file=config.source)
@@ -107,7 +114,37 @@ def export_best(config: SweepConfig, out_dir: Path) -> dict[str, Any]:
             files["script"] = script_name
     manifest = _manifest(config, stores, trial, report, out_dir, files, model_id, source_run, version, str(study.user_attrs.get("backend", "")))
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    atomic_write_text(out_dir / LOCK_FILE, json.dumps(lock_of(config, manifest), indent=2, sort_keys=True, default=str))
     return manifest
+
+
+LOCK_FILE = "lock.json"
+
+
+def lock_of(config: SweepConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to rebuild the exported model and check it: ``hailo-sweep verify DIR`` reads this."""
+    from hailo_sweep.model_io import file_sha256 as model_file_sha
+
+    return {
+        "format": 1,
+        "sweep": config.name,
+        "trial": manifest["trial"],
+        "backend": manifest["backend"],
+        "target": config.target,
+        "seed": config.sampler.seed,
+        "settings": manifest["settings"],
+        "settings_sha256": manifest["settings_sha256"],
+        "model": {"path": str(config.model), "sha256": model_file_sha(config.model)},
+        "data": {
+            "calibration": {"path": str(config.data.calibration), "sha256": model_file_sha(config.data.calibration)},
+            "evaluation": {"path": str(config.data.evaluation), "sha256": model_file_sha(config.data.evaluation)},
+            **manifest["data"],
+        },
+        "config": json.loads(config.model_dump_json(exclude={"stores"})),
+        "files": manifest["files"],
+        "recorded_metrics": {k: v for k, v in manifest["metrics"].items() if k.startswith(("device.", "emulated."))},
+        "versions": manifest["versions"],
+    }
 
 
 def _register_once(tracker: Tracker, model_id: str, name: str) -> str:
@@ -137,7 +174,7 @@ def _manifest(
         "trial": trial.number,
         "target": config.target,
         "backend": backend,
-        "objective": report.get("objective", {"value": trial.value}),
+        "objective": report.get("objective", {"values": trial.values}),
         "feasible": is_feasible(trial),
         "constraints": dict(trial.constraints or {}),
         "settings": settings,
@@ -187,4 +224,53 @@ def finalize(config: SweepConfig) -> dict[str, Any]:
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         tracker.set_tags(parent, {"hailo_sweep.best_run_id": run_id, "hailo_sweep.best_trial": str(trial.number), "hailo_sweep.finalized": "true"})
-    return {"trial": trial.number, "value": trial.value, "run_id": run_id, "model_id": model_id, "registered_model": config.name, "version": version}
+    return {"trial": trial.number, "value": trial.values[0], "run_id": run_id, "model_id": model_id, "registered_model": config.name, "version": version}
+
+
+def pareto_front(study: optuna.Study) -> list[TrialRow]:
+    """The feasible Pareto front of a two-objective sweep (error vs device throughput), best error first."""
+    if len(study.directions) < 2:
+        return []
+    try:
+        front = {t.number for t in study.best_trials}
+    except ValueError:
+        return []
+    return [row for row in top_trials(study, k=10_000) if row.number in front]
+
+
+def log_front(config: SweepConfig, study: optuna.Study, stores: Stores, work_dir: Path) -> Path | None:
+    """Plot every feasible trial's error against its device throughput, front highlighted; log it to the parent run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(study)
+    if not front:
+        return None
+    rows = [r for r in top_trials(study, k=10_000) if r.feasible]
+    keys = study.user_attrs.get("objective", {}).get("keys", ["error", "device.throughput_fps"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    ax.scatter([r.metrics.get(keys[1], float("nan")) for r in rows], [r.value for r in rows], s=14, c="#9aa5b1", label="feasible trials")
+    ordered = sorted(front, key=lambda r: r.metrics.get(keys[1], 0.0))
+    ax.plot([r.metrics.get(keys[1], float("nan")) for r in ordered], [r.value for r in ordered], "o-", c="#c2410c", label="Pareto front")
+    for r in ordered:
+        ax.annotate(str(r.number), (r.metrics.get(keys[1], float("nan")), r.value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(keys[1])
+    ax.set_ylabel(keys[0])
+    ax.set_title("Accuracy vs speed")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    plot = work_dir / "pareto_front.png"
+    fig.savefig(plot)
+    plt.close(fig)
+    table = work_dir / "pareto_front.json"
+    table.write_text(json.dumps([{"trial": r.number, keys[0]: r.value, keys[1]: r.metrics.get(keys[1]), "params": r.params} for r in ordered], indent=1))
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        tracker = Tracker(stores.mlflow_uri, config.name, stores.artifact_location)
+        for path in (plot, table):
+            tracker.client.log_artifact(parent, str(path), artifact_path="pareto")
+    return plot

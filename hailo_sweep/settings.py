@@ -45,3 +45,16 @@ class Settings:
         flat: dict[str, str | int] = asdict(self)
         flat["output_16bit"] = ",".join(self.output_16bit) if self.output_16bit else "none"
         return flat
+
+    @classmethod
+    def from_params(cls, params: dict[str, str | int]) -> Settings:
+        """Inverse of ``as_params`` (e.g. from a lock file or an MLflow run)."""
+        out16 = str(params.get("output_16bit", "none"))
+        return cls(
+            optimization_level=int(params["optimization_level"]),
+            compression_level=int(params["compression_level"]),
+            calibset_size=int(params["calibset_size"]),
+            normalization_placement=str(params["normalization_placement"]),  # type: ignore[arg-type]
+            output_16bit=() if out16 == "none" else tuple(out16.split(",")),
+            noisy_layers_16bit=int(params.get("noisy_layers_16bit", 0)),
+        )

@@ -196,10 +196,31 @@ def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, 
         raise UserInputError(f"{base} compares emulation with the device; it exists at stage device only", file=file, key=key)
 
 
+THROUGHPUT_KEY = "device.throughput_fps"
+
+
 @dataclass(frozen=True)
 class Objective:
-    key: str
-    direction: str
+    """What Optuna optimizes: one or two result keys with their directions, plus constraints the mode implies."""
+
+    keys: tuple[str, ...]
+    directions: tuple[str, ...]
+    implied_constraints: tuple[tuple[str, str, float], ...] = ()  # (constraint name, result key, max)
+
+    @property
+    def key(self) -> str:
+        return self.keys[0]
+
+    @property
+    def direction(self) -> str:
+        return self.directions[0]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.keys) > 1
+
+    def record(self) -> dict[str, list[str]]:
+        return {"keys": list(self.keys), "directions": list(self.directions)}
 
 
 def objective_of(config: SweepConfig, outputs: tuple[m.OutputSpec, ...], has_labels: bool) -> Objective:
@@ -207,12 +228,40 @@ def objective_of(config: SweepConfig, outputs: tuple[m.OutputSpec, ...], has_lab
     check_metric(obj.metric, obj.stage, outputs, has_labels, file=config.source, key="objective.metric")
     base = obj.metric.rpartition(".")[2]
     direction = obj.direction or m.direction_of(base)
-    return Objective(key=metric_key(obj.stage, obj.metric), direction=direction)
+    key = metric_key(obj.stage, obj.metric)
+    if obj.mode == "fastest_within":
+        assert obj.budget is not None
+        if direction != "minimize":
+            raise UserInputError(
+                f"fastest_within keeps {obj.metric} under a budget, so it must be an error metric (lower is better)",
+                file=config.source, key="objective.metric",
+            )
+        return Objective((THROUGHPUT_KEY,), ("maximize",), ((f"{obj.stage}.{obj.metric}.budget", key, obj.budget),))
+    if obj.mode == "pareto":
+        return Objective((key, THROUGHPUT_KEY), (direction, "maximize"))
+    return Objective((key,), (direction,))
 
 
-def constraint_values(config: SweepConfig, metrics: dict[str, float]) -> dict[str, float]:
-    """Optuna constraint values (feasible when <= 0) named after the config's constraints."""
+def chosen_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best feasible trial; with two objectives, the point of the Pareto front best on the first (the error)."""
+    try:
+        if len(study.directions) == 1:
+            return study.best_trial  # feasibility-aware in Optuna 5
+        front = study.best_trials
+    except ValueError:
+        return None
+    if not front:
+        return None
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    return min(front, key=lambda t: (sign * t.values[0], t.number))
+
+
+def constraint_values(config: SweepConfig, metrics: dict[str, float], objective: Objective | None = None) -> dict[str, float]:
+    """Optuna constraint values (feasible when <= 0) named after the config's constraints (and the mode's)."""
     values: dict[str, float] = {}
+    for name, key, limit in objective.implied_constraints if objective is not None else ():
+        value = metrics.get(key)
+        values[name] = float("inf") if value is None else value - limit
     for c in config.constraints:
         value = metrics.get(metric_key(c.stage, c.metric))
         name = f"{c.stage}.{c.metric}.{'max' if c.max is not None else 'min'}"
@@ -305,7 +354,7 @@ class Sweep:
                 file=cfg.source, key="search.calibset_size", fix=f"use values <= {n_calib}, or provide more calibration data",
             )
         objective = objective_of(cfg, outputs, dataset.labels is not None)
-        if cfg.pruning.enabled and (objective.direction != "minimize" or not objective.key.startswith("device.")):
+        if cfg.pruning.enabled and (objective.multi or objective.direction != "minimize" or objective.key == THROUGHPUT_KEY or not objective.key.startswith("device.")):
             raise UserInputError(
                 "pruning compares per-sample errors after emulation; it needs an error metric to minimize at stage device",
                 file=cfg.source, key="pruning.enabled", fix="use an error objective (e.g. logits.softmax_mae, total.nmae) or disable pruning",
@@ -369,7 +418,7 @@ class Sweep:
         finally:
             extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
             self._summarize_parent(study, tracker, parent_run_id, objective, extra)
-        best = _best(study)
+        best = chosen_trial(study)
         return SweepSummary(
             study_name=study.study_name,
             experiment_id=tracker.experiment_id,
@@ -379,7 +428,7 @@ class Sweep:
             prepare_runs=prepare_runs,
             timings=timings,
             best_number=best.number if best else None,
-            best_value=best.value if best else None,
+            best_value=best.values[0] if best else None,
         )
 
     def _optimize_until_spent(self, study: optuna.Study, objective_fn: Callable[[optuna.Trial], float], total: int) -> None:
@@ -388,7 +437,9 @@ class Sweep:
         A trial whose worker died still counts as running until its heartbeat goes stale; this worker then fails it
         (Optuna calls ``StaleTrialHandler``, which retries it) and runs the retry. So no budget is lost to a dead worker.
         """
-        poll = float(self.config.workers.heartbeat_interval)
+        # a short poll: waiting a whole heartbeat interval (30 s by default) kept every idle worker, and so `run --jobs N`,
+        # alive up to 30 s after the last trial had finished
+        poll = min(float(self.config.workers.heartbeat_interval), 1.0)
         while True:
             if budget_used(study, count_running=True) < total or _waiting(study):
                 try:
@@ -420,10 +471,9 @@ class Sweep:
 
     def _check_objective(self, study: optuna.Study, objective: Objective) -> None:
         recorded = study.user_attrs.get("objective")
-        if recorded is not None and recorded != {"key": objective.key, "direction": objective.direction}:
+        if recorded is not None and recorded != objective.record():
             raise UserInputError(
-                f"study '{self.config.name}' was created with objective {recorded}, the config now asks for "
-                f"{{'key': '{objective.key}', 'direction': '{objective.direction}'}}",
+                f"study '{self.config.name}' was created with objective {recorded}, the config now asks for {objective.record()}",
                 file=self.config.source, key="objective",
                 fix="restore the original objective, or give the sweep a new name so a new study is created",
             )
@@ -432,29 +482,32 @@ class Sweep:
         cfg = self.config
         study = with_retries(
             lambda: optuna.create_study(
-                study_name=cfg.name, storage=self._storage(), direction=objective.direction, sampler=self._sampler(space),
+                study_name=cfg.name, storage=self._storage(), directions=list(objective.directions), sampler=self._sampler(space),
                 pruner=self._pruner(), load_if_exists=True,
             ),
             what=f"open the study in {redact_url(self.stores.optuna_url)}",
         )
         self._check_objective(study, objective)
         tracker = self._tracker()
-        parent = study.user_attrs.get("mlflow_parent_run_id")
-        if parent is None or not tracker.run_exists(parent):
-            parent = tracker.create_parent_run(
-                RunRecord(
-                    name=cfg.name,
-                    params=self._sweep_params(space, backend),
-                    tags={"optuna.study_name": cfg.name, "hailo_sweep.backend": backend.name, "hailo_sweep.target": cfg.target},
+        assert self._opened_storage is not None
+        # under the storage's lock: concurrent `init`s would each see no parent run and no baseline, and each create one
+        with self._opened_storage._lock():
+            parent = study.user_attrs.get("mlflow_parent_run_id")
+            if parent is None or not tracker.run_exists(parent):
+                parent = tracker.create_parent_run(
+                    RunRecord(
+                        name=cfg.name,
+                        params=self._sweep_params(space, backend),
+                        tags={"optuna.study_name": cfg.name, "hailo_sweep.backend": backend.name, "hailo_sweep.target": cfg.target},
+                    )
                 )
-            )
-            study.set_user_attr("mlflow_parent_run_id", parent)
-            study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
-            study.set_user_attr("objective", {"key": objective.key, "direction": objective.direction})
-            study.set_user_attr("backend", backend.name)
-        if cfg.sampler.name != "grid" and not study.user_attrs.get("baseline_enqueued"):
-            study.enqueue_trial(space.params_of(self._baseline(space, backend)), user_attrs={"baseline": True}, skip_if_exists=True)
-            study.set_user_attr("baseline_enqueued", True)
+                study.set_user_attr("mlflow_parent_run_id", parent)
+                study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+                study.set_user_attr("objective", objective.record())
+                study.set_user_attr("backend", backend.name)
+            if cfg.sampler.name != "grid" and not study.user_attrs.get("baseline_enqueued"):
+                study.enqueue_trial(space.params_of(self._baseline(space, backend)), user_attrs={"baseline": True}, skip_if_exists=True)
+                study.set_user_attr("baseline_enqueued", True)
         return study, tracker, parent
 
     def _join_stores(self, objective: Objective, space: SearchSpace) -> tuple[optuna.Study, Tracker, str]:
@@ -498,7 +551,7 @@ class Sweep:
             "model": str(cfg.model),
             "target": cfg.target,
             "backend": backend.name,
-            "objective": f"{cfg.objective.stage}:{cfg.objective.metric}",
+            "objective": f"{cfg.objective.mode}:{cfg.objective.stage}:{cfg.objective.metric}" + (f"<={cfg.objective.budget}" if cfg.objective.budget is not None else ""),
             "sampler": f"{cfg.sampler.name}(seed={cfg.sampler.seed})",
             "trials": cfg.trials,
             "search_space": json.dumps(space.choices()),
@@ -517,11 +570,16 @@ class Sweep:
         if compiled:
             mean_compile = sum(t.user_attrs["timing"]["compile_s"] for t in compiled) / len(compiled)
             metrics["compile_time_saved_s_est"] = metrics["compiles_avoided"] * mean_compile
-        best = _best(study)
+        best = chosen_trial(study)
         tags = {}
         if best is not None:
-            metrics["best_value"] = float(best.value)
+            metrics["best_value"] = float(best.values[0])
             metrics["best_trial"] = float(best.number)
+        if objective.multi:
+            try:
+                metrics["pareto_front_size"] = float(len(study.best_trials))
+            except ValueError:
+                pass
             tags["hailo_sweep.best_run_id"] = str(best.user_attrs.get("mlflow_run_id", ""))
         tracker.log_to(parent, RunRecord(name="", metrics=metrics, tags=tags))
         running = any(t.state == TrialState.RUNNING for t in trials)
@@ -598,13 +656,6 @@ class StoreUnavailable(Exception):
     """A store stayed unreachable after bounded retries."""
 
 
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial  # feasibility-aware in Optuna 5
-    except ValueError:
-        return None
-
-
 class _TrialRunner:
     """The Optuna objective: one trial from suggestion to record."""
 
@@ -624,7 +675,7 @@ class _TrialRunner:
         self.config = sweep.config
         self.versions = {"hailo_sweep": __version__, "optuna": optuna.__version__, **_lib_versions(), **backend.versions()}
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         start = time.perf_counter()
         settings = self.space.suggest(trial)
         obs = self.sweep.observer
@@ -686,8 +737,8 @@ class _TrialRunner:
         if value is None:
             obs.trial_finished(trial.number, "FAIL", None, None)
             raise TrialFailed(f"trial {trial.number} failed in stage {result.failed_stage}: {result.error}")
-        obs.trial_finished(trial.number, "COMPLETE", value, feasible)
-        return value
+        obs.trial_finished(trial.number, "COMPLETE", value[0], feasible)
+        return value if self.objective.multi else value[0]  # type: ignore[return-value]
 
     # -- pruning -------------------------------------------------------------------------------------------
     def _checkpoint(self, trial: optuna.Trial) -> Callable[[str, TrialResult, dict[str, np.ndarray]], None]:
@@ -729,14 +780,16 @@ class _TrialRunner:
             script = work_dir / result.script_name
             script.write_text(result.script, encoding="utf-8")
             artifacts.append((script, ""))
-        value: float | None = None
+        value: list[float] | None = None
         feasible = False
         if result.ok:
-            value = metrics.get(self.objective.key)
-            if value is None:
-                result.failed_stage, result.error = "record", f"objective metric {self.objective.key} was not produced"
+            missing = [k for k in self.objective.keys if k not in metrics]
+            if missing:
+                result.failed_stage, result.error = "record", f"objective metric {', '.join(missing)} was not produced"
+            else:
+                value = [metrics[k] for k in self.objective.keys]
         if result.ok and value is not None:
-            constraints = constraint_values(self.config, metrics)
+            constraints = constraint_values(self.config, metrics, self.objective)
             if "optimization_level_lowered" in result.flags:
                 # the toolchain measured another level than the one asked for: never count it as that level
                 constraints["optimization_level_honoured"] = 1.0
@@ -744,7 +797,7 @@ class _TrialRunner:
                 trial.set_constraint(name, v)
                 metrics[f"constraint.{name}"] = v
             feasible = all(v <= 0 for v in constraints.values())
-            metrics["objective"] = value
+            metrics["objective"] = value[0]
             tags.update({"hailo_sweep.state": "COMPLETE", "hailo_sweep.feasible": str(feasible)})
             assert result.compiled is not None
             artifacts.append((result.compiled.path, "compiled"))
@@ -773,7 +826,7 @@ class _TrialRunner:
             )
             trial.set_user_attr("mlflow_model_id", model_id)
             trial.set_user_attr("compiled_name", result.compiled.path.name)
-        trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.key)})
+        trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.keys)})
         return value, feasible
 
     def _diagnosis_artifacts(self, result: TrialResult, metrics: dict[str, float], work_dir: Path) -> list[tuple[Path, str]]:
@@ -796,7 +849,8 @@ class _TrialRunner:
         return {
             "trial": trial.number,
             "settings": result.settings.as_params(),
-            "objective": {"key": self.objective.key, "direction": self.objective.direction, "value": value},
+            "objective": {"keys": list(self.objective.keys), "directions": list(self.objective.directions),
+                          "values": value, "value": value[0] if value else None},
             "feasible": feasible,
             "metrics": metrics,
             "backend_params": result.params,
@@ -852,7 +906,7 @@ class _TrialRunner:
         return None
 
     def _reuse(self, trial: optuna.Trial, settings: Settings, original: optuna.trial.FrozenTrial, start: float) -> float:
-        assert original.value is not None
+        assert original.values is not None
         for name, v in (original.constraints or {}).items():
             trial.set_constraint(name, v)
         for step, v in original.intermediate_values.items():  # so the pruner can compare against it too
@@ -870,13 +924,13 @@ class _TrialRunner:
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("duplicate_of", original.number)
         self.timings.append(TrialTiming(trial.number, time.perf_counter() - start, 0.0))
-        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.value, feasible)
-        return original.value
+        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible)
+        return original.values if self.objective.multi else original.values[0]  # type: ignore[return-value]
 
 
-def _summary_keys(metrics: dict[str, float], objective_key: str) -> list[str]:
+def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> list[str]:
     """The metrics kept in Optuna's user attrs (the full set lives in MLflow)."""
-    keep = {objective_key}
+    keep = set(objective_keys)
     for k in metrics:
         if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.")) or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)

@@ -120,13 +120,73 @@ class TinyModel:
         )
 
 
-@pytest.fixture
-def tiny_model(tmp_path: Path) -> TinyModel:
-    path = build_tiny_onnx(tmp_path / "tiny.onnx")
+def build_deep_onnx(path: Path) -> Path:
+    """image[N,1,8,8] -> Conv(3x3, 4 ch) -> Relu = "a"; a*a -> Conv(1x1, 2 ch) = "feat" [N,2,8,8];
+    GAP(a) -> Flatten -> Gemm = "logits" [N,3].
+
+    Three hidden layers (conv+relu, the square, the pooling) between input and outputs. The square is heavy-tailed (a
+    few large values set its range, most values are small), so 8-bit quantization loses most there: the layer a
+    noise ranking should find first.
+    """
+    rng = np.random.default_rng(11)
+    w1 = (rng.standard_normal((4, 1, 3, 3)) * 0.4).astype(np.float32)
+    b1 = np.array([0.1, -0.05, 0.0, 0.2], np.float32)
+    w2 = (rng.standard_normal((2, 4, 1, 1)) * 0.5).astype(np.float32)
+    b2 = np.zeros(2, np.float32)
+    w3 = rng.standard_normal((3, 4)).astype(np.float32)
+    b3 = np.array([0.2, -0.1, 0.0], np.float32)
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], name="/body/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a"], name="/body/Relu"),
+        helper.make_node("Mul", ["a", "a"], ["sq"], name="/body/Square"),
+        helper.make_node("Conv", ["sq", "w2", "b2"], ["feat"], name="/head/Conv"),
+        helper.make_node("GlobalAveragePool", ["a"], ["gap"], name="/head/GAP"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="/head/Flatten"),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="/head/Gemm", transB=1),
+    ]
+    weights = ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (w3, "w3"), (b3, "b3"))
+    graph = helper.make_graph(
+        nodes,
+        "deep",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, H, W])],
+        [
+            helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 2, H, W]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [numpy_helper.from_array(a, n) for a, n in weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _frames() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(3)
     calibration = rng.integers(0, 256, size=(48, 1, H, W), dtype=np.uint8)
     calibration[0, 0, 0, 0], calibration[0, 0, 0, 1] = 0, 255  # the calibration set spans the full 0..255 range
     evaluation = rng.integers(0, 256, size=(6, 1, H, W), dtype=np.uint8)
+    return calibration, evaluation
+
+
+@pytest.fixture
+def deep_model(tmp_path: Path) -> TinyModel:
+    """The model of ``build_deep_onnx`` with the tiny model's data, normalization and output names."""
+    calibration, evaluation = _frames()
+    return TinyModel(
+        path=build_deep_onnx(tmp_path / "deep.onnx"),
+        model_io=ModelIO(input_name="image", input_shape=("N", 1, H, W), output_names=("feat", "logits")),
+        normalization=Normalization(mean=(MEAN,), std=(STD,)),
+        calibration=calibration,
+        evaluation=evaluation,
+    )
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> TinyModel:
+    path = build_tiny_onnx(tmp_path / "tiny.onnx")
+    calibration, evaluation = _frames()
     return TinyModel(
         path=path,
         model_io=ModelIO(input_name="image", input_shape=("N", 1, H, W), output_names=("feat", "logits")),

@@ -485,7 +485,12 @@ def test_broken_hailort_install_is_explained(tmp_path: Path, monkeypatch: pytest
 
 
 # -- the whole sweep on the fakes -------------------------------------------------------------------------------------------
-def test_whole_sweep_runs_on_the_hailo_backend(hailo_fakes: FakeHailo, write_config: Callable[..., Path]) -> None:
+def script_artifact(client: object, run_id: str, dst: Path) -> str:
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, "model_script.alls", str(dst))).read_text()  # type: ignore[attr-defined]
+
+
+def test_whole_sweep_runs_on_the_hailo_backend(hailo_fakes: FakeHailo, write_config: Callable[..., Path], tmp_path: Path) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -498,6 +503,7 @@ def test_whole_sweep_runs_on_the_hailo_backend(hailo_fakes: FakeHailo, write_con
         "calibset_size": [64],
         "normalization_placement": ["host", "model"],
         "output_16bit": ["logits"],
+        "noisy_layers_16bit": [1],
     }
     path = write_config(backend="hailo", trials=4, search=search, sampler={"name": "grid", "seed": 0})
     cfg = load_config(path)
@@ -518,4 +524,7 @@ def test_whole_sweep_runs_on_the_hailo_backend(hailo_fakes: FakeHailo, write_con
         assert run.data.metrics["device.throughput_fps"] > 0
         assert "model_script.alls" in {a.path for a in client.list_artifacts(run.info.run_id)}
         assert run.data.metrics["device.logits.snr_db"] > 20  # a sweep on the fakes measures real, small errors
+        promoted = run.data.params["hailo.noisy_layers"]  # one hidden layer of the digits CNN, never an output's
+        assert len(promoted.split(",")) == 1 and f"quantization_param({promoted}, precision_mode=a16_w16)" in script_artifact(client, run.info.run_id, tmp_path / run.info.run_id)
+        assert 0 < run.data.metrics["layer_noise.worst1_snr_db"] <= run.data.metrics["layer_noise.worst2_snr_db"]
     assert seen == {(1, "host"), (1, "model"), (2, "host"), (2, "model")}

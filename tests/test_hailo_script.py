@@ -45,6 +45,30 @@ def test_script_matches_golden(golden: str, settings: Settings, normalization: N
     assert model_script(settings, normalization=normalization, output_layers=OUTPUT_LAYERS, extra_lines=extra) == expected
 
 
+NOISY_CASES = [
+    # golden file, settings (noisy_layers_16bit = k), the backend's choice of noisy layers (noisiest first), extra lines
+    ("model_noisy_two", Settings(2, 1, 64, "model", ("logits",), 2), ["ew_mult1", "conv1"], []),
+    ("host_noisy_one_extra", Settings(0, 0, 64, "host", (), 1), ["ew_mult1"], EXTRA),
+    ("host_l0_c5", Settings(0, 5, 1024, "host", (), 3), [], []),  # nothing to promote: no line
+]
+
+
+@pytest.mark.parametrize(("golden", "settings", "noisy", "extra"), NOISY_CASES, ids=[c[0] for c in NOISY_CASES])
+def test_noisy_layer_lines_match_golden(golden: str, settings: Settings, noisy: list[str], extra: list[str]) -> None:
+    expected = (GOLDEN / f"{golden}.alls").read_text()
+    script = model_script(settings, normalization=GRAY, output_layers=OUTPUT_LAYERS, extra_lines=extra, noisy_layers=noisy)
+    assert script == expected
+
+
+@pytest.mark.parametrize(
+    ("noisy", "k", "match"),
+    [(["conv1", "conv2"], 1, "2 noisy layers given for noisy_layers_16bit=1"), (["output_layer1"], 1, "output_16bit")],
+)
+def test_noisy_layers_beyond_k_or_on_outputs_are_refused(noisy: list[str], k: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        model_script(Settings(2, 1, 64, "model", (), k), normalization=GRAY, output_layers=OUTPUT_LAYERS, noisy_layers=noisy)
+
+
 def test_normalization_line_only_with_placement_model() -> None:
     for placement, count in (("model", 1), ("host", 0)):
         script = model_script(Settings(2, 1, 64, placement), normalization=GRAY, output_layers=OUTPUT_LAYERS)  # type: ignore[arg-type]

@@ -295,7 +295,7 @@ def hn_dict(graph: Graph) -> dict[str, Any]:
     shapes = {graph.input_layer: graph.input_shape, **{layer.name: layer.shape for layer in graph.layers}}
     consumers: dict[str, list[str]] = {}
     for layer in graph.layers:
-        for source in layer.inputs:
+        for source in dict.fromkeys(layer.inputs):  # x*x reads one layer twice; it consumes it once
             consumers.setdefault(source, []).append(layer.name)
     for route in graph.outputs:
         consumers.setdefault(route.producer, []).append(route.output_layer)

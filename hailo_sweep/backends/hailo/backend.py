@@ -5,11 +5,16 @@ host-normalized float32 with placement "host", the raw domain (uint8 0..255 fram
 "model". This backend transposes to NHWC itself and never normalizes: with placement "model" the model script's
 ``normalization`` layer does it on the chip (and in emulation), so calibration and inputs arrive raw; with placement
 "host" they arrive normalized and the script has no normalization. One normalization, always, never two.
+
+Per-layer noise: ``layer_noise`` runs Hailo's layer noise analysis on the trial's quantized HAR; with
+``noisy_layers_16bit = k`` the k noisiest hidden layers of a level-0 quantization (ranked once per sweep, cached under
+the sweep's work dir) are promoted to a16_w16 in the model script (``noise`` module).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +30,13 @@ from hailo_sweep.backends.base import (
     CompiledModel,
     DeviceRunner,
     EmulationContext,
+    LayerNoise,
     OptimizedModel,
 )
-from hailo_sweep.backends.hailo import compiler
+from hailo_sweep.backends.hailo import compiler, noise
 from hailo_sweep.backends.hailo._imports import DFC, HAILORT, import_dfc, import_hailort, importable, version_of
 from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
-from hailo_sweep.backends.hailo.naming import HnGraph, OnnxOutput, parse_hn, read_onnx_outputs
+from hailo_sweep.backends.hailo.naming import HnGraph, OnnxOutput, parse_hn, read_onnx_outputs, short_name
 from hailo_sweep.backends.hailo.runtime import DeviceOptions, HailoDeviceRunner, OutputNaming
 from hailo_sweep.backends.hailo.script import SCRIPT_NAME, check_extra_lines, check_layer_names, model_script
 from hailo_sweep.errors import UnsupportedSetting, UserInputError
@@ -46,6 +52,9 @@ DEFAULT_OPTIMIZATION_LEVEL = 2
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_CALIBSET_SIZE = 64
 DEFAULT_TIMEOUT_MS = 10000
+#: calibration samples the once-per-sweep noise ranking analyses (the DFC's default calibset_size, hailo-api.md §2)
+RANKING_SAMPLES = 64
+_RANKING_FORMAT = "hailo-sweep-noise-ranking-v1"
 
 _OPTION_KEYS = (
     "extra_model_script",
@@ -129,6 +138,7 @@ class HailoBackend(Backend):
         check_extra_lines(self.options.extra_model_script)
         self._dfc: ModuleType | None = None
         self._prepared: _Prepared | None = None
+        self._rankings: dict[str, noise.NoiseRanking] = {}  # placement -> ranking, once per backend instance
 
     # -- resources and facts -----------------------------------------------------------------------------------
     @classmethod
@@ -181,6 +191,8 @@ class HailoBackend(Backend):
             raise UnsupportedSetting(f"compression_level {settings.compression_level} is outside the DFC's 0..5", key="search.compression_level")
         if settings.calibset_size < 1:
             raise UnsupportedSetting(f"calibset_size must be >= 1, got {settings.calibset_size}", key="search.calibset_size")
+        if settings.noisy_layers_16bit < 0:
+            raise UnsupportedSetting(f"noisy_layers_16bit must be >= 0, got {settings.noisy_layers_16bit}", key="search.noisy_layers_16bit")
         outputs = self.context.model_io.output_names
         unknown = [n for n in settings.output_16bit if n not in outputs]
         if unknown:
@@ -224,14 +236,18 @@ class HailoBackend(Backend):
         assert self._prepared is not None
         return self._prepared
 
-    def script_for(self, settings: Settings) -> str:
-        """The model script of a trial, with every layer name checked against the HN."""
+    def script_for(self, settings: Settings, noisy_layers: tuple[str, ...] = ()) -> str:
+        """The model script of a trial, with every layer name checked against the HN.
+
+        ``noisy_layers``: scoped HN layers to promote to a16_w16 (from ``noisy_layers``), written by their short names.
+        """
         prepared = self._ready()
         script = model_script(
             settings,
             normalization=self.context.normalization,
             output_layers=prepared.graph.script_names(),
             extra_lines=self.options.extra_model_script,
+            noisy_layers=[short_name(layer) for layer in noisy_layers],
         )
         check_layer_names(script, prepared.graph.has_layer, [o.script_name for o in prepared.graph.outputs])
         return script
@@ -246,7 +262,8 @@ class HailoBackend(Backend):
     def optimize(self, settings: Settings, calibration: np.ndarray, work_dir: Path) -> OptimizedModel:
         self.validate(settings)
         prepared = self._ready()
-        script = self.script_for(settings)
+        noisy = self.noisy_layers(settings, calibration)
+        script = self.script_for(settings, noisy)
         calib = self._nhwc(calibration, "calibration data")
         work_dir = Path(work_dir)
         log_path = work_dir / "optimize.log"
@@ -266,6 +283,8 @@ class HailoBackend(Backend):
         }
         if facts.calibration_entries is not None:
             params["calibration_entries_used"] = facts.calibration_entries
+        if settings.noisy_layers_16bit:
+            params["hailo.noisy_layers"] = ",".join(short_name(layer) for layer in noisy) or "none"
         flags = ["optimization_level_lowered"] if facts.lowered else []
         return OptimizedModel(
             settings=settings,
@@ -275,6 +294,68 @@ class HailoBackend(Backend):
             params=params,
             flags=flags,
         )
+
+    # -- per-layer noise ----------------------------------------------------------------------------------------
+    def layer_noise(self, model: OptimizedModel, inputs: np.ndarray) -> list[LayerNoise]:
+        """Hailo's layer noise analysis of the trial's quantized HAR on ``inputs`` (feed domain = calibration domain).
+
+        Runs on a runner loaded from the HAR saved after optimize, like ``hailo analyze-noise q.har`` (hailo-api.md
+        §4), so the trial's own runner is left as it is. Rows are named by HN layer; outputs by their ONNX name.
+        SDK failures raise ``compiler.DfcError`` and an empty result ``noise.LayerNoiseError``, both saying why.
+        """
+        handle: HailoOptimized = model.handle
+        x = self._nhwc(inputs, "layer noise inputs")
+        runner = compiler.new_runner(self.dfc, self.context.target, handle.har)
+        stats = compiler.analyze_noise(runner, x)
+        return noise.to_layer_noise(noise.require_snr(stats, handle.graph), handle.graph)
+
+    def noisy_layers(self, settings: Settings, calibration: np.ndarray) -> tuple[str, ...]:
+        """The ``settings.noisy_layers_16bit`` noisiest promotable layers (scoped HN names), noisiest first."""
+        if settings.noisy_layers_16bit <= 0:
+            return ()
+        ranking = self.noise_ranking(settings.normalization_placement, calibration)
+        return tuple(ranking.noisiest(settings.noisy_layers_16bit))
+
+    def _ranking_path(self, placement: str) -> Path:
+        """Cache file of the ranking: keyed by the HAR's cache key, the placement, and what else shapes the level-0
+        model (normalization, the user's extra script lines)."""
+        prepared = self._ready()
+        norm = self.context.normalization
+        facts = {
+            "format": _RANKING_FORMAT,
+            "har": prepared.cache_key,
+            "placement": placement,
+            "normalization": [list(map(float, norm.mean)), list(map(float, norm.std))] if norm is not None else None,
+            "extra": list(self.options.extra_model_script),
+        }
+        key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+        return Path(self.context.work_dir) / "hailo" / f"noise-ranking-{key}.json"
+
+    def noise_ranking(self, placement: str, calibration: np.ndarray) -> noise.NoiseRanking:
+        """Layers ranked by the SNR of a level-0 quantization, computed once per sweep and placement.
+
+        Held per backend instance and cached as JSON under the sweep's work dir, so later trials and other workers
+        reuse it. ``calibration`` is the first trial's calibration set; its first ``RANKING_SAMPLES`` are analysed.
+        """
+        if placement not in self._rankings:
+            path = self._ranking_path(placement)
+            if path.is_file():
+                self._rankings[placement] = noise.NoiseRanking.from_json(path.read_text(encoding="utf-8"))
+            else:
+                ranking = self._rank_layers(placement, calibration[:RANKING_SAMPLES])
+                atomic_write_text(path, ranking.to_json())
+                self._rankings[placement] = ranking
+        return self._rankings[placement]
+
+    def _rank_layers(self, placement: str, calibration: np.ndarray) -> noise.NoiseRanking:
+        """Quantize the cached HAR at optimization and compression level 0 and run the layer noise analysis on it."""
+        prepared = self._ready()
+        probe = Settings(0, 0, len(calibration), placement)  # type: ignore[arg-type]
+        calib = self._nhwc(calibration, "calibration data for the noise ranking")
+        runner = compiler.new_runner(self.dfc, self.context.target, prepared.har)
+        compiler.optimize(runner, self.script_for(probe), calib)
+        stats = compiler.analyze_noise(runner, calib)
+        return noise.NoiseRanking.from_snrs(noise.require_snr(stats, prepared.graph), prepared.graph, len(calib))
 
     def emulate(self, model: OptimizedModel, inputs: np.ndarray, context: EmulationContext) -> dict[str, np.ndarray]:
         handle: HailoOptimized = model.handle

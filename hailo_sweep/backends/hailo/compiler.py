@@ -7,6 +7,8 @@ Call shapes (hailo-api.md §1; sources there):
     runner.load_model_script(text);  runner.optimize(calib_nhwc)   MZ main_utils.py, LUX exporter.py
     with runner.infer_context(InferenceContext.X) as ctx: runner.infer(ctx, x_nhwc)   LUX inferer.py, forum t/13760
     runner.compile() -> bytes                                  MZ main_utils.py, LUX exporter.py
+    runner.analyze_noise(data, data_count=..., batch_size=...[, analyze_mode="advanced"])   third-party (§1.8)
+    runner.get_params_statistics()                             ACE diag inspectors (§1.6, §1.8)
 
 Why the log capture: the DFC silently lowers the optimization level when data are short or there is no GPU and only
 says so in its log ("Reducing optimization level to N ...", hailo-api.md §2). The sweep must record the level that
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -256,3 +259,45 @@ def compile_hef(runner: Any) -> bytes:
     if not isinstance(hef, (bytes, bytearray)):
         raise TypeError(f"ClientRunner.compile() returned {type(hef).__name__}, expected the HEF as bytes")
     return bytes(hef)
+
+
+# -- layer noise analysis -----------------------------------------------------------------------------------------
+NOISE_MAX_BATCH = 8
+
+
+def noise_batch_size(samples: int) -> int:
+    """The largest batch of at most ``NOISE_MAX_BATCH`` that divides ``samples``: public calls pair ``batch_size`` 2
+    or 16 with a ``data_count`` it divides (hailo-api.md §1.8), and whether the DFC accepts a ragged last batch is
+    not public."""
+    return max(b for b in range(1, min(NOISE_MAX_BATCH, max(samples, 1)) + 1) if samples % b == 0)
+
+
+def accepts_keyword(func: Any, name: str) -> bool:
+    """True when ``func``'s signature names the keyword ``name`` (False when it cannot be inspected or takes **kwargs
+    only: an unknown keyword would make the DFC raise)."""
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    param = parameters.get(name)
+    return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def analyze_noise(runner: Any, data_nhwc: np.ndarray) -> Any:
+    """Run the DFC's layer noise analysis on ``data_nhwc`` (calibration domain) and return its statistics object.
+
+    ``data_count``/``batch_size`` are keywords of third-party call sites (**UNVERIFIED** against Hailo's docs).
+    ``analyze_mode="advanced"`` (the per-layer cumulative SNR, key ``layer_noise_analysis/snr``) is passed only when
+    the installed ``analyze_noise`` names that keyword in its signature; otherwise the DFC's default mode runs and
+    ``noise.read_layer_snr`` falls back to ``partial_snr``. The call's return value is ignored: a third-party report
+    says it is None, and the results live in ``get_params_statistics()`` (hailo-api.md §1.8).
+    """
+    samples = len(data_nhwc)
+    if samples < 1:
+        raise ValueError("the layer noise analysis needs at least one sample")
+    kwargs: dict[str, Any] = {"data_count": samples, "batch_size": noise_batch_size(samples)}
+    if accepts_keyword(runner.analyze_noise, "analyze_mode"):
+        kwargs["analyze_mode"] = "advanced"
+    run_captured("analyze_noise", lambda: runner.analyze_noise(data_nhwc, **kwargs))
+    stats, _ = run_captured("get_params_statistics", runner.get_params_statistics)
+    return stats

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +81,22 @@ class HnGraph:
     layers: frozenset[str]
     outputs: tuple[HnOutput, ...]  # in HN output order
     input_shape: tuple[int, ...] | None  # (H, W, C) of the input layer, when the HN states it
+    types: Mapping[str, str] = field(default_factory=dict)  # scoped layer name -> HN "type" (e.g. "conv")
 
     def has_layer(self, name: str) -> bool:
         if name in self.layers or f"{self.net_name}/{name}" in self.layers:
             return True
         return "/" not in name and any(short_name(layer) == name for layer in self.layers)
+
+    def ordered_layers(self) -> list[str]:
+        """Every layer name, sorted, so that anything iterating the HN does so deterministically."""
+        return sorted(self.layers)
+
+    def output_names(self) -> dict[str, str]:
+        """Output pseudo-layers *and* their producing layers -> ONNX output name (both carry the output's values)."""
+        names = {o.output_layer: o.onnx_name for o in self.outputs}
+        names.update({o.producer: o.onnx_name for o in self.outputs})
+        return names
 
     def script_names(self) -> dict[str, str]:
         """ONNX output name -> the HN output layer name used in model scripts."""
@@ -145,4 +156,5 @@ def parse_hn(hn: Mapping[str, Any] | str, onnx_outputs: tuple[OnnxOutput, ...]) 
         if layer.get("type") == "input_layer" and layer.get("input_shapes"):
             input_shape = tuple(int(d) for d in layer["input_shapes"][0][1:])
             break
-    return HnGraph(net_name=net_name, layers=frozenset(layers), outputs=tuple(outputs), input_shape=input_shape)
+    types = {name: str(layer.get("type", "")) for name, layer in layers.items()}
+    return HnGraph(net_name=net_name, layers=frozenset(layers), outputs=tuple(outputs), input_shape=input_shape, types=types)

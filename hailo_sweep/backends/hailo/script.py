@@ -8,6 +8,7 @@ artifact, so it must be deterministic, readable and complete. Command shapes are
     model_optimization_flavor(optimization_level=2, compression_level=2)
     model_optimization_config(calibration, batch_size=4, calibset_size=64)
     quantization_param(output_layer1, precision_mode=a16_w16)
+    quantization_param(conv45, precision_mode=a16_w16)      # a noisy hidden layer (noisy_layers_16bit)
 
 Layer names are validated against the HN (``check_layer_names``) before the script is handed to the DFC.
 """
@@ -111,20 +112,34 @@ def check_layer_names(script: str, has_layer: Callable[[str], bool], known: Sequ
             )
 
 
+def check_noisy_layers(noisy_layers: Sequence[str], k: int) -> None:
+    """At most ``k`` hidden layers, none of them an output (outputs are the output_16bit knob's)."""
+    if len(noisy_layers) > k:
+        raise ValueError(f"{len(noisy_layers)} noisy layers given for noisy_layers_16bit={k}")
+    outputs = [name for name in noisy_layers if _OUTPUT_LAYER.match(name)]
+    if outputs:
+        raise ValueError(f"output layer(s) {', '.join(outputs)} cannot be promoted as noisy layers; that is output_16bit")
+
+
 def model_script(
     settings: Settings,
     *,
     normalization: Normalization | None,
     output_layers: Mapping[str, str],
     extra_lines: Sequence[str] = (),
+    noisy_layers: Sequence[str] = (),
 ) -> str:
     """The trial's model script.
 
     ``output_layers`` maps ONNX output names to HN output layer names (``naming.HnGraph.script_names``).
     The normalization line appears only with placement "model": then the calibration set and every input are fed in
     the raw domain and the chip normalizes; with placement "host" the data arrive normalized and the script has none.
+    ``noisy_layers`` are the HN layers ``settings.noisy_layers_16bit`` promotes (chosen by the backend from its
+    once-per-sweep noise ranking, noisiest first); each gets its own ``quantization_param(..., a16_w16)`` line, after
+    the 16-bit outputs and before the user's extra lines.
     """
     check_extra_lines(extra_lines)
+    check_noisy_layers(noisy_layers, settings.noisy_layers_16bit)
     lines: list[str] = []
     if settings.normalization_placement == "model" and normalization is not None:
         lines.append(f"{NORMALIZATION_LAYER} = normalization({format_values(normalization.mean)}, {format_values(normalization.std)})")
@@ -134,6 +149,8 @@ def model_script(
     )
     lines.append(f"model_optimization_config(calibration, calibset_size={settings.calibset_size})")
     for layer in sixteen_bit_layers(settings.output_16bit, output_layers):
+        lines.append(f"quantization_param({layer}, precision_mode=a16_w16)")
+    for layer in noisy_layers:
         lines.append(f"quantization_param({layer}, precision_mode=a16_w16)")
     lines.extend(line.rstrip("\n") for line in extra_lines)
     return "\n".join(lines) + "\n"

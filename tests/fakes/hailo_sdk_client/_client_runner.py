@@ -7,7 +7,9 @@ ankandrew/fast-plate-ocr#44), ``get_hn``/``get_hn_dict`` (LUX), ``save_har``/``l
 ``load_model_script(script, append=False)`` (MZ main_utils.py L608-612), ``optimize(calib)`` and
 ``optimize_full_precision(calib_data=)`` (MZ main_utils.py), ``infer_context(target, device_ids=None,
 nms_score_threshold=None, custom_infer_config=None)`` (MZ main_driver.py L395-400), ``infer(context, dataset,
-batch_size=, data_count=)`` (MZ core/infer/runner_infer.py L25), ``compile() -> bytes`` (MZ main_utils.py L613-616).
+batch_size=, data_count=)`` (MZ core/infer/runner_infer.py L25), ``compile() -> bytes`` (MZ main_utils.py L613-616),
+``analyze_noise(dataset, data_count=, batch_size=, analyze_mode=)`` and ``get_params_statistics()`` (hailo-api.md
+§1.8: third-party call sites and ACE diag ``high_precision_inspector.py``; details at the methods).
 Unknown keyword arguments raise ``TypeError`` because the signatures are plain Python signatures.
 """
 
@@ -18,7 +20,7 @@ import copy
 import enum
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,12 @@ DEFAULT_CALIBSET_SIZE = 64  # "Using dataset with 64 entries for calibration" (h
 DEFAULT_OPTIMIZATION_LEVEL = 2  # "[info] Using default optimization level of 2" (hailo-api.md §2)
 DEFAULT_COMPRESSION_LEVEL = 1  # not public (hailo-api.md: UNVERIFIED); the fake assumes 1
 RECOMMENDED_CALIBSET = 1024  # "less data than the recommended amount (1024)" (hailo-api.md §2)
+# The statistics keys ACE diag high_precision_inspector.py reads: 'snr' after the advanced analysis, 'partial_snr'
+# after the simple one (it falls back to partial_snr and warns "Missing data from layer_noise_analysis").
+SNR_KEY = "layer_noise_analysis/snr"
+PARTIAL_SNR_KEY = "layer_noise_analysis/partial_snr"
+ANALYZE_MODES = {"simple": PARTIAL_SNR_KEY, "advanced": SNR_KEY}  # CLI --analyze-mode simple|advanced (hailo-api.md §4)
+DEFAULT_ANALYZE_MODE = "simple"  # not public (hailo-api.md: UNVERIFIED); the fake assumes simple
 
 
 class InferenceContext(enum.Enum):
@@ -71,9 +79,41 @@ class _InferContext:
         self.active = True
 
 
+class ParamsStatistics(Mapping[str, np.ndarray]):
+    """What ``get_params_statistics()`` returns, in the two access forms public code uses.
+
+    - ``stats[layer.name].get('layer_noise_analysis/snr')``: indexing by a scoped layer name gives that layer's
+      statistics (ACE diag high_precision_inspector.py indexes every non-input/output layer this way);
+    - ``stats.get(f"{layer.name}/layer_noise_analysis/...")``: flat keys (a commented-out call in ACE's
+      PointPillars example).
+    Values are 1-element float32 arrays (the inspector calls ``np.concatenate`` on them and ``float()`` on each).
+    The fake holds only the noise-analysis statistics; the real object holds many more (ranges etc.).
+    """
+
+    def __init__(self, flat: dict[str, np.ndarray], layers: list[str]):
+        self._flat = {k: np.array(v, np.float32) for k, v in flat.items()}
+        self._layers = set(layers)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._flat:
+            return self._flat[key]
+        if key in self._layers:
+            prefix = key + "/"
+            return {k[len(prefix) :]: v for k, v in self._flat.items() if k.startswith(prefix)}
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._flat)
+
+    def __len__(self) -> int:
+        return len(self._flat)
+
+
 class ClientRunner:
     #: fake-only: how many times translate_onnx_model ran in this process (tests assert cache hits with it)
     translate_calls = 0
+    #: fake-only: how many times analyze_noise ran in this process (tests assert the noise ranking is cached)
+    analyze_noise_calls = 0
 
     def __init__(self, hw_arch: str | None = None, har: str | Path | None = None):
         self._hw_arch = hw_arch
@@ -82,6 +122,7 @@ class ClientRunner:
         self._onnx = b""
         self._script = core.Script()
         self._quant: core.Quantization | None = None
+        self._stats: dict[str, list[float]] = {}  # flat "<layer>/<statistic>" keys (see ParamsStatistics)
         if har is not None:
             self.load_har(har)
         if self._hw_arch is None:
@@ -139,6 +180,7 @@ class ClientRunner:
             "graph": graph.to_json(),
             "script": self._script.text,
             "quantization": self._quant.to_json() if self._quant else None,
+            "statistics": self._stats,  # analysis results are stored in the HAR (hailo-api.md §1.8)
         }
         core.write_har(str(har_path), state, self._onnx)
 
@@ -149,6 +191,7 @@ class ClientRunner:
         self._graph = core.Graph.from_json(state["graph"])
         self._script = core.parse_script(state["script"], self._graph)
         self._quant = core.Quantization.from_json(state["quantization"]) if state["quantization"] else None
+        self._stats = {k: list(v) for k, v in (state.get("statistics") or {}).items()}
 
     # -- optimization -----------------------------------------------------------------------------------------------
     def load_model_script(self, model_script: str | Path, append: bool = False) -> None:
@@ -203,6 +246,7 @@ class ClientRunner:
             level, compression = 0, 0
         print("Calibration: 100%|##########| done")
         self._quant = core.calibrate(self._onnx, graph, self._script, data[:n], level, compression)
+        self._stats = {}  # statistics of an earlier quantization no longer apply
         self._state = States.QUANTIZED_MODEL
         _LOG.info("Model Optimization is done")
 
@@ -244,6 +288,44 @@ class ClientRunner:
             raise NotImplementedError("the fake has no hardware target; use hailo_platform")
         outs = [np.asarray(o, np.float32) for o in outs]
         return outs[0] if len(outs) == 1 else outs
+
+    # -- layer noise analysis (hailo-api.md §1.8, §4 step 3) --------------------------------------------------------
+    def analyze_noise(
+        self,
+        dataset: Any,
+        data_count: int | None = None,
+        batch_size: int = 1,
+        analyze_mode: str = DEFAULT_ANALYZE_MODE,
+    ) -> None:
+        """Per-layer SNR of the quantized model against float on ``dataset``, stored for ``get_params_statistics()``.
+
+        Keyword names: ``batch_size``/``data_count`` (forum t/10895 and third-party scripts: ``analyze_noise(calib,
+        batch_size=2, data_count=64)``, "Batch size is 1 by default"), ``dataset=`` and ``analyze_mode="advanced"``
+        (a third-party MiDaS script). A ``.npy`` path is accepted (a third-party script passes ``data_path``).
+        Needs quantized parameters: a quantized or compiled runner (a third-party script analyzes a
+        ``*_compiled_model.har``). Returns None (a third-party report: "analyze_noise() returned None"). The data are
+        in the calibration domain: the model script's normalization runs inside, as in emulation.
+        The SNR numbers are the fake's own (``core.layer_noise``); Hailo's algorithm is not public.
+        """
+        if self._state not in (States.QUANTIZED_MODEL, States.COMPILED_MODEL) or self._quant is None:
+            raise RuntimeError(f"analyze_noise needs a quantized model (run optimize or load a quantized HAR), this runner is {self._state.name}")
+        if analyze_mode not in ANALYZE_MODES:
+            raise ValueError(f"analyze_mode must be one of {sorted(ANALYZE_MODES)}, got {analyze_mode!r}")
+        if int(batch_size) < 1 or (data_count is not None and int(data_count) < 1):
+            raise ValueError(f"batch_size and data_count must be >= 1, got {batch_size} and {data_count}")
+        if isinstance(dataset, (str, Path)):
+            dataset = np.load(str(dataset))
+        x = self._frames(dataset, "dataset")
+        if data_count is not None:
+            x = x[: int(data_count)]
+        ClientRunner.analyze_noise_calls += 1
+        key = ANALYZE_MODES[analyze_mode]
+        for layer, values in core.layer_noise(self._onnx, self._need_graph(), self._quant, x).items():
+            self._stats[f"{layer}/{key}"] = [values["snr" if key == SNR_KEY else "partial_snr"]]
+
+    def get_params_statistics(self) -> ParamsStatistics:
+        """Statistics of the model's layers (ACE diag inspectors; hailo-api.md §1.6, §1.8)."""
+        return ParamsStatistics({k: np.asarray(v) for k, v in self._stats.items()}, self._need_graph().layer_names())
 
     # -- compilation ------------------------------------------------------------------------------------------------
     def compile(self) -> bytes:
