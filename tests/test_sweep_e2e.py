@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hailo_sweep import metrics as m

@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import platform
@@ -24,7 +22,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from hailo_sweep.atomic import atomic_write, atomic_write_text
@@ -39,12 +43,16 @@ from hailo_sweep.backends.base import (
     QuantParams,
 )
 from hailo_sweep.backends.onnxruntime import graph
-from hailo_sweep.backends.onnxruntime.equalize import bias_correction, cross_layer_equalize
+from hailo_sweep.backends.onnxruntime.equalize import (
+    bias_correction,
+    cross_layer_equalize,
+)
 from hailo_sweep.backends.onnxruntime.noise import layer_noise
+from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
 from hailo_sweep.backends.onnxruntime.recipe import PERCENTILE, Recipe, check
 from hailo_sweep.data import is_uint8_domain
-from hailo_sweep.onnx_runner import run_chunked, session
 from hailo_sweep.errors import UnsupportedSetting
+from hailo_sweep.onnx_runner import run_chunked, session
 from hailo_sweep.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -276,7 +284,7 @@ class OnnxRuntimeBackend(Backend):
         onnx.save(model, str(source))
 
         def run(cache_path: Path) -> None:
-            with _quiet_quantizer():
+            with quiet_quantizer():
                 quantize_static(
                     str(source),
                     str(out_path),
@@ -398,31 +406,12 @@ class OrtDeviceRunner(DeviceRunner):
 
 
 def _pre_process(model: onnx.ModelProto, out: Path) -> None:
-    with _quiet_quantizer():
+    with quiet_quantizer():
         try:
             quant_pre_process(model, str(out))
         except Exception as exc:  # symbolic shape inference fails on some models (pitfalls P6/P16): retry without it
             log.warning("quant_pre_process failed (%s); retrying with skip_symbolic_shape=True", exc)
             quant_pre_process(model, str(out), skip_symbolic_shape=True)
-
-
-@contextlib.contextmanager
-def _quiet_quantizer() -> Iterator[None]:
-    """ONNX Runtime's quantizer prints progress to stdout and advice on the root logger for every call (pitfall P14).
-
-    Both are captured; what it said goes to this module's debug log instead of the user's terminal.
-    """
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured):
-            yield
-    finally:
-        root.setLevel(level)
-        if captured.getvalue():
-            log.debug("onnxruntime.quantization said:\n%s", captured.getvalue())
 
 
 def _cpu_description() -> str:

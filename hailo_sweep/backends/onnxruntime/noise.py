@@ -16,10 +16,8 @@ Two kinds of tensor are left out on purpose (pitfall P10):
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ from onnxruntime.quantization.qdq_loss_debug import (
 )
 
 from hailo_sweep.backends.base import LayerNoise
+from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +50,6 @@ class _BatchReader(CalibrationDataReader):
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The quantization tools print to stdout and log advice on the root logger; keep the user's terminal clean."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(captured):
-            yield
-    finally:
-        root.setLevel(level)
-        if captured.getvalue():
-            log.debug("onnxruntime.quantization said:\n%s", captured.getvalue())
 
 
 def _input_spec(path: Path) -> tuple[str, type, int | None]:
@@ -157,7 +140,7 @@ def layer_noise(
     float_model_path, qdq_model_path = Path(float_model_path), Path(qdq_model_path)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with quiet_quantizer():
         float_acts = _activations(float_model_path, work_dir / "float.augmented.onnx", data, "float")
         qdq_acts = _activations(qdq_model_path, work_dir / "qdq.augmented.onnx", data, "QDQ")
         matching = create_activation_matching(qdq_acts, float_acts)
