@@ -336,6 +336,8 @@ def _diagnose(
             result.layer_noise = backend.layer_noise(optimized, evaluation[: diag.layer_noise_samples])
         except NotImplementedError as exc:
             result.notes.append(str(exc))
+        except Exception as exc:  # the analysis is an explanation, not a measurement: the findings still run
+            result.notes.append(f"per-layer noise analysis failed: {type(exc).__name__}: {str(exc)[:500]}")
         for rank, layer in enumerate(result.layer_noise[:3]):
             result.metrics[f"layer_noise.worst{rank + 1}_snr_db"] = layer.snr_db
     cfg = prepared.config

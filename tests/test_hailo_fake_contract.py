@@ -83,6 +83,12 @@ def test_translate_returns_an_nhwc_hn_with_output_mapping(hailo_fakes: FakeHailo
     assert layers["tiny/conv1"]["original_names"] == ["/stem/Conv", "/stem/Relu"]
     assert layers["tiny/output_layer2"]["input"] == ["tiny/fc1"]
     assert hn["net_params"]["output_layers_order"] == ["tiny/conv1", "tiny/fc1"]
+    # the layers in between: GAP with the Flatten after it folded in, between the conv and the dense layer
+    assert layers["tiny/avgpool1"]["original_names"] == ["/head/GAP", "/head/Flatten"]
+    assert layers["tiny/avgpool1"]["input"] == ["tiny/conv1"] and layers["tiny/fc1"]["input"] == ["tiny/avgpool1"]
+    assert layers["tiny/conv1"]["output"] == ["tiny/avgpool1", "tiny/output_layer1"]
+    assert layers["tiny/avgpool1"]["output_shapes"] == [[-1, 2]]
+    assert sorted(layers) == ["tiny/avgpool1", "tiny/conv1", "tiny/fc1", "tiny/input_layer1", "tiny/output_layer1", "tiny/output_layer2"]
     with pytest.raises(Exception, match="does not match"):
         hailo_fakes.sdk.ClientRunner(hw_arch="hailo8").translate_onnx_model(str(tiny_model.path), "t", net_input_shapes={"image": [1, 3, 8, 8]})
 

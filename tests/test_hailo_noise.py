@@ -258,3 +258,17 @@ def test_k_beyond_the_hidden_layers_promotes_them_all_and_negative_k_is_refused(
     object.__setattr__(settings, "noisy_layers_16bit", -1)  # Settings refuses it itself; validate must too
     with pytest.raises(UnsupportedSetting, match="noisy_layers_16bit must be >= 0"):
         backend.validate(settings)
+
+
+def test_a_dfc_without_the_analysis_says_so(
+    hailo_fakes: FakeHailo, tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = make_backend(tiny_model, tmp_path)
+    model = optimize(backend, tiny_model, tmp_path, Settings(2, 1, 32, "model"), "trial")
+    monkeypatch.delattr(hailo_fakes.sdk.ClientRunner, "analyze_noise")
+    with pytest.raises(NotImplementedError, match="no ClientRunner.analyze_noise"):  # the pipeline notes it and goes on
+        backend.layer_noise(model, tiny_model.feed(tiny_model.evaluation, "model"))
+    backend.validate(Settings(2, 1, 32, "model", (), 0))
+    with pytest.raises(UnsupportedSetting) as info:
+        backend.validate(Settings(2, 1, 32, "model", (), 1))
+    assert info.value.key == "search.noisy_layers_16bit" and "analyze_noise" in str(info.value)

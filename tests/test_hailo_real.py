@@ -113,3 +113,24 @@ def test_real_device_lock_refuses_a_second_owner(real_hailo: RealHailo, tiny_mod
                 pass
     finally:
         holder.release()
+
+
+@pytest.fixture(scope="module")
+def real_dfc_target() -> str:
+    """The DFC alone is enough for the layer noise analysis; the target defaults to hailo8."""
+    _import_real("hailo_sdk_client")
+    return os.environ.get("HAILO_SWEEP_TARGET") or "hailo8"
+
+
+def test_real_layer_noise_and_noisy_layer_promotion(real_dfc_target: str, tiny_model: TinyModel, tmp_path: Path) -> None:
+    backend = HailoBackend(tiny_model.context(tmp_path / "sweep", target=real_dfc_target))
+    backend.activate()
+    settings = Settings(0, 0, 48, "model", (), 1)
+    model = backend.optimize(settings, tiny_model.feed(tiny_model.calibration, "model"), tmp_path / "trial")
+    promoted = str(model.params["hailo.noisy_layers"])
+    if promoted != "none":  # the tiny model's only hidden layer is its pooling, unless the DFC folds it away
+        assert f"quantization_param({promoted}, precision_mode=a16_w16)" in model.script
+    rows = backend.layer_noise(model, tiny_model.feed(tiny_model.evaluation, "model"))
+    assert rows and all(np.isfinite(r.snr_db) for r in rows)
+    assert [r.snr_db for r in rows] == sorted(r.snr_db for r in rows)
+    assert {r.layer for r in rows if r.kind == "output"} <= {"feat", "logits"}

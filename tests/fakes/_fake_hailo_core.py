@@ -4,9 +4,16 @@ The fakes follow Hailo's *documented API*; the numbers they compute are this fil
 so a sweep on the fakes is meaningful, NOT Hailo's algorithms (which are closed source):
 
 - the network is run with onnxruntime (NCHW inside, NHWC at the API, as the HN is NHWC: hailo-api.md §1.2);
+- the HN has one layer per ONNX node (an activation after conv/dense, and shape-only ops, folded into the layer before),
+  the input layer and an ``output_layerN`` per output (names and types: hailo-api.md §1.6, §2; numbering is the fake's);
 - the model script's ``normalization`` layer is applied first when present (hailo-api.md §1.4);
-- "quantization" = per-output min/max ranges over the calibration set, rounding to 8 or 16 bits (16 for layers
-  set to ``precision_mode=a16_w16``), per channel when ``output_encoding_vector=enabled`` (hailo-api.md §2, §3.5);
+- "quantization" = min/max ranges over the calibration set (float network), rounding to 8 or 16 bits (16 for layers
+  set to an ``a16_*`` precision mode): every hidden layer's activation is rounded inside the network, so later layers
+  compute on its grid; outputs are rounded after the network, per channel when ``output_encoding_vector=enabled``
+  (hailo-api.md §2, §3.5). Layers reading an output layer's value inside the network read it in float (a
+  simplification);
+- the layer noise analysis (``layer_noise``) compares those same quantized values with the float network's, so its
+  SNRs are what the emulator and the chip actually lose, layer by layer (Hailo's own algorithm is not public);
 - a deterministic extra error of ``0.25*(4-optimization_level) + 0.35*compression_level`` LSB (effective levels) is
   added before output rounding, so trials at different levels give different numbers (an invention of this fake);
 - quantize/dequantize use HailoRT's formulas in float32 (``quantization.hpp``: ``q = bankers_round(clip(x, limvals)
@@ -20,7 +27,6 @@ from __future__ import annotations
 import ast
 import base64
 import fnmatch
-import hashlib
 import io
 import json
 import re
@@ -35,8 +41,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 HEF_MAGIC = b"FAKEHEF1\n"
-_SESSIONS: dict[str, ort.InferenceSession] = {}
-_MODELS: dict[str, bytes] = {}
+# Keyed by the model bytes themselves: a bytes object caches its hash, so a lookup per inference call stays cheap.
+_SESSIONS: dict[bytes, ort.InferenceSession] = {}
+_MODELS: dict[tuple[Any, ...], bytes] = {}
 _ACTIVATIONS = {"Relu", "Sigmoid", "Clip", "LeakyRelu", "Tanh", "HardSigmoid"}
 _SHAPE_OPS = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity"}  # no arithmetic: folded into the layer before
 _FUSES_ACTIVATION = {"Conv", "Gemm", "MatMul"}
@@ -136,12 +143,11 @@ class Graph:
 
 
 def session(onnx_bytes: bytes) -> ort.InferenceSession:
-    key = hashlib.sha256(onnx_bytes).hexdigest()
-    if key not in _SESSIONS:
+    if onnx_bytes not in _SESSIONS:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        _SESSIONS[key] = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    return _SESSIONS[key]
+        _SESSIONS[onnx_bytes] = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    return _SESSIONS[onnx_bytes]
 
 
 def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> None:
@@ -155,7 +161,7 @@ def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> None:
 
 def tapped_model(onnx_bytes: bytes, tensors: list[str]) -> bytes:
     """The network with ``tensors`` (layer outputs) exposed as graph outputs, to read every layer's float value."""
-    key = hashlib.sha256(onnx_bytes + json.dumps(["taps", tensors]).encode()).hexdigest()
+    key = ("taps", onnx_bytes, tuple(tensors))
     if key not in _MODELS:
         model = onnx.load_from_string(onnx_bytes)
         _with_outputs(model, tensors)
@@ -588,7 +594,7 @@ def chain_model(onnx_bytes: bytes, graph: Graph, layers: dict[str, LayerQuant]) 
     hidden = {layer.tensor: layer.name for layer in graph.hidden_layers() if layer.name in layers}
     renamed = {tensor: f"{tensor}__fq" for tensor in hidden}
     taps = {name: renamed[tensor] for tensor, name in hidden.items()}
-    key = hashlib.sha256(onnx_bytes + json.dumps(["chain", {k: asdict(v) for k, v in sorted(layers.items())}]).encode()).hexdigest()
+    key = ("chain", onnx_bytes, tuple(sorted((k, v.bits, v.qp.scale, v.qp.zp) for k, v in layers.items())))
     if key not in _MODELS:
         model = onnx.load_from_string(onnx_bytes)
         nodes: list[Any] = []

@@ -193,6 +193,13 @@ class HailoBackend(Backend):
             raise UnsupportedSetting(f"calibset_size must be >= 1, got {settings.calibset_size}", key="search.calibset_size")
         if settings.noisy_layers_16bit < 0:
             raise UnsupportedSetting(f"noisy_layers_16bit must be >= 0, got {settings.noisy_layers_16bit}", key="search.noisy_layers_16bit")
+        if settings.noisy_layers_16bit > 0 and not compiler.has_noise_analysis(self.dfc):
+            raise UnsupportedSetting(
+                "noisy_layers_16bit needs the layer noise analysis (ClientRunner.analyze_noise / get_params_statistics), "
+                "which the installed Dataflow Compiler does not have",
+                key="search.noisy_layers_16bit",
+                fix="remove noisy_layers_16bit from the search space, or install a Dataflow Compiler with analyze_noise",
+            )
         outputs = self.context.model_io.output_names
         unknown = [n for n in settings.output_16bit if n not in outputs]
         if unknown:
@@ -301,13 +308,21 @@ class HailoBackend(Backend):
 
         Runs on a runner loaded from the HAR saved after optimize, like ``hailo analyze-noise q.har`` (hailo-api.md
         §4), so the trial's own runner is left as it is. Rows are named by HN layer; outputs by their ONNX name.
-        SDK failures raise ``compiler.DfcError`` and an empty result ``noise.LayerNoiseError``, both saying why.
+        SDK failures raise ``compiler.DfcError`` and an empty result ``noise.LayerNoiseError``, both saying why; a DFC
+        without the analysis raises ``NotImplementedError`` (the pipeline records that as a note).
         """
+        if not compiler.has_noise_analysis(self.dfc):
+            raise NotImplementedError("the installed Dataflow Compiler has no ClientRunner.analyze_noise; no per-layer noise on the hailo backend")
         handle: HailoOptimized = model.handle
         x = self._nhwc(inputs, "layer noise inputs")
         runner = compiler.new_runner(self.dfc, self.context.target, handle.har)
         stats = compiler.analyze_noise(runner, x)
-        return noise.to_layer_noise(noise.require_snr(stats, handle.graph), handle.graph)
+        return noise.to_layer_noise(noise.require_snr(stats, self._layers_of(runner, handle.graph)), handle.graph)
+
+    @staticmethod
+    def _layers_of(runner: Any, graph: HnGraph) -> list[str]:
+        """The translated HN's layers plus any the model script added (e.g. normalization1) in the quantized HN."""
+        return sorted(set(graph.layers) | set(compiler.read_hn(runner).get("layers", {})))
 
     def noisy_layers(self, settings: Settings, calibration: np.ndarray) -> tuple[str, ...]:
         """The ``settings.noisy_layers_16bit`` noisiest promotable layers (scoped HN names), noisiest first."""
@@ -355,7 +370,8 @@ class HailoBackend(Backend):
         runner = compiler.new_runner(self.dfc, self.context.target, prepared.har)
         compiler.optimize(runner, self.script_for(probe), calib)
         stats = compiler.analyze_noise(runner, calib)
-        return noise.NoiseRanking.from_snrs(noise.require_snr(stats, prepared.graph), prepared.graph, len(calib))
+        snrs = noise.require_snr(stats, self._layers_of(runner, prepared.graph))
+        return noise.NoiseRanking.from_snrs(snrs, prepared.graph, len(calib))
 
     def emulate(self, model: OptimizedModel, inputs: np.ndarray, context: EmulationContext) -> dict[str, np.ndarray]:
         handle: HailoOptimized = model.handle

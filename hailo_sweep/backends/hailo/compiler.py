@@ -283,6 +283,10 @@ def accepts_keyword(func: Any, name: str) -> bool:
     return param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
+def has_noise_analysis(dfc: ModuleType) -> bool:
+    return callable(getattr(dfc.ClientRunner, "analyze_noise", None)) and callable(getattr(dfc.ClientRunner, "get_params_statistics", None))
+
+
 def analyze_noise(runner: Any, data_nhwc: np.ndarray) -> Any:
     """Run the DFC's layer noise analysis on ``data_nhwc`` (calibration domain) and return its statistics object.
 

@@ -88,10 +88,6 @@ class HnGraph:
             return True
         return "/" not in name and any(short_name(layer) == name for layer in self.layers)
 
-    def ordered_layers(self) -> list[str]:
-        """Every layer name, sorted, so that anything iterating the HN does so deterministically."""
-        return sorted(self.layers)
-
     def output_names(self) -> dict[str, str]:
         """Output pseudo-layers *and* their producing layers -> ONNX output name (both carry the output's values)."""
         names = {o.output_layer: o.onnx_name for o in self.outputs}

@@ -89,9 +89,9 @@ def read_layer_snr(stats: Any, layers: Iterable[str]) -> list[LayerSnr]:
     return [f for f in found if f is not None]
 
 
-def require_snr(stats: Any, graph: HnGraph) -> list[LayerSnr]:
-    """``read_layer_snr`` over the whole HN, or ``LayerNoiseError`` naming what the statistics did contain."""
-    snrs = read_layer_snr(stats, graph.ordered_layers())
+def require_snr(stats: Any, layers: Iterable[str]) -> list[LayerSnr]:
+    """``read_layer_snr`` over ``layers``, or ``LayerNoiseError`` naming what the statistics did contain."""
+    snrs = read_layer_snr(stats, layers)
     if snrs:
         return snrs
     try:
@@ -118,9 +118,10 @@ def to_layer_noise(snrs: Iterable[LayerSnr], graph: HnGraph) -> list[LayerNoise]
 
 
 def promotable(layer: str, graph: HnGraph) -> bool:
-    """A layer ``noisy_layers_16bit`` may set to a16_w16: not an input/output (outputs are ``output_16bit``'s, their
-    producing layers included) and not a layer that only passes its input's precision on."""
-    return layer not in graph.output_names() and graph.types.get(layer, "") not in NOT_PROMOTABLE
+    """A layer ``noisy_layers_16bit`` may set to a16_w16: a layer of the translated HN (layers the model script adds,
+    such as normalization, cannot be named before they exist), not an input/output (outputs are ``output_16bit``'s,
+    their producing layers included), and not a layer that only passes its input's precision on."""
+    return layer in graph.layers and layer not in graph.output_names() and graph.types.get(layer, "") not in NOT_PROMOTABLE
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Every behaviour follows HailoRT's public source, ``hailo-ai/hailort`` branch ``hailo8`` (v4.23.0, commit 08f088d);
 references below are ``py:L<n>`` = ``hailort/libhailort/bindings/python/platform/hailo_platform/pyhailort/pyhailort.py``
 and ``cpp:<file>:L<n>`` = files under ``hailort/libhailort/``. Numbers are computed by ``_fake_hailo_core`` (see its
-docstring): the fake "chip" runs the HEF's network with onnxruntime on dequantized raw inputs and re-quantizes the
-outputs with the HEF's own quant infos, so a device run equals SDK_QUANTIZED emulation bit for bit.
+docstring): the fake "chip" runs the HEF's network with onnxruntime on dequantized raw inputs, its hidden layers
+rounded to their 8/16-bit grids, and re-quantizes the outputs with the HEF's own quant infos, so a device run equals
+SDK_QUANTIZED emulation bit for bit.
 """
 
 from __future__ import annotations
