@@ -102,11 +102,12 @@ class Table:
     def index(self) -> dict[tuple[tuple[str, Any], ...], Point]:
         return {self.key(p.params): p for p in self.points}
 
-    def optimum(self) -> Point:
-        feasible = [p for p in self.points if p.feasible and p.value is not None]
+    def optimum(self) -> tuple[Point, float]:
+        """The grid's best feasible point and its device value."""
+        feasible = [(p, p.value) for p in self.points if p.feasible and p.value is not None]
         if not feasible:
             raise SystemExit("no feasible point in the grid: the constraint cannot be met, nothing to compare against")
-        return min(feasible, key=lambda p: p.value)  # type: ignore[arg-type, return-value]
+        return min(feasible, key=lambda pv: pv[1])
 
 
 def example_config(root: Path) -> SweepConfig:
@@ -204,13 +205,12 @@ class Scenario:
 @dataclass
 class Step:
     state: str  # COMPLETE | REUSED | PRUNED | FAIL
-    value: float | None
+    value: float | None  # what the study saw (None for a pruned or failed trial)
     feasible: bool
     cost_s: float
-
-    @property
-    def compiled(self) -> bool:
-        return self.state in ("COMPLETE", "FAIL")  # FAIL: the table holds no failures that stop before the compile
+    compiled: bool  # reached compile + device
+    wrongly_pruned: bool = False  # pruned, yet its device value would have beaten the best feasible value so far
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,6 +221,7 @@ class SeedRun:
     compiles: int = 0
     pruned: int = 0
     reused: int = 0
+    wrongly_pruned: int = 0
     trials_to_target: int | None = None
     seconds_to_target: float | None = None
     total_s: float = 0.0
@@ -255,24 +256,32 @@ def simulate(table: Table, space: SearchSpace, scenario: Scenario, seed: int, bu
                 for step, v in other.intermediate_values.items():
                     trial.report(v, step)
                 feasible = all(v <= 0 for v in (other.constraints or {}).values())
-                steps.append(Step("REUSED", other.value, feasible, 0.0))
+                steps.append(Step("REUSED", other.value, feasible, 0.0, False, params=dict(trial.params)))
                 return other.value
         point = lookup[table.key(trial.params)]
         if point.value is None:
-            steps.append(Step("FAIL", None, False, point.early_s + point.late_s))
+            steps.append(Step("FAIL", None, False, point.early_s + point.late_s, point.late_s > 0, params=dict(trial.params)))
             raise PointFailed(point.error or "failed")
         if scenario.p_threshold is not None:
             for step, v in enumerate(point.groups):
                 trial.report(v, step)
             if trial.should_prune():
-                steps.append(Step("PRUNED", None, False, point.early_s))
+                best = min((s.value for s in steps if s.feasible and s.value is not None), default=None)
+                wrong = point.feasible and (best is None or point.value < best)
+                steps.append(Step("PRUNED", None, False, point.early_s, False, wrongly_pruned=wrong, params=dict(trial.params)))
                 raise optuna.TrialPruned()
         for name, v in point.constraints.items():
             trial.set_constraint(name, v)
-        steps.append(Step("COMPLETE", point.value, point.feasible, point.early_s + point.late_s))
+        steps.append(Step("COMPLETE", point.value, point.feasible, point.early_s + point.late_s, True, params=dict(trial.params)))
         return point.value
 
-    study.optimize(objective, n_trials=budget, catch=(PointFailed,))
+    def stop_when_spent(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        # as the sweep's Budget: `budget` evaluations (a reused duplicate is free), every point, or 4x budget trials
+        evaluated = [s for s in steps if s.state != "REUSED"]
+        if len(evaluated) >= budget or len({tuple(sorted(s.params.items())) for s in evaluated}) >= len(table.points):
+            study.stop()
+
+    study.optimize(objective, n_trials=4 * budget, catch=(PointFailed,), callbacks=[stop_when_spent])
     return steps
 
 
@@ -288,6 +297,7 @@ def summarize(seed: int, steps: list[Step], target_value: float) -> SeedRun:
     run.compiles = sum(s.compiled for s in steps)
     run.pruned = sum(s.state == "PRUNED" for s in steps)
     run.reused = sum(s.state == "REUSED" for s in steps)
+    run.wrongly_pruned = sum(s.wrongly_pruned for s in steps)
     run.total_s = elapsed
     return run
 
@@ -323,6 +333,7 @@ class ScenarioSummary:
     compiles: Spread | None = None
     avoided_share: Spread | None = None  # pruned / (pruned + compiled)
     reused: Spread | None = None
+    wrongly_pruned: int = 0  # over all seeds
     trials_to_target: Spread | None = None
     seconds_to_target: Spread | None = None
     never_reached: int = 0
@@ -339,6 +350,7 @@ class ScenarioSummary:
             compiles=Spread.of([float(r.compiles) for r in runs]),
             avoided_share=Spread.of([r.pruned / max(1, r.pruned + r.compiles) for r in runs]),
             reused=Spread.of([float(r.reused) for r in runs]),
+            wrongly_pruned=sum(r.wrongly_pruned for r in runs),
             trials_to_target=Spread.of([float(r.trials_to_target) for r in runs if r.trials_to_target is not None]),
             seconds_to_target=Spread.of([r.seconds_to_target for r in runs if r.seconds_to_target is not None]),
             never_reached=sum(r.trials_to_target is None for r in runs),
@@ -350,10 +362,11 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-def print_table_facts(table: Table, optimum: Point, budget: int) -> None:
+def print_table_facts(table: Table, budget: int) -> None:
+    optimum, best = table.optimum()
     values = [p for p in table.points if p.value is not None]
     feasible = [p for p in values if p.feasible]
-    within = [p for p in feasible if p.value is not None and p.value <= optimum.value * (1 + TARGET_GAP)]  # type: ignore[operator]
+    within = [p for p in feasible if p.value is not None and p.value <= best * (1 + TARGET_GAP)]
     print(f"\ngrid table: {len(table.points)} points ({len(values)} ran, {len(feasible)} feasible, "
           f"{len(within)} within {TARGET_GAP:.0%} of the optimum), built in {table.build_s:.0f} s (setup {table.setup_s:.1f} s)")
     early = Spread.of([p.early_s for p in table.points])
@@ -361,31 +374,42 @@ def print_table_facts(table: Table, optimum: Point, budget: int) -> None:
     assert early is not None and late is not None
     print(f"per point: optimize+emulate {early.text('.2f')} s, compile+device(+diagnose) {late.text('.2f')} s; "
           f"whole grid {sum(p.early_s + p.late_s for p in table.points):.0f} s of stage time")
-    print(f"grid optimum: {table.objective_key} = {optimum.value:.6g} at {_describe(optimum.params)}")
+    print(f"grid optimum: {table.objective_key} = {best:.6g} at {_describe(optimum.params)}")
     print(f"budget per study: {budget} trials (= {budget / len(table.points):.0%} of the grid); "
-          f"target value (optimum + {TARGET_GAP:.0%}) = {optimum.value * (1 + TARGET_GAP):.6g}")  # type: ignore[operator]
+          f"target value (optimum + {TARGET_GAP:.0%}) = {best * (1 + TARGET_GAP):.6g}")
+
+
+def _cell(spread: Spread | None, fmt: str = ".3g", scale: float = 1.0, unit: str = "") -> str:
+    return "-" if spread is None else spread.text(fmt, scale) + unit
 
 
 def print_summaries(summaries: list[ScenarioSummary], seeds: int) -> None:
-    head = (f"{'scenario':<30}{'best found':>22}{'gap to optimum':>18}{'≤5%':>6}{'compiles':>14}{'avoided':>14}"
-            f"{'reused':>12}{'trials to target':>20}{'s to target':>18}{'s total':>16}")
-    print(f"\nover {seeds} seeds, mean ± sample std (never: seeds that did not reach the target)")
+    """Two tables: what each setting finds, and what it costs to find it."""
+    print(f"\nover {seeds} seeds, mean ± sample std")
+    head = f"{'scenario':<34}{'best feasible found':>26}{'gap to grid optimum':>22}{'seeds ≤5%':>11}"
     print(head)
     print("-" * len(head))
     for s in summaries:
-        never = f" (never {s.never_reached})" if s.never_reached else ""
+        best = "none feasible" if s.best is None else s.best.text(".6f")
+        if s.never_feasible:
+            best += f" ({s.never_feasible} seeds none)"
+        print(f"{s.scenario.label:<34}{best:>26}{_cell(s.gap, '.1f', 100, ' %'):>22}{f'{s.seeds_within}/{len(s.runs)}':>11}")
+    print()
+    head = (f"{'scenario':<34}{'compiles':>12}{'avoided':>11}{'wrong prunes':>14}{'repeats':>11}"
+            f"{'trials to ≤5%':>16}{'never':>7}{'s to ≤5%':>14}{'s whole study':>15}")
+    print(head)
+    print("-" * len(head))
+    for s in summaries:
         print(
-            f"{s.scenario.label:<30}"
-            f"{s.best.text('.4g') if s.best else 'none feasible':>22}"
-            f"{s.gap.text('.1f', 100) + ' %' if s.gap else '-':>18}"
-            f"{f'{s.seeds_within}/{len(s.runs)}':>6}"
-            f"{s.compiles.text('.1f') if s.compiles else '-':>14}"
-            f"{s.avoided_share.text('.0f', 100) + ' %' if s.avoided_share else '-':>14}"
-            f"{s.reused.text('.1f') if s.reused else '-':>12}"
-            f"{(s.trials_to_target.text('.1f') if s.trials_to_target else '-') + never:>20}"
-            f"{s.seconds_to_target.text('.1f') if s.seconds_to_target else '-':>18}"
-            f"{s.total_s.text('.1f') if s.total_s else '-':>16}"
+            f"{s.scenario.label:<34}{_cell(s.compiles, '.1f'):>12}{_cell(s.avoided_share, '.0f', 100, ' %'):>11}"
+            f"{s.wrongly_pruned:>14}{_cell(s.reused, '.1f'):>11}{_cell(s.trials_to_target, '.1f'):>16}"
+            f"{f'{s.never_reached}/{len(s.runs)}':>7}{_cell(s.seconds_to_target, '.1f'):>14}{_cell(s.total_s, '.1f'):>15}"
         )
+    print("compiles: trials that reached compile+device; avoided: pruned / (pruned + compiled); wrong prunes (all seeds): pruned\n"
+          "trials whose device value would have been a new best feasible; repeats: suggestions of an already finished point,\n"
+          "answered without a compile as the sweep does (free: the budget counts evaluations); trials/s to ≤5%: until the\n"
+          "best-so-far is within 5% of the grid optimum, over the seeds that got there; seconds are the table's measured\n"
+          "stage times (a pruned trial pays optimize+emulate only, a repeat nothing).")
 
 
 def check_targets(by_label: dict[str, ScenarioSummary], pruned_labels: list[str]) -> dict[str, Any]:
@@ -414,12 +438,15 @@ def check_targets(by_label: dict[str, ScenarioSummary], pruned_labels: list[str]
             (p.best / u.best - 1) for p, u in zip(s.runs, tpe.runs) if p.best is not None and u.best is not None
         ]
         paired_within = sum(d <= TARGET_PRUNED_BEST for d in paired)
+        same_path = sum([st.params for st in p.steps] == [st.params for st in u.steps] for p, u in zip(s.runs, tpe.runs))
         out[label] = {"avoided_share": s.avoided_share.mean, "avoided_ok": avoided_ok, "best_vs_unpruned": rel, "best_ok": best_ok,
-                      "paired_seeds_within_2pct": paired_within}
+                      "paired_seeds_within_2pct": paired_within,
+                      "seeds_with_same_suggestions": same_path}
         rel_text = "n/a" if rel is None else f"{rel:+.1%}"
         print(f"  {label}: compiles avoided {s.avoided_share.mean:.0%} ± {s.avoided_share.std:.0%} (target ≥ {TARGET_AVOIDED:.0%}) -> {verdict(avoided_ok)}; "
               f"mean best vs unpruned TPE {rel_text} (target ≤ +{TARGET_PRUNED_BEST:.0%}) -> {verdict(best_ok)}; "
-              f"same-seed pairs within 2%: {paired_within}/{len(paired)}")
+              f"same-seed pairs within 2%: {paired_within}/{len(paired)}; "
+              f"seeds where TPE suggested exactly the same points as without pruning: {same_path}/{len(s.runs)}")
     return out
 
 
@@ -430,8 +457,7 @@ def load_table(path: Path) -> Table:
 
 
 def run_scenarios(table: Table, space: SearchSpace, scenarios: list[Scenario], seeds: int, budget: int, baseline: dict[str, Any]) -> list[ScenarioSummary]:
-    optimum = table.optimum().value
-    assert optimum is not None
+    optimum = table.optimum()[1]
     target_value = optimum * (1 + TARGET_GAP)
     out = []
     for scenario in scenarios:
@@ -466,9 +492,8 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    optimum = table.optimum()
     budget = int(len(table.points) * BUDGET_SHARE)
-    print_table_facts(table, optimum, budget)
+    print_table_facts(table, budget)
     start_point = table.index()[table.key(baseline)]
     print(f"baseline (backend defaults, enqueued first by `hailo-sweep run`): {_describe(baseline)} value={start_point.value:.6g} "
           f"feasible={start_point.feasible}")
@@ -503,13 +528,9 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "grid": GRID, "budget": budget, "seeds": args.seeds, "optimum": asdict(optimum), "baseline": baseline,
+            "grid": GRID, "budget": budget, "seeds": args.seeds, "optimum": asdict(table.optimum()[0]), "baseline": baseline,
             "table": asdict(table), "verdicts": verdicts,
-            "scenarios": [
-                {**{k: v for k, v in asdict(s).items() if k != "runs"},
-                 "runs": [{**{k: v for k, v in asdict(r).items() if k != "steps"}, "states": [st.state for st in r.steps]} for r in s.runs]}
-                for s in summaries
-            ],
+            "scenarios": [asdict(s) for s in summaries],
         }, indent=1))
         print(f"\nsaved to {args.json}")
 

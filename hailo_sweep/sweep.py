@@ -87,7 +87,7 @@ class SweepStorage(optuna.storages.RDBStorage):
     def __init__(self, url: str, **kwargs: Any):
         super().__init__(url, **kwargs)
         self.url = url
-        self.budget: int | None = None
+        self.budget: Budget | None = None
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -123,13 +123,13 @@ class SweepStorage(optuna.storages.RDBStorage):
         if template_trial is not None or self.budget is None:  # enqueued trials and retries are not new work
             return super()._create_new_trial(study_id, template_trial)
         with self._lock():
-            trials = self.get_all_trials(study_id, deepcopy=False)
-            if _used(trials, count_running=True) >= self.budget:
-                raise BudgetSpent(f"the budget of {self.budget} trials is spent")
+            if self.budget.spent(self.get_all_trials(study_id, deepcopy=False), count_running=True):
+                raise BudgetSpent(f"the budget of {self.budget.total} evaluations is spent")
             return super()._create_new_trial(study_id, template_trial)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "url": self.url, "budget": self.budget}
+
 
 
 _LOCK_KEY = 0x6861696C6F  # "hailo": the advisory lock id of hailo-sweep's trial claims
@@ -398,8 +398,11 @@ class Sweep:
         self, backend: Backend, space: SearchSpace, objective: Objective, study: optuna.Study, tracker: Tracker, parent_run_id: str, n_trials: int | None
     ) -> SweepSummary:
         total = n_trials or self.config.trials
+        budget = Budget(total=total, points=space.grid_size())
         reconcile(study, tracker)
-        remaining = max(0, total - budget_used(study, count_running=False))
+        waiting = len(_waiting(study))  # enqueued points (the baseline, retries, the user's) run even when the budget is spent
+        spent = budget.spent(study.get_trials(deepcopy=False), count_running=False)
+        remaining = waiting if spent else max(1, total - budget_used(study, count_running=False))
         self.observer.sweep_started(total, remaining)
         timings: list[TrialTiming] = []
         prepare_runs = 0
@@ -413,8 +416,8 @@ class Sweep:
                     prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
                     objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings)
                     if self._opened_storage is not None:
-                        self._opened_storage.budget = total
-                    self._optimize_until_spent(study, objective_fn, total)
+                        self._opened_storage.budget = budget
+                    self._optimize_until_spent(study, objective_fn, budget)
         finally:
             extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
             self._summarize_parent(study, tracker, parent_run_id, objective, extra)
@@ -431,7 +434,7 @@ class Sweep:
             best_value=best.values[0] if best else None,
         )
 
-    def _optimize_until_spent(self, study: optuna.Study, objective_fn: Callable[[optuna.Trial], float], total: int) -> None:
+    def _optimize_until_spent(self, study: optuna.Study, objective_fn: Callable[[optuna.Trial], Any], budget: Budget) -> None:
         """Run trials until the budget is spent, then stay while other workers' trials are in progress.
 
         A trial whose worker died still counts as running until its heartbeat goes stale; this worker then fails it
@@ -440,14 +443,20 @@ class Sweep:
         # a short poll: waiting a whole heartbeat interval (30 s by default) kept every idle worker, and so `run --jobs N`,
         # alive up to 30 s after the last trial had finished
         poll = min(float(self.config.workers.heartbeat_interval), 1.0)
+
+        def spent(count_running: bool) -> bool:
+            return budget.spent(study.get_trials(deepcopy=False), count_running=count_running)
+
         while True:
-            if budget_used(study, count_running=True) < total or _waiting(study):
+            if not spent(True) or _waiting(study):
                 try:
-                    study.optimize(objective_fn, n_trials=max(1, total - budget_used(study, count_running=False)), catch=(TrialFailed,))
+                    study.optimize(objective_fn, n_trials=budget.slack * budget.total, catch=(TrialFailed,))
                 except BudgetSpent:
                     pass  # the remaining trials are taken by other workers
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed here, and its retry enqueued
-            if budget_used(study, count_running=True) < total or _waiting(study):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed here, and its retry enqueued
+            if not spent(True) or _waiting(study):
                 continue
             if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
                 return  # budget spent, nothing in progress anywhere
@@ -592,17 +601,42 @@ def _waiting(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def budget_used(study: optuna.Study, *, count_running: bool) -> int:
-    """Trials that count against the budget: finished ones (a failed trial that was retried counts once, through its
-    retry) and, with ``count_running``, the ones in progress on any worker."""
+    """Evaluations that count against the budget: finished trials (a failed trial that was retried counts once,
+    through its retry; a reused duplicate is free) and, with ``count_running``, the ones in progress on any worker."""
     return _used(study.get_trials(deepcopy=False), count_running=count_running)
 
 
-def _used(trials: Sequence[optuna.trial.FrozenTrial], *, count_running: bool) -> int:
+def _evaluated(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    used = sum(1 for t in trials if t.state in FINISHED_STATES and not (t.state == TrialState.FAIL and t.number in superseded))
+    return [
+        t for t in trials
+        if t.state in FINISHED_STATES and "duplicate_of" not in t.user_attrs and not (t.state == TrialState.FAIL and t.number in superseded)
+    ]
+
+
+def _used(trials: Sequence[optuna.trial.FrozenTrial], *, count_running: bool) -> int:
+    used = len(_evaluated(trials))
     if count_running:
         used += sum(1 for t in trials if t.state == TrialState.RUNNING)
     return used
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a sweep is done: ``total`` evaluations (the user's budget: a reused duplicate costs nothing), or every one
+    of the search space's ``points`` evaluated, or ``slack`` x ``total`` trials in all (a sampler that keeps proposing
+    finished points must still end)."""
+
+    total: int
+    points: int
+    slack: int = 4
+
+    def spent(self, trials: Sequence[optuna.trial.FrozenTrial], *, count_running: bool) -> bool:
+        if _used(trials, count_running=count_running) >= self.total:
+            return True
+        if len({tuple(sorted(t.params.items())) for t in _evaluated(trials)}) >= self.points:
+            return True
+        return sum(1 for t in trials if t.state != TrialState.WAITING) >= self.slack * self.total
 
 
 class StaleTrialHandler:

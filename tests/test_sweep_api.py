@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from hailo_sweep import pipeline
 from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
 from hailo_sweep.config import load_config
-from hailo_sweep.sweep import Sweep, resolve_stores
+from hailo_sweep.sweep import Sweep, budget_used, resolve_stores
 from hailo_sweep.tracking import redact_url
 
 
@@ -31,16 +31,17 @@ def test_a_failing_stage_fails_only_its_trial(write_config, monkeypatch) -> None
         return real_compile(self, model, work_dir)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "compile", flaky_compile)
-    path = write_config(trials=6, search={"compression_level": [0, 1], "calibset_size": [64], "optimization_level": [0]})
+    path = write_config(trials=4, search={"compression_level": [0, 1], "calibset_size": [64, 128], "optimization_level": [0]})
     summary = Sweep(load_config(path)).run()
     study, client = open_stores(path)
     trials = study.get_trials(deepcopy=False)
-    assert len(trials) == 6
+    assert budget_used(study, count_running=False) == 4
     failed = [t for t in trials if t.state == TrialState.FAIL]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert failed and complete, "the space has both kinds of trial"
     assert all(t.params["compression_level"] == 1 for t in failed)
     assert all(t.params["compression_level"] == 0 for t in complete)
+    assert all("duplicate_of" not in t.user_attrs for t in failed)  # a failed point is not reused as a result
     for t in failed:
         assert t.user_attrs["failed_stage"] == "compile"
         assert "out of resources" in t.user_attrs["error"]
@@ -75,7 +76,7 @@ def test_prepare_runs_once_per_sweep(write_config, monkeypatch) -> None:
     assert summary.prepare_runs == 1
 
 
-def test_identical_settings_are_not_recomputed(write_config, monkeypatch) -> None:
+def test_identical_settings_are_not_recomputed_and_cost_no_budget(write_config, monkeypatch) -> None:
     optimize_calls = []
     real_optimize = OnnxRuntimeBackend.optimize
 
@@ -88,16 +89,22 @@ def test_identical_settings_are_not_recomputed(write_config, monkeypatch) -> Non
     path = write_config(trials=3, search=one_point)
     Sweep(load_config(path)).run()
     study, client = open_stores(path)
+    assert len(study.trials) == 1, "a one-point space is exhausted after one evaluation, whatever the budget"
+    first = study.trials[0]
+    for _ in range(2):  # the same point asked for again (e.g. by a sampler that converged)
+        study.enqueue_trial(dict(first.params))
+    Sweep(load_config(path)).run()
+    study, client = open_stores(path)
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert len(optimize_calls) == 1
-    first = trials[0]
     for t in trials[1:]:
         assert t.user_attrs["duplicate_of"] == 0
         assert t.value == first.value
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.data.tags["hailo_sweep.duplicate_of"] == first.user_attrs["mlflow_run_id"]
         assert run.data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
+    assert budget_used(study, count_running=False) == 1  # reused results cost no budget
 
 
 def test_changed_objective_on_an_existing_study_is_refused(write_config) -> None:
