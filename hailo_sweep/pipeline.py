@@ -33,7 +33,7 @@ from hailo_sweep.backends.base import (
     OptimizedModel,
 )
 from hailo_sweep.config import DiagnosticsConfig, SweepConfig
-from hailo_sweep.diagnose.findings import Evidence, Finding, check_agreement, check_calibration_coverage, run_all
+from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, check_agreement, check_calibration_coverage, run_all
 from hailo_sweep.diagnose.ladder import ladder_steps
 from hailo_sweep.data import Dataset, feed, load_dataset
 from hailo_sweep.errors import UserInputError
@@ -364,3 +364,5 @@ def _diagnose(
     found.extend(prepared.findings)
     result.findings = found
     result.metrics["findings.count"] = float(len(found))
+    for code in FINDING_CODES:  # each finding can be a constraint of the sweep, e.g. findings.device_disagrees max 0
+        result.metrics[f"findings.{code}"] = float(sum(f.code == code for f in found))

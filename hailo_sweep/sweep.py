@@ -33,13 +33,16 @@ from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, load_inputs, prepare_sweep, run_trial
 from hailo_sweep.diagnose import plots as diag_plots
+from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable, redact_url
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-DEVICE_ONLY_METRICS = {"throughput_fps": "device.throughput_fps", "latency_ms": "device.latency_ms", "size_bytes": "compile.size_bytes"}
+DEVICE_ONLY_METRICS = {
+    "throughput_fps": "device.throughput_fps", "latency_ms": "device.latency_ms", "size_bytes": "compile.size_bytes", "findings": "findings.count",
+}
 AGREEMENT_BASES = {"lsb_max", "lsb_mean", "lsb_p99", "identical_share"}
 LOGITS_BASES = {"top1_agreement", "softmax_mae", "accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
 LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
@@ -164,6 +167,8 @@ def metric_key(stage: str, metric: str) -> str:
     """The result key of a config metric name, e.g. ('device', 'logits.softmax_mae') -> 'device.logits.softmax_mae'."""
     if metric in DEVICE_ONLY_METRICS:
         return DEVICE_ONLY_METRICS[metric]
+    if metric.startswith("findings."):
+        return metric
     base = metric.rsplit(".", 1)[-1]
     if base in AGREEMENT_BASES:
         return f"agreement.{metric}"
@@ -172,6 +177,11 @@ def metric_key(stage: str, metric: str) -> str:
 
 def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, ...], has_labels: bool, *, file: Path | None, key: str) -> None:
     if metric in DEVICE_ONLY_METRICS:
+        return
+    if metric.startswith("findings."):
+        code = metric.removeprefix("findings.")
+        if code not in FINDING_CODES:
+            raise UserInputError(f"unknown finding {code!r}", file=file, key=key, fix=f"use findings.<code> with a code of: {', '.join(FINDING_CODES)}")
         return
     output, _, base = metric.rpartition(".")
     names = {o.name: o for o in prepared_outputs}

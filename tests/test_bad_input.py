@@ -158,3 +158,9 @@ def test_model_path_relative_to_config(tmp_path, digits_data) -> None:
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     assert load_config(cfg_path).model == (tmp_path / "m" / "x.onnx").resolve()
+
+
+def test_unknown_finding_in_a_constraint(write_config) -> None:
+    assert_refused(
+        write_config(constraints=[{"metric": "findings.nope", "stage": "device", "max": 0}]), "constraints[0].metric", "unknown finding", "device_disagrees"
+    )

@@ -163,3 +163,20 @@ def test_pruning_stops_hopeless_trials_before_the_compile(write_config, monkeypa
     assert parent["compiles_avoided"] == len(pruned)
     assert parent["compiles_performed"] == len(compiled_settings)
     assert parent["compile_time_saved_s_est"] > 0
+
+
+def test_a_finding_can_be_a_constraint(write_config) -> None:
+    """Zero tolerance for device/emulation differences: every trial whose device differs by >0 LSB is infeasible."""
+    path = write_config(
+        trials=3, search={"optimization_level": [0], "compression_level": [0], "calibset_size": [64, 128], "output_16bit": ["none"]},
+        diagnostics={"lsb_tolerance": 0.0, "identical_min": 1.0, "layer_noise": False},
+        constraints=[{"metric": "findings.device_disagrees", "stage": "device", "max": 0}],
+    )
+    Sweep(load_config(path)).run()
+    study, client = open_stores(path)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        disagrees = run.data.metrics["findings.device_disagrees"]
+        assert disagrees == sum(run.data.metrics[f"agreement.{o}.identical_share"] < 1.0 for o in ("featmap", "logits"))
+        assert t.constraints["device.findings.device_disagrees.max"] == disagrees
+        assert ("device_disagrees" in run.data.tags.get("hailo_sweep.findings", "")) == (disagrees > 0)
