@@ -78,8 +78,10 @@ def _errors(fn):  # type: ignore[no-untyped-def]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        from mlflow.exceptions import MlflowException
+
         from hailo_sweep.sweep import StoreUnavailable
-        from hailo_sweep.tracking import TrackingUnavailable
+        from hailo_sweep.tracking import TrackingUnavailable, redact_url
 
         try:
             return fn(*args, **kwargs)
@@ -87,6 +89,9 @@ def _errors(fn):  # type: ignore[no-untyped-def]
             raise _fail(exc) from None
         except (TrackingUnavailable, StoreUnavailable) as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=3) from None
+        except MlflowException as exc:  # e.g. 401/404 from a tracking server: its text may repeat a URL with a password
+            err_console.print(f"[bold red]MLflow error:[/] {redact_url(str(exc))[:2000]}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=3) from None
 
     return wrapper

@@ -52,7 +52,8 @@ def is_feasible(trial: FrozenTrial) -> bool:
 def top_trials(study: optuna.Study, k: int = 10) -> list[TrialRow]:
     """Completed trials, feasible first, then by the (first) objective in the study's direction."""
     sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    # a reused duplicate repeats its original's row: list each evaluated point once
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and "duplicate_of" not in t.user_attrs]
     done.sort(key=lambda t: (not is_feasible(t), sign * float(t.values[0]), t.number))
     return [
         TrialRow(

@@ -690,7 +690,9 @@ def with_retries(fn: Callable[[], Any], *, what: str, attempts: int = 5, first_d
             return fn()
         except (IntegrityError, OperationalError, DBAPIError) as exc:
             if attempt == attempts:
-                raise StoreUnavailable(f"could not {what} after {attempts} attempts: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+                raise StoreUnavailable(
+                    redact_url(f"could not {what} after {attempts} attempts: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                ) from exc
             time.sleep(delay * (0.5 + random.random()))
             delay *= 2
     raise AssertionError("unreachable")
