@@ -70,7 +70,7 @@ def test_artifacts_and_logged_models_exist(sweep) -> None:
         plots = {a.path for a in client.list_artifacts(run_id, "plots")}
         assert plots == {"plots/error_ladder.png", "plots/lsb_histogram.png", "plots/layer_noise.png"}
         diagnosis = {a.path for a in client.list_artifacts(run_id, "diagnosis")}
-        assert diagnosis == {"diagnosis/findings.json", "diagnosis/layer_noise.json"}
+        assert diagnosis >= {"diagnosis/findings.json", "diagnosis/layer_noise.json"}  # `diagnose` may add its report
         noise = json.loads(Path(client.download_artifacts(run_id, "diagnosis/layer_noise.json")).read_text())
         assert noise and [n["snr_db"] for n in noise] == sorted(n["snr_db"] for n in noise)
         report = json.loads(Path(client.download_artifacts(run_id, "report.json")).read_text())
