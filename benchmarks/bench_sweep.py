@@ -35,18 +35,27 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"sweep_wall_s": 90.0, "overhead_per_trial_s": 0.25, "peak_rss_mb": 1536.0, "ui_start_s": 10.0, "ui_rss_mb": 700.0}
 
 
-def session_rss_mb(sid: int) -> float:
-    """Sum of RSS over every process in session ``sid`` (the ui command and the server it spawned)."""
-    total_kb = 0
+def tree_rss_mb(root_pid: int) -> float:
+    """Sum of RSS over ``root_pid`` and all its descendants (the ui command, the server it starts in its own
+    session, and the server's workers)."""
+    parents: dict[int, int] = {}
+    rss_kb: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: session id (after pid, comm, state, ppid, pgrp)
-                status = (stat.parent / "status").read_text()
-                total_kb += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) if "VmRSS" in status else 0
-        except (OSError, IndexError, AttributeError):
+            pid = int(stat.parent.name)
+            parents[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # field 4 of /proc/PID/stat: ppid
+            match = re.search(r"VmRSS:\s+(\d+)", (stat.parent / "status").read_text())
+            rss_kb[pid] = int(match.group(1)) if match else 0
+        except (OSError, IndexError, ValueError):
             continue
-    return total_kb / 1024
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        current = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == current and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return sum(rss_kb.get(pid, 0) for pid in tree) / 1024
 
 
 def run_sweep(root: Path, trials: int) -> dict[str, float]:
@@ -106,10 +115,10 @@ def measure_ui(root: Path) -> dict[str, float]:
                 break
         if ready is None:
             raise SystemExit("ui did not start:\n" + "".join(output))
-        rss = session_rss_mb(proc.pid)
+        rss = tree_rss_mb(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
+        proc.wait(timeout=90)
     return {"ui_start_s": ready, "ui_startup_wall_s": time.perf_counter() - start, "ui_rss_mb": rss}
 
 

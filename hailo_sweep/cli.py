@@ -336,10 +336,9 @@ def ui(
     """Start the MLflow UI on the sweep's tracking store and print the runs page URL."""
     from hailo_sweep import ui as ui_mod
     from hailo_sweep.config import load_config
-    from hailo_sweep.sweep import resolve_stores
-    from hailo_sweep.tracking import Tracker, redact_url
+    from hailo_sweep.stores import redact_url, resolve_stores
 
-    _quiet()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         if config is not None:
             cfg = load_config(config)
@@ -362,10 +361,10 @@ def ui(
         raise typer.Exit(0)
 
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the server even if started with SIGINT ignored
     try:
         seconds = ui_mod.wait_until_healthy(server)
-        tracker = Tracker(tracking_uri, experiment or _latest_experiment(tracking_uri))
-        url = tracker.runs_url(server.base_url)
+        url = ui_mod.runs_url(server.base_url, ui_mod.experiment_id(server.base_url, experiment))
         console.print(f"MLflow UI ready in {seconds:.1f} s on {redact_url(tracking_uri)}")
         console.print(f"runs page: {url}", soft_wrap=True)
         console.print(f"trial runs only: {url}&searchFilter=tags.hailo_sweep.role%20%3D%20%27trial%27", soft_wrap=True)
@@ -373,20 +372,12 @@ def ui(
         server.process.wait()
     except KeyboardInterrupt:
         pass
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, LookupError, OSError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         server.stop()
         raise typer.Exit(1) from None
     finally:
         server.stop()
-
-
-def _latest_experiment(tracking_uri: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    exps = MlflowClient(tracking_uri).search_experiments(order_by=["last_update_time DESC"], max_results=5)
-    named = [e for e in exps if e.name != "Default"]
-    return (named or exps)[0].name
 
 
 def main() -> None:  # pragma: no cover

@@ -37,7 +37,8 @@ from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
-from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable, redact_url
+from hailo_sweep.stores import Stores, redact_url, resolve_stores
+from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 DEVICE_ONLY_METRICS = {
@@ -46,31 +47,6 @@ DEVICE_ONLY_METRICS = {
 AGREEMENT_BASES = {"lsb_max", "lsb_mean", "lsb_p99", "identical_share"}
 LOGITS_BASES = {"top1_agreement", "softmax_mae", "accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
 LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
-
-
-# -- stores ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Stores:
-    root: Path
-    optuna_url: str
-    mlflow_uri: str
-    artifact_location: str | None  # set for local sqlite tracking; a tracking server decides its own
-    work_dir: Path  # <root>/sweeps/<name>: caches and trial scratch space
-
-    def describe(self) -> dict[str, str]:
-        return {"optuna_storage": redact_url(self.optuna_url), "mlflow_tracking_uri": redact_url(self.mlflow_uri)}
-
-
-def resolve_stores(config: SweepConfig) -> Stores:
-    """Config first, then the standard environment variables, then ``sqlite`` files under the root directory."""
-    root = (config.stores.root or Path.cwd()).resolve()
-    optuna_url = config.stores.optuna or os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{root / 'sweeps' / 'optuna.db'}"
-    mlflow_uri = config.stores.mlflow or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    artifact_location = None
-    if mlflow_uri.startswith("sqlite:///"):
-        db = Path(mlflow_uri.removeprefix("sqlite:///"))
-        artifact_location = (db.parent / "artifacts" / config.name).resolve().as_uri()
-    return Stores(root=root, optuna_url=optuna_url, mlflow_uri=mlflow_uri, artifact_location=artifact_location, work_dir=root / "sweeps" / config.name)
 
 
 class BudgetSpent(Exception):

@@ -21,6 +21,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from hailo_sweep.stores import redact_url  # noqa: F401  (re-exported: the tracking store's URLs are redacted too)
+
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
 ROLE_TAG = "hailo_sweep.role"
@@ -35,10 +37,6 @@ def quiet_mlflow_env() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-
-def redact_url(url: str) -> str:
-    """Hide the password of ``scheme://user:password@host`` URLs (for logs, params and reports)."""
-    return re.sub(r"(?<=://)([^:/@]+):([^@/]*)@", r"\1:***@", url)
 
 
 @dataclass
@@ -227,9 +225,6 @@ class Tracker:
         dst.mkdir(parents=True, exist_ok=True)
         with _global_tracking_uri(self.tracking_uri):
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(dst), tracking_uri=self.tracking_uri))
-
-    def runs_url(self, base_url: str) -> str:
-        return f"{base_url.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     # -- internals -----------------------------------------------------------------------------------------
     def _log_batch(self, run_id: str, record: RunRecord) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -72,3 +73,29 @@ def wait_until_healthy(server: UiServer, timeout: float = 60.0) -> float:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"the MLflow server did not answer {server.base_url}/health within {timeout:.0f} s")
+
+
+def experiment_id(base_url: str, name: str | None) -> str:
+    """The id of experiment ``name`` (or of the most recently updated one), asked from the server's REST API.
+
+    The ``ui`` command uses this instead of the MLflow client so that it does not load MLflow itself: the command
+    only waits next to the server, and every megabyte it holds counts against the UI's footprint.
+    """
+    body = json.dumps({"max_results": 200, "order_by": ["last_update_time DESC"]}).encode()
+    req = urllib.request.Request(f"{base_url}/api/2.0/mlflow/experiments/search", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        experiments = json.loads(resp.read()).get("experiments", [])
+    if name is not None:
+        for exp in experiments:
+            if exp["name"] == name:
+                return str(exp["experiment_id"])
+        raise LookupError(f"no experiment named {name!r} in this tracking store (run the sweep first)")
+    named = [e for e in experiments if e["name"] != "Default"] or experiments
+    if not named:
+        raise LookupError("the tracking store has no experiment yet (run a sweep first)")
+    return str(named[0]["experiment_id"])
+
+
+def runs_url(base_url: str, experiment: str) -> str:
+    # the plain experiment URL opens MLflow 3's GenAI overview; this one opens the runs table
+    return f"{base_url}/#/experiments/{experiment}/runs?workflowType=machine_learning"
