@@ -72,18 +72,12 @@ class SearchSpaceConfig(_Strict):
     @field_validator("calibset_size")
     @classmethod
     def _calib_positive(cls, v: IntKnob) -> IntKnob:
-        values = v if isinstance(v, list) else [v.low, v.high]
-        if any(x < 1 for x in values):
-            raise ValueError("calibset_size values must be >= 1")
-        return v
+        return _check_knob_min(v, 1, "calibset_size")
 
     @field_validator("noisy_layers_16bit")
     @classmethod
     def _noisy_non_negative(cls, v: IntKnob) -> IntKnob:
-        values = v if isinstance(v, list) else [v.low, v.high]
-        if any(x < 0 for x in values):
-            raise ValueError("noisy_layers_16bit values must be >= 0")
-        return v
+        return _check_knob_min(v, 0, "noisy_layers_16bit")
 
     @field_validator("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit", "noisy_layers_16bit")
     @classmethod
@@ -91,6 +85,13 @@ class SearchSpaceConfig(_Strict):
         if isinstance(v, list) and not v:
             raise ValueError("needs at least one choice")
         return v
+
+
+def _check_knob_min(v: IntKnob, minimum: int, name: str) -> IntKnob:
+    values = v if isinstance(v, list) else [v.low, v.high]
+    if any(x < minimum for x in values):
+        raise ValueError(f"{name} values must be >= {minimum}")
+    return v
 
 
 def _check_knob_range(v: IntKnob, allowed: range, name: str) -> IntKnob:

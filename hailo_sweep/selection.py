@@ -16,7 +16,8 @@ from optuna.trial import FrozenTrial, TrialState
 from hailo_sweep.atomic import atomic_write_text
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.sweep import Stores, chosen_trial, open_storage, resolve_stores
+from hailo_sweep.stores import Stores, resolve_stores
+from hailo_sweep.sweep import chosen_trial, open_storage
 from hailo_sweep.tracking import Tracker, redact_url
 
 ALIAS = "best"

@@ -37,7 +37,7 @@ from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
-from hailo_sweep.stores import Stores, redact_url, resolve_stores
+from hailo_sweep.stores import redact_url, resolve_stores
 from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -527,7 +527,9 @@ class Sweep:
         p = self.config.pruning
         if not p.enabled:
             return optuna.pruners.NopPruner()
-        return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold, n_startup_steps=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold, n_startup_steps=0)
 
     def _sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler:
         s = self.config.sampler

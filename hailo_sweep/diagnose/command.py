@@ -28,7 +28,7 @@ from hailo_sweep.diagnose.report import render_report, write_report
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.pipeline import DEVICE_PREFIX, prepare_sweep, run_trial
 from hailo_sweep.search_space import SearchSpace
-from hailo_sweep.sweep import resolve_stores
+from hailo_sweep.stores import resolve_stores
 from hailo_sweep.tracking import Tracker
 
 
