@@ -69,7 +69,8 @@ class SweepStorage(optuna.storages.RDBStorage):
         self.budget: Budget | None = None
 
     @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
+    def lock(self) -> Iterator[None]:
+        """Serialize a critical section across workers (see the class docstring)."""
         if self.url.startswith("sqlite:///"):
             path = Path(self.url.removeprefix("sqlite:///"))
             with path.with_name(path.name + ".lock").open("a") as fh:
@@ -94,21 +95,20 @@ class SweepStorage(optuna.storages.RDBStorage):
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         # every transition, not only WAITING -> RUNNING: workers that notice the same dead worker at once would
         # otherwise all fail its trial (sqlite reads the state unlocked) and each enqueue a retry of it
-        with self._lock():
+        with self.lock():
             return super().set_trial_state_values(trial_id, state, values)
 
     def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
         # Optuna's cached storage calls this private hook directly (optuna 5: _CachedStorage.create_new_trial)
         if template_trial is not None or self.budget is None:  # enqueued trials and retries are not new work
             return super()._create_new_trial(study_id, template_trial)
-        with self._lock():
+        with self.lock():
             if self.budget.spent(self.get_all_trials(study_id, deepcopy=False), count_running=True):
                 raise BudgetSpent(f"the budget of {self.budget.total} evaluations is spent")
             return super()._create_new_trial(study_id, template_trial)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "url": self.url, "budget": self.budget}
-
 
 
 _LOCK_KEY = 0x6861696C6F  # "hailo": the advisory lock id of hailo-sweep's trial claims
@@ -486,7 +486,7 @@ class Sweep:
         tracker = self._tracker()
         assert self._opened_storage is not None
         # under the storage's lock: concurrent `init`s would each see no parent run and no baseline, and each create one
-        with self._opened_storage._lock():
+        with self._opened_storage.lock():
             parent = study.user_attrs.get("mlflow_parent_run_id")
             if parent is None or not tracker.run_exists(parent):
                 parent = tracker.create_parent_run(
