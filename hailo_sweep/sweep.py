@@ -386,6 +386,7 @@ class Sweep:
         total = n_trials or self.config.trials
         budget = Budget(total=total, points=space.grid_size())
         reconcile(study, tracker)
+        remove_dead_scratch(self.stores.work_dir / "trials")
         waiting = len(_waiting(study))  # enqueued points (the baseline, retries, the user's) run even when the budget is spent
         spent = budget.spent(study.get_trials(deepcopy=False), count_running=False)
         remaining = waiting if spent else max(1, total - budget_used(study, count_running=False))
@@ -646,6 +647,18 @@ class StaleTrialHandler:
         self.retry(study, trial)
 
 
+def remove_dead_scratch(trials_dir: Path) -> int:
+    """Delete the scratch directories of workers on this host that died mid-trial (``NNNN-<host>-<pid>``)."""
+    removed = 0
+    host = socket.gethostname()
+    for path in trials_dir.glob(f"*-{host}-*") if trials_dir.is_dir() else ():
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def reconcile(study: optuna.Study, tracker: Tracker) -> int:
     """End as FAILED every MLflow run whose Optuna trial has failed but whose run was left RUNNING (e.g. tracking was down)."""
     fixed = 0
@@ -720,7 +733,7 @@ class _TrialRunner:
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
         record_s += time.perf_counter() - t0
-        work_dir = self.sweep.stores.work_dir / "trials" / f"{trial.number:04d}-{os.getpid()}"
+        work_dir = self.sweep.stores.work_dir / "trials" / f"{trial.number:04d}-{socket.gethostname()}-{os.getpid()}"
         work_dir.mkdir(parents=True, exist_ok=True)
         try:
             try:

@@ -94,8 +94,11 @@ def test_a_worker_killed_mid_trial_is_detected_failed_and_retried_once(write_con
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         assert len(running) == 1, "only worker A is running"
         killed = running[0]
-        number, pid = marker.read_text().split("-")
+        scratch_name = marker.read_text()  # the trial's scratch directory: NNNN-<host>-<pid>
+        number, pid = scratch_name.split("-", 1)[0], scratch_name.rsplit("-", 1)[-1]
         assert (int(number), int(pid)) == (killed.number, worker_a.pid), "the RUNNING trial is the one worker A is compiling"
+        scratch = resolve_stores(load_config(config)).work_dir / "trials" / scratch_name
+        assert scratch.is_dir()
         killed_run = killed.user_attrs["mlflow_run_id"]
         assert client.get_run(killed_run).info.status == "RUNNING"
 
@@ -106,6 +109,7 @@ def test_a_worker_killed_mid_trial_is_detected_failed_and_retried_once(write_con
         worker_c = procs.start("worker-c", hailo_sweep("worker", str(config), "--worker-index", "2"), tmp_path)
         assert worker_b.wait(timeout=180) == 0, worker_b.output()[-4000:]
         assert worker_c.wait(timeout=180) == 0, worker_c.output()[-4000:]
+    assert not scratch.exists(), "the killed worker's scratch directory is removed by the workers that came after"
 
     study, client = open_stores(config)
     trials = study.get_trials(deepcopy=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import optuna
@@ -180,3 +181,22 @@ def test_a_finding_can_be_a_constraint(write_config) -> None:
         assert disagrees == sum(run.data.metrics[f"agreement.{o}.identical_share"] < 1.0 for o in ("featmap", "logits"))
         assert t.constraints["device.findings.device_disagrees.max"] == disagrees
         assert ("device_disagrees" in run.data.tags.get("hailo_sweep.findings", "")) == (disagrees > 0)
+
+
+def test_scratch_of_dead_workers_on_this_host_is_removed(tmp_path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from hailo_sweep.sweep import remove_dead_scratch
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)  # that process has exited
+    host = socket.gethostname()
+    dead = tmp_path / f"0003-{host}-{dead_pid}"
+    alive = tmp_path / f"0004-{host}-{os.getpid()}"
+    elsewhere = tmp_path / f"0005-another-host-{dead_pid}"  # another host's worker: its pids mean nothing here
+    for d in (dead, alive, elsewhere):
+        (d / "sub").mkdir(parents=True)
+    assert remove_dead_scratch(tmp_path) == 1
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
