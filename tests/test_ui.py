@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
-import selectors
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -22,19 +23,29 @@ RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'
 
 
 def read_url(proc: subprocess.Popen[str], timeout: float = 90.0) -> str:
-    """Read the server's stdout until it prints the runs page URL (bounded by ``timeout``)."""
+    """Read the command's output until it prints the runs page URL (bounded by ``timeout``).
+
+    A reader thread feeds a queue: polling the pipe with select() beside a buffered readline() misses lines that
+    arrived in the same chunk as the previous one.
+    """
     assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    seen = []
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=1.0):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
             break
         seen.append(line)
         match = re.search(r"runs page: (\S+)", line)
