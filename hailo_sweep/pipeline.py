@@ -67,16 +67,21 @@ class Prepared:
     facts: dict[str, str | float] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)  # sweep-wide findings (e.g. calibration coverage)
 
-    def backend_context(self, target: str, options: dict[str, object]) -> BackendContext:
-        return BackendContext(
-            model_path=self.config.model,
-            target=target,
-            work_dir=self.work_dir / "backend",
-            model_io=self.model_io,
-            normalization=self.normalization,
-            domain=self.config.data.domain,
-            options=options,
-        )
+    def backend_context(self) -> BackendContext:
+        return backend_context(self.config, self.model_io, self.normalization, self.work_dir)
+
+
+def backend_context(config: SweepConfig, model_io: ModelIO, normalization: Normalization | None, work_dir: Path) -> BackendContext:
+    """What a backend is built with: the model, the target, its options from the config, and a cache under ``work_dir``."""
+    return BackendContext(
+        model_path=config.model,
+        target=config.target,
+        work_dir=work_dir / "backend",
+        model_io=model_io,
+        normalization=normalization,
+        domain=config.data.domain,
+        options=config.hailo.model_dump(),
+    )
 
 
 def load_inputs(config: SweepConfig) -> tuple[ModelIO, tuple[m.OutputSpec, ...], Dataset, Normalization | None]:

@@ -23,6 +23,7 @@ from hailo_sweep.backends.base import CompiledModel
 from hailo_sweep.config import DiagnosticsConfig, SweepConfig
 from hailo_sweep.data import feed
 from hailo_sweep.errors import UserInputError
+from hailo_sweep.model_io import file_sha256
 from hailo_sweep.pipeline import prepare_sweep, run_trial
 from hailo_sweep.selection import LOCK_FILE
 from hailo_sweep.settings import Settings
@@ -50,10 +51,6 @@ class Verification:
         return self.outputs_match and self.metrics_match
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_lock(export_dir: Path) -> dict[str, Any]:
     path = export_dir / LOCK_FILE
     if not path.is_file():
@@ -68,7 +65,7 @@ def check_inputs(lock: dict[str, Any]) -> None:
         path = Path(entry["path"])
         if not path.is_file():
             raise UserInputError(f"{what} file {path} is missing", key=what, fix="restore the file the export was built from")
-        if _sha(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise UserInputError(
                 f"{what} file {path} has changed since the export (sha256 differs)", key=what,
                 fix="verify needs the exact model and data of the sweep; restore them or export again",
@@ -81,13 +78,13 @@ def verify(export_dir: Path) -> Verification:
     config = SweepConfig.model_validate(lock["config"])
     settings = Settings.from_params(lock["settings"])
     compiled_file = export_dir / lock["files"]["compiled"]["name"]
-    if _sha(compiled_file) != lock["files"]["compiled"]["sha256"]:
+    if file_sha256(compiled_file) != lock["files"]["compiled"]["sha256"]:
         raise UserInputError(f"{compiled_file.name} does not match its recorded sha256", fix="export again")
     cls = backend_class(lock["backend"])
     with tempfile.TemporaryDirectory(prefix="hailo-sweep-verify-") as tmp:
         work = Path(tmp)
         prepared = prepare_sweep(config, work)
-        backend = cls(prepared.backend_context(config.target, config.hailo.model_dump()))
+        backend = cls(prepared.backend_context())
         with backend:
             prepared.facts.update(backend.prepare())
             result = run_trial(prepared, backend, settings, work / "trial", diagnostics=DiagnosticsConfig(layer_noise=False, determinism_samples=0))

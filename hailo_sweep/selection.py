@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hailo_sweep.atomic import atomic_write_text
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
+from hailo_sweep.model_io import file_sha256
 from hailo_sweep.stores import Stores, resolve_stores
 from hailo_sweep.sweep import chosen_trial, open_storage
 from hailo_sweep.tracking import Tracker, redact_url
@@ -125,8 +126,6 @@ LOCK_FILE = "lock.json"
 
 def lock_of(config: SweepConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to rebuild the exported model and check it: ``hailo-sweep verify DIR`` reads this."""
-    from hailo_sweep.model_io import file_sha256 as model_file_sha
-
     return {
         "format": 1,
         "sweep": config.name,
@@ -136,10 +135,10 @@ def lock_of(config: SweepConfig, manifest: dict[str, Any]) -> dict[str, Any]:
         "seed": config.sampler.seed,
         "settings": manifest["settings"],
         "settings_sha256": manifest["settings_sha256"],
-        "model": {"path": str(config.model), "sha256": model_file_sha(config.model)},
+        "model": {"path": str(config.model), "sha256": file_sha256(config.model)},
         "data": {
-            "calibration": {"path": str(config.data.calibration), "sha256": model_file_sha(config.data.calibration)},
-            "evaluation": {"path": str(config.data.evaluation), "sha256": model_file_sha(config.data.evaluation)},
+            "calibration": {"path": str(config.data.calibration), "sha256": file_sha256(config.data.calibration)},
+            "evaluation": {"path": str(config.data.evaluation), "sha256": file_sha256(config.data.evaluation)},
             **manifest["data"],
         },
         "config": json.loads(config.model_dump_json(exclude={"stores"})),
@@ -158,10 +157,6 @@ def _register_once(tracker: Tracker, model_id: str, name: str) -> str:
     except Exception:  # no registered model or no alias yet
         pass
     return tracker.register(model_id, name, ALIAS)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _manifest(

@@ -31,7 +31,7 @@ from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, load_inputs, prepare_sweep, run_trial
+from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_context, load_inputs, prepare_sweep, run_trial
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
@@ -350,11 +350,7 @@ class Sweep:
         backend_cls, note = select_backend(cfg.backend)
         if note:
             self.observer.message(note)
-        ctx_preview = Prepared(
-            config=cfg, model_io=model_io, outputs=outputs, dataset=dataset, normalization=normalization,
-            reference={}, model_sha256="", work_dir=self.stores.work_dir, prepare_seconds=0.0,
-        )
-        backend = backend_cls(ctx_preview.backend_context(cfg.target, cfg.hailo.model_dump()))
+        backend = backend_cls(backend_context(cfg, model_io, normalization, self.stores.work_dir))
         space.check_supported(self._baseline(space, backend), backend.validate)
         return backend, space, objective
 
@@ -920,8 +916,7 @@ class _TrialRunner:
 
     def _tags(self, trial: optuna.Trial, settings: Settings) -> dict[str, str]:
         baseline = bool(trial.user_attrs.get("baseline")) or (
-            self.space.params_of(settings) == self.space.params_of(self.space.project(self.backend.default_settings(self.space.max_calibset_size(), self.space.output_names)))
-            and self.config.sampler.name == "grid"
+            self.config.sampler.name == "grid" and settings == self.sweep._baseline(self.space, self.backend)
         )
         return {
             "optuna.study_name": self.config.name,

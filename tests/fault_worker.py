@@ -165,5 +165,19 @@ def main(argv: list[str]) -> None:
         raise SystemExit(__doc__)
 
 
+
+def assert_artifacts_whole(client: Any, study: Any, computed: list[Any], runs_by_id: dict[str, Any]) -> list[Any]:
+    """Every computed trial's run has its report and one compiled model, uploaded whole (its size is the size the
+    compile stage measured on disk), and there is exactly one LoggedModel per computed trial. Returns the models."""
+    for t in computed:
+        run_id = t.user_attrs["mlflow_run_id"]
+        assert {"report.json", "compiled"} <= {a.path for a in client.list_artifacts(run_id)}
+        compiled = client.list_artifacts(run_id, "compiled")
+        assert [a.path for a in compiled] == ["compiled/model.int8.onnx"]
+        assert compiled[0].file_size == runs_by_id[run_id].data.metrics["compile.size_bytes"]
+    models = client.search_logged_models(experiment_ids=[study.user_attrs["mlflow_experiment_id"]])
+    assert sorted(lm.model_id for lm in models) == sorted(t.user_attrs["mlflow_model_id"] for t in computed)
+    return models
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from hailo_sweep.sweep import budget_used
 from tests.conftest import base_config
-from tests.fault_worker import Processes, hailo_sweep
+from tests.fault_worker import Processes, assert_artifacts_whole, hailo_sweep
 
 PG = os.environ.get("HAILO_SWEEP_TEST_POSTGRES")
 MLFLOW = os.environ.get("HAILO_SWEEP_TEST_MLFLOW")
@@ -161,14 +161,7 @@ def test_workers_on_postgresql_and_a_tracking_server(workers: int, budget: int, 
     # artifacts, through the server (proxied): whole files for every computed trial
     computed = [t for t in trials if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
     assert computed
-    for t in computed:
-        run_id = t.user_attrs["mlflow_run_id"]
-        assert {"report.json", "compiled"} <= {a.path for a in client.list_artifacts(run_id)}
-        compiled = client.list_artifacts(run_id, "compiled")
-        assert [a.path for a in compiled] == ["compiled/model.int8.onnx"]
-        assert compiled[0].file_size == runs[run_id].data.metrics["compile.size_bytes"]
-    models = client.search_logged_models(experiment_ids=[study.user_attrs["mlflow_experiment_id"]])
-    assert sorted(lm.model_id for lm in models) == sorted(t.user_attrs["mlflow_model_id"] for t in computed)
+    assert_artifacts_whole(client, study, computed, runs)
 
     # finalize: the best feasible trial (computed here from the trials) is registered under the alias `best`
     feasible = [t for t in trials if t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values())]

@@ -32,7 +32,7 @@ from hailo_sweep.settings import Settings
 from hailo_sweep.sweep import Sweep, budget_used, open_storage, resolve_stores
 from hailo_sweep.tracking import Tracker, TrackingUnavailable
 from tests.conftest import cli
-from tests.fault_worker import Processes, hailo_sweep, launcher, wait_until
+from tests.fault_worker import Processes, assert_artifacts_whole, hailo_sweep, launcher, wait_until
 
 #: a small space (12 points): trials are quick and duplicates are rare
 SMALL_SPACE = {
@@ -153,15 +153,7 @@ def test_a_worker_killed_mid_trial_is_detected_failed_and_retried_once(write_con
     # artifacts complete for every computed (non-duplicate) trial, and one LoggedModel each, no more
     computed = [t for t in others if "duplicate_of" not in t.user_attrs]
     assert computed
-    for t in computed:
-        run_id = t.user_attrs["mlflow_run_id"]
-        assert {"report.json", "compiled"} <= {a.path for a in client.list_artifacts(run_id)}
-        compiled = client.list_artifacts(run_id, "compiled")
-        assert [a.path for a in compiled] == ["compiled/model.int8.onnx"]
-        # the uploaded file is whole: its size is the size the compile stage measured on disk
-        assert compiled[0].file_size == runs_by_id[run_id].data.metrics["compile.size_bytes"]
-    models = client.search_logged_models(experiment_ids=[study.user_attrs["mlflow_experiment_id"]])
-    assert sorted(lm.model_id for lm in models) == sorted(t.user_attrs["mlflow_model_id"] for t in computed)
+    models = assert_artifacts_whole(client, study, computed, runs_by_id)
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FINISHED", "the last worker closed the parent"
     assert all(lm.source_run_id == by_number[int(lm.tags["optuna.trial_number"])].user_attrs["mlflow_run_id"] for lm in models)
 

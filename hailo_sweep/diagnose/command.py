@@ -58,7 +58,7 @@ def diagnose_trial(config: SweepConfig, number: int, report: Path | None = None)
     with tempfile.TemporaryDirectory(prefix="hailo-sweep-diagnose-") as tmp:
         work = Path(tmp)
         prepared = prepare_sweep(config, stores.work_dir)
-        backend = backend_cls(prepared.backend_context(config.target, config.hailo.model_dump()))
+        backend = backend_cls(prepared.backend_context())
         space = SearchSpace(config.search, prepared.model_io.output_names, config.source)
         settings = space.settings_from_params(dict(trial.params))
         with backend:
@@ -108,7 +108,7 @@ def diagnose_files(
         evidence.declared_layout = "NCHW"
     if compiled is not None:
         backend_cls, _ = select_backend(config.backend)
-        backend = backend_cls(prepared.backend_context(config.target, config.hailo.model_dump()))
+        backend = backend_cls(prepared.backend_context())
         artifact = CompiledModel(path=compiled, size_bytes=compiled.stat().st_size, kind=backend_cls.compiled_kind)
         with backend, backend.device(artifact) as runner:
             dev = runner.run(fed)

@@ -271,6 +271,20 @@ def _hef_original_names(hef: Any, vstream: str) -> list[str]:
         return []
 
 
+def _vdevice(hrt: ModuleType, device_id: str, *, round_robin: bool) -> Any:
+    """A VDevice on exactly ``device_id``; with the round-robin scheduler for the InferModel API (HRT-nb0)."""
+    params = hrt.VDevice.create_params()
+    params.device_ids = [device_id]
+    if round_robin:
+        params.scheduling_algorithm = hrt.HailoSchedulingAlgorithm.ROUND_ROBIN
+    return hrt.VDevice(params)
+
+
+def _require_one_input(count: int) -> None:
+    if count != 1:
+        raise HailoDeviceError(f"the HEF has {count} inputs; hailo-sweep supports one")
+
+
 class InferModelEngine:
     """``VDevice(ROUND_ROBIN).create_infer_model(hef)``: sync runs per frame (latency), async runs (throughput)."""
 
@@ -281,15 +295,11 @@ class InferModelEngine:
         self.notes: list[str] = []
         self._stack = contextlib.ExitStack()
         try:
-            params = hrt.VDevice.create_params()
-            params.device_ids = [device_id]
-            params.scheduling_algorithm = hrt.HailoSchedulingAlgorithm.ROUND_ROBIN
-            vdevice = self._stack.enter_context(hrt.VDevice(params))
+            vdevice = self._stack.enter_context(_vdevice(hrt, device_id, round_robin=True))
             self._model = vdevice.create_infer_model(str(hef_path))
             self._model.set_batch_size(1)
             names = list(self._model.input_names)
-            if len(names) != 1:
-                raise HailoDeviceError(f"the HEF has {len(names)} inputs; hailo-sweep supports one")
+            _require_one_input(len(names))
             stream = self._model.input(names[0])
             self.input, note = _choose(names[0], stream.shape, stream.format.type, list(stream.quant_infos))
             stream.set_format_type(hrt.FormatType.FLOAT32 if self.input.quant is None else stream.format.type)
@@ -357,15 +367,12 @@ class VStreamsEngine:
         self.notes: list[str] = []
         self._stack = contextlib.ExitStack()
         try:
-            params = hrt.VDevice.create_params()
-            params.device_ids = [device_id]
-            vdevice = self._stack.enter_context(hrt.VDevice(params))
+            vdevice = self._stack.enter_context(_vdevice(hrt, device_id, round_robin=False))
             self._hef = hrt.HEF(str(hef_path))
             configure = hrt.ConfigureParams.create_from_hef(self._hef, interface=hrt.HailoStreamInterface.PCIe)
             group = vdevice.configure(self._hef, configure)[0]
             infos = list(self._hef.get_input_vstream_infos())
-            if len(infos) != 1:
-                raise HailoDeviceError(f"the HEF has {len(infos)} inputs; hailo-sweep supports one")
+            _require_one_input(len(infos))
             info = infos[0]
             self.input, note = _choose(info.name, info.shape, info.format.type, [info.quant_info])
             self.notes += [note] if note else []
