@@ -153,8 +153,6 @@ class TrialResult:
     failed_stage: str | None = None
     error: str | None = None
     traceback: str | None = None
-    #: per emulation context / device: per-sample weighted error (for statistical pruning and plots)
-    sample_errors: dict[str, np.ndarray] = field(default_factory=dict)
     lsb_histograms: dict[str, dict[int, int]] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     layer_noise: list[LayerNoise] = field(default_factory=list)
@@ -303,23 +301,21 @@ def run_trial(
             except Exception as exc:  # the trial's measurements stand; only the explanation is missing
                 result.notes.append(f"diagnosis incomplete: {type(exc).__name__}: {exc}")
     except StopTrial as stop:
-        for timing in result.timings:
-            result.metrics[f"time.{timing.name}_s"] = timing.seconds
         stop.result = result
         raise
     except Exception as exc:  # a stage failure ends this trial only, with the reason on record
         result.failed_stage = stage
         result.error = f"{type(exc).__name__}: {exc}"
         result.traceback = traceback.format_exc()
-    for timing in result.timings:
-        result.metrics[f"time.{timing.name}_s"] = timing.seconds
+    finally:  # also for a stopped (pruned) trial: the stages it ran are on record
+        for timing in result.timings:
+            result.metrics[f"time.{timing.name}_s"] = timing.seconds
     return result
 
 
 def _measure(result: TrialResult, prefix: str, prepared: Prepared, outputs: dict[str, np.ndarray]) -> None:
     values = m.stage_metrics(prepared.reference, outputs, prepared.outputs, prepared.dataset.labels)
     result.metrics.update({f"{prefix}.{k}": v for k, v in values.items()})
-    result.sample_errors[prefix] = m.sample_weighted_error(prepared.reference, outputs, prepared.outputs)
 
 
 def _diagnose(
