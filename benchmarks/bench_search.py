@@ -2,8 +2,9 @@
 the grid's trials, and does pruning before the compile save compiles without losing the best result?
 
 The embedded backend is deterministic (``quantize_static`` gives byte-identical models), so every point of the search
-space has exactly one result. The script therefore runs the real pipeline once per point of a reduced grid of the
-example's space and stores what each trial would measure: the device objective, its feasibility under the example's
+space has exactly one result. The script therefore runs the real pipeline once per point of the example's search space
+(``configs/digits.yaml``: 384 points; ``--space reduced``: a 96-point sub-grid, a harder case with a budget of only 24
+trials) and stores what each trial would measure: the device objective, its feasibility under the example's
 constraint, the 30 paired group means of per-sample emulated errors the sweep reports to the pruner, and the measured
 stage times. The sampler studies then look each suggested point up in that table instead of recomputing it, which makes
 5 seeds x several settings affordable while every number still comes from a real trial.
@@ -20,8 +21,9 @@ Measured, in one run:
 4. pruning on vs off (TPE, Wilcoxon pruner as configured by the sweep): share of compiles avoided, best device error;
 5. trials and estimated seconds until the best-so-far is within 5% of the grid optimum.
 
-Usage: ``python benchmarks/bench_search.py [--seeds 5] [--json out.json] [--table-from previous.json]``
-(``--table-from`` re-analyses the table stored in an earlier ``--json`` file instead of rebuilding it.)
+Usage: ``python benchmarks/bench_search.py [--space example|reduced] [--seeds 5] [--first-seed 0] [--json out.json]
+[--table-from previous.json]`` (``--table-from`` re-analyses the table stored in an earlier ``--json`` file instead of
+rebuilding it; ``--first-seed 100 --seeds 30`` checks the verdicts on seeds the defaults were never looked at with).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from hailo_sweep.sweep import constraint_values, objective_of
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: a reduced grid of the example's space (configs/digits.yaml declares 384 points; this keeps the table to minutes)
+#: ``--space reduced``: a sub-grid of the example's space (configs/digits.yaml declares 384 points); with a quarter of it as
+#: the budget (24 trials) and only 2 of its points within 5% of its optimum, it is the harder case for a sampler
 GRID: dict[str, list[Any]] = {
     "optimization_level": [0, 1, 2, 3],
     "compression_level": [0, 1, 2],
@@ -110,8 +113,8 @@ class Table:
         return min(feasible, key=lambda pv: pv[1])
 
 
-def example_config(root: Path) -> SweepConfig:
-    """The example's config on a fresh copy of the example data, reduced to ``GRID``, fast diagnostics."""
+def example_config(root: Path, reduced: bool) -> SweepConfig:
+    """The example's config on a fresh copy of the example data (its space reduced to ``GRID`` if asked), fast diagnostics."""
     shutil.copytree(REPO / "configs", root / "configs")
     subprocess.run(
         [sys.executable, "-m", "hailo_sweep.examples.digits", str(root / "sweeps" / "data" / "digits")], check=True, capture_output=True
@@ -120,7 +123,7 @@ def example_config(root: Path) -> SweepConfig:
     return config.model_copy(
         update={
             "backend": "onnxruntime",
-            "search": SearchSpaceConfig(**GRID),
+            "search": SearchSpaceConfig(**GRID) if reduced else config.search,
             # layer noise and the determinism re-run explain errors; they do not change any metric used here
             "diagnostics": DiagnosticsConfig(layer_noise=False, determinism_samples=0),
         }
@@ -161,7 +164,7 @@ def build_table(config: SweepConfig, space: SearchSpace, backend: Backend, work_
             shutil.rmtree(backend.context.work_dir / "calibration-cache", ignore_errors=True)
             captured: list[float] = []
 
-            def checkpoint(stage: str, result: TrialResult, emulated: dict[str, np.ndarray]) -> None:
+            def checkpoint(stage: str, result: TrialResult, emulated: dict[str, np.ndarray], captured: list[float] = captured) -> None:
                 per_sample = m.per_sample_metric(pruned_metric, prepared.reference, emulated, prepared.outputs)
                 captured.extend(float(g.mean()) for g in np.array_split(per_sample, min(GROUPS, len(per_sample))))
 
@@ -395,14 +398,14 @@ def print_summaries(summaries: list[ScenarioSummary], seeds: int) -> None:
             best += f" ({s.never_feasible} seeds none)"
         print(f"{s.scenario.label:<34}{best:>26}{_cell(s.gap, '.1f', 100, ' %'):>22}{f'{s.seeds_within}/{len(s.runs)}':>11}")
     print()
-    head = (f"{'scenario':<34}{'compiles':>12}{'avoided':>11}{'wrong prunes':>14}{'repeats':>11}"
+    head = (f"{'scenario':<34}{'compiles':>12}{'avoided':>11}{'wrong prunes':>14}{'repeats':>13}"
             f"{'trials to ≤5%':>16}{'never':>7}{'s to ≤5%':>14}{'s whole study':>15}")
     print(head)
     print("-" * len(head))
     for s in summaries:
         print(
             f"{s.scenario.label:<34}{_cell(s.compiles, '.1f'):>12}{_cell(s.avoided_share, '.0f', 100, ' %'):>11}"
-            f"{s.wrongly_pruned:>14}{_cell(s.reused, '.1f'):>11}{_cell(s.trials_to_target, '.1f'):>16}"
+            f"{s.wrongly_pruned:>14}{_cell(s.reused, '.1f'):>13}{_cell(s.trials_to_target, '.1f'):>16}"
             f"{f'{s.never_reached}/{len(s.runs)}':>7}{_cell(s.seconds_to_target, '.1f'):>14}{_cell(s.total_s, '.1f'):>15}"
         )
     print("compiles: trials that reached compile+device; avoided: pruned / (pruned + compiled); wrong prunes (all seeds): pruned\n"
@@ -456,12 +459,12 @@ def load_table(path: Path) -> Table:
     return Table(objective_key=data["objective_key"], points=[Point(**p) for p in data["points"]], build_s=data["build_s"], setup_s=data["setup_s"])
 
 
-def run_scenarios(table: Table, space: SearchSpace, scenarios: list[Scenario], seeds: int, budget: int, baseline: dict[str, Any]) -> list[ScenarioSummary]:
+def run_scenarios(table: Table, space: SearchSpace, scenarios: list[Scenario], seeds: range, budget: int, baseline: dict[str, Any]) -> list[ScenarioSummary]:
     optimum = table.optimum()[1]
     target_value = optimum * (1 + TARGET_GAP)
     out = []
     for scenario in scenarios:
-        runs = [summarize(seed, simulate(table, space, scenario, seed, budget, baseline), target_value) for seed in range(seeds)]
+        runs = [summarize(seed, simulate(table, space, scenario, seed, budget, baseline), target_value) for seed in seeds]
         out.append(ScenarioSummary.of(scenario, runs, optimum))
     return out
 
@@ -471,23 +474,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="save the table, every seed's run and the verdicts here")
     parser.add_argument("--table-from", type=Path, help="re-analyse the table of an earlier --json file instead of rebuilding it")
+    parser.add_argument("--space", choices=("example", "reduced"), default="example",
+                        help="example: the example config's whole declared space (384 points); reduced: the 96-point GRID")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--quiet", action="store_true", help="do not print one line per grid point while building the table")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
+    if args.table_from:  # the space is the one the table was built on (files written before --space held the reduced grid)
+        args.space = json.loads(args.table_from.read_text()).get("space", "reduced")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     root = Path(tempfile.mkdtemp(prefix="hs-bench-search-"))
     try:
-        config = example_config(root)
+        config = example_config(root, reduced=args.space == "reduced")
         model_io = load_inputs(config)[0]
         space = SearchSpace(config.search, model_io.output_names, config.source)  # as Sweep.preflight builds it
         backend = make_backend(config, root / "work")
         baseline = space.params_of(space.project(backend.default_settings(space.max_calibset_size(), space.output_names)))
         if args.table_from:
             table = load_table(args.table_from)
-            print(f"table loaded from {args.table_from} (not rebuilt)")
+            print(f"table loaded from {args.table_from} (not rebuilt; space: {args.space})")
         else:
-            print(f"building the grid table: {space.grid_size()} points, each run once through the real pipeline (onnxruntime backend)")
+            print(f"building the grid table ({args.space} space): {space.grid_size()} points, each run once through the real pipeline (onnxruntime backend)")
             table = build_table(config, space, backend, root / "work", progress=(lambda _: None) if args.quiet else print)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -506,7 +515,7 @@ def main() -> None:
         Scenario(f"tpe, baseline first + p={P_DEFAULT}", "tpe", P_DEFAULT, baseline=True),
     ]
     start = time.perf_counter()
-    summaries = run_scenarios(table, space, scenarios, args.seeds, budget, baseline)
+    summaries = run_scenarios(table, space, scenarios, seeds, budget, baseline)
     by_label = {s.scenario.label: s for s in summaries}
     pruned_labels = [f"tpe + pruning p={P_DEFAULT}"]
     default = by_label[pruned_labels[0]]
@@ -517,18 +526,18 @@ def main() -> None:
     )
     if default_missed:  # the default misses a target: show the neighbouring thresholds too, labelled, not tuned silently
         extra = [Scenario(f"tpe + pruning p={p} (alt.)", "tpe", p) for p in P_ALTERNATIVES]
-        summaries += run_scenarios(table, space, extra, args.seeds, budget, baseline)
+        summaries += run_scenarios(table, space, extra, seeds, budget, baseline)
         by_label.update({s.scenario.label: s for s in summaries})
         pruned_labels += [s.label for s in extra]
-    print(f"(the {len(summaries)} x {args.seeds} studies took {time.perf_counter() - start:.1f} s; "
+    print(f"(the {len(summaries)} x {args.seeds} studies, seeds {seeds.start}-{seeds.stop - 1}, took {time.perf_counter() - start:.1f} s; "
           "seconds below are the table's measured stage times summed along each study)")
-    print_summaries(summaries, args.seeds)
+    print_summaries(summaries, len(seeds))
     verdicts = check_targets(by_label, pruned_labels)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "grid": GRID, "budget": budget, "seeds": args.seeds, "optimum": asdict(table.optimum()[0]), "baseline": baseline,
+            "space": args.space, "grid": space.choices(), "budget": budget, "seeds": list(seeds), "optimum": asdict(table.optimum()[0]), "baseline": baseline,
             "table": asdict(table), "verdicts": verdicts,
             "scenarios": [asdict(s) for s in summaries],
         }, indent=1))
