@@ -473,7 +473,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="save the table, every seed's run and the verdicts here")
-    parser.add_argument("--table-from", type=Path, help="re-analyse the table of an earlier --json file instead of rebuilding it")
+    parser.add_argument("--table-from", type=Path, help="re-analyse the table (and its space) of an earlier --json file instead of rebuilding it")
     parser.add_argument("--space", choices=("example", "reduced"), default="example",
                         help="example: the example config's whole declared space (384 points); reduced: the 96-point GRID")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
