@@ -60,6 +60,16 @@ def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, inter
         time.sleep(interval)
 
 
+#: the fault and distributed tests' space, 12 points: trials are quick, and concurrent workers rarely draw the same settings
+SMALL_SPACE = {
+    "optimization_level": [0, 1, 2],
+    "compression_level": [0],
+    "calibset_size": [64],
+    "normalization_placement": ["host", "model"],
+    "output_16bit": ["none", "logits"],
+}
+
+
 @dataclass
 class Proc:
     name: str

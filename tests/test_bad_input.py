@@ -74,29 +74,28 @@ def test_layout_mixup_is_named(write_config, digits_data) -> None:
     assert_refused(write_config(raw), "data.layout", "NHWC", "set data.layout: NHWC")
 
 
-def test_shape_mismatch(write_config, digits_data, tmp_path) -> None:
-    small = tmp_path / "small.npy"
-    np.save(small, np.zeros((8, 64, 64, 1), np.uint8))
+def with_calibration(digits_data, path: Path, array: np.ndarray) -> dict:
+    """The example config with its calibration set replaced by ``array``, saved at ``path``."""
+    np.save(path, array)
     raw = base_config(digits_data)
-    raw["data"]["calibration"] = str(small)
+    raw["data"]["calibration"] = str(path)
+    return raw
+
+
+def test_shape_mismatch(write_config, digits_data, tmp_path) -> None:
+    raw = with_calibration(digits_data, tmp_path / "small.npy", np.zeros((8, 64, 64, 1), np.uint8))
     assert_refused(write_config(raw), "small.npy", "(96, 128, 1)")
 
 
 def test_nan_in_data(write_config, digits_data, tmp_path) -> None:
     bad = np.load(digits_data["calibration"]).astype(np.float32)[:200]
     bad[3, 10, 10, 0] = np.nan
-    path = tmp_path / "nan.npy"
-    np.save(path, bad)
-    raw = base_config(digits_data)
-    raw["data"]["calibration"] = str(path)
+    raw = with_calibration(digits_data, tmp_path / "nan.npy", bad)
     assert_refused(write_config(raw), "data.calibration", "NaN/inf", "sample 3")
 
 
 def test_empty_data(write_config, digits_data, tmp_path) -> None:
-    path = tmp_path / "empty.npy"
-    np.save(path, np.zeros((0, 96, 128, 1), np.uint8))
-    raw = base_config(digits_data)
-    raw["data"]["calibration"] = str(path)
+    raw = with_calibration(digits_data, tmp_path / "empty.npy", np.zeros((0, 96, 128, 1), np.uint8))
     assert_refused(write_config(raw), "data.calibration", "empty")
 
 

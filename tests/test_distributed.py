@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from hailo_sweep.sweep import budget_used
 from tests.conftest import base_config
-from tests.fault_worker import Processes, assert_artifacts_whole, hailo_sweep
+from tests.fault_worker import SMALL_SPACE, Processes, assert_artifacts_whole, hailo_sweep
 
 PG = os.environ.get("HAILO_SWEEP_TEST_POSTGRES")
 MLFLOW = os.environ.get("HAILO_SWEEP_TEST_MLFLOW")
@@ -34,19 +34,11 @@ needs_services = pytest.mark.skipif(
 )
 pytestmark = pytest.mark.slow
 
-#: 12 points: enough room that concurrent workers rarely draw the same settings
-SPACE = {
-    "optimization_level": [0, 1, 2],
-    "compression_level": [0],
-    "calibset_size": [64],
-    "normalization_placement": ["host", "model"],
-    "output_16bit": ["none", "logits"],
-}
 WORKER_TIMEOUT_S = 240
 
 
 def write_sweep(root: Path, data: dict[str, Path], name: str, trials: int, stores: dict[str, str] | None = None) -> Path:
-    cfg = base_config(data, name=name, trials=trials, search=SPACE, stores={"root": str(root), **(stores or {})})
+    cfg = base_config(data, name=name, trials=trials, search=SMALL_SPACE, stores={"root": str(root), **(stores or {})})
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

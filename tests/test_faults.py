@@ -32,16 +32,8 @@ from hailo_sweep.settings import Settings
 from hailo_sweep.sweep import Sweep, budget_used, open_storage, resolve_stores
 from hailo_sweep.tracking import Tracker, TrackingUnavailable
 from tests.conftest import cli
-from tests.fault_worker import Processes, assert_artifacts_whole, hailo_sweep, launcher, wait_until
+from tests.fault_worker import SMALL_SPACE, Processes, assert_artifacts_whole, hailo_sweep, launcher, wait_until
 
-#: a small space (12 points): trials are quick and duplicates are rare
-SMALL_SPACE = {
-    "optimization_level": [0, 1, 2],
-    "compression_level": [0],
-    "calibset_size": [64],
-    "normalization_placement": ["host", "model"],
-    "output_16bit": ["none", "logits"],
-}
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 3, "max_retry": 1}
 
 
