@@ -26,6 +26,8 @@ class Spec:
     softmax: bool = False  # the classifier ends in Softmax
     time_major: bool = False  # a second output (W, N, C): per-column class scores, time first
     output_name: str = "logits"
+    identity_of_output: bool = False  # the Identity's input is a graph output too (ONNX Runtime cannot drop the Identity)
+    fused_conv: bool = False  # an output "aux" from a com.microsoft FusedConv: ONNX Runtime runs it, symbolic shape inference gives up
 
 
 def build(spec: Spec) -> onnx.ModelProto:
@@ -62,6 +64,16 @@ def build(spec: Spec) -> onnx.ModelProto:
         nodes[-1].output[0] = spec.output_name
     batch: int | str = spec.batch if spec.batch is not None else "N"
     outputs = [helper.make_tensor_value_info(spec.output_name, TensorProto.FLOAT, [batch, CLASSES])]
+    if spec.identity_of_output:
+        outputs.append(helper.make_tensor_value_info(head, TensorProto.FLOAT, [batch, CLASSES]))
+    if spec.fused_conv:
+        w3 = weight("w3", rng.normal(0, 0.3, (16, CHANNELS, 3, 3)))
+        nodes += [
+            helper.make_node("FusedConv", ["x", w3], ["f1"], pads=[1, 1, 1, 1], activation="Relu", name="fused", domain="com.microsoft"),
+            helper.make_node("GlobalAveragePool", ["f1"], ["fgap"], name="fgap"),
+            helper.make_node("Flatten", ["fgap"], ["aux"], axis=1, name="fflat"),
+        ]
+        outputs.append(helper.make_tensor_value_info("aux", TensorProto.FLOAT, [batch, 16]))
     if spec.time_major:
         nodes += [
             helper.make_node("ReduceMean", ["c2"], ["rows"], axes=[2], keepdims=0, name="reduce_rows"),
@@ -71,7 +83,8 @@ def build(spec: Spec) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "structural", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, CHANNELS, SIZE, SIZE])], outputs, inits
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)])
+    opsets = [helper.make_opsetid("", spec.opset)] + ([helper.make_opsetid("com.microsoft", 1)] if spec.fused_conv else [])
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model
