@@ -14,7 +14,7 @@ from hailo_sweep.backends.base import ModelIO
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.metrics import OutputSpec
-from hailo_sweep.onnx_runner import BatchAxisError, run_chunked, session
+from hailo_sweep.onnx_runner import BatchAxisError, run_chunked
 
 
 def file_sha256(path: Path) -> str:
@@ -132,7 +132,10 @@ def probe_model(path: Path, model_io: ModelIO, outputs: tuple[OutputSpec, ...], 
     """
     axes = {o.name: o.batch_axis for o in outputs}
     try:
-        sess = session(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.log_severity_level = 4  # the failure is reported below, once, not also on stderr
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         values = run_chunked(sess, sample.astype(np.float32), model_io.output_names, axes)
     except BatchAxisError as exc:
         holding = [a for a, size in enumerate(exc.shape) if size == exc.fed and a != exc.axis]
@@ -145,14 +148,12 @@ def probe_model(path: Path, model_io: ModelIO, outputs: tuple[OutputSpec, ...], 
         ) from None
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/NotImplemented/... types
         message = str(exc).strip()
-        node = re.search(r"[Nn]ode \(?'?([^)',\s]+)", message)
         raise UserInputError(
-            f"the model {path.name} does not run in ONNX Runtime {ort.__version__}"
-            + (f" (node {node.group(1)})" if node else "")
+            f"the model {path.name} does not run in ONNX Runtime {ort.__version__}{_culprit(message)}"
             + f": {type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}",
             file=config_file,
             key="model",
-            fix="re-export the model with operators and an opset ONNX Runtime supports (opset 13-21), with fixed C, H, W",
+            fix="the float reference runs in ONNX Runtime on the CPU: re-export the model (or the named node) with standard ONNX operators it supports",
         ) from None
     for spec in outputs:
         if spec.kind != "tensor" and values[spec.name].ndim < 2:
@@ -177,3 +178,14 @@ def external_data_files(path: Path) -> list[Path]:
         if entry.key == "location"
     }
     return sorted(path.parent / name for name in names if (path.parent / name).is_file())
+
+
+def _culprit(message: str) -> str:
+    """The node (or unregistered op) an ONNX Runtime error message names, as `` (node 'x', Conv)``."""
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", message)
+    if node:
+        return f" (node '{node.group(2)}', {node.group(1)})"
+    op = re.search(r"([\w.]+:\w+)\(-?\d+\) is not a registered function/op", message)
+    if op:
+        return f" (operator {op.group(1)} is unknown to it)"
+    return ""

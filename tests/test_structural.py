@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import optuna
 import pytest
@@ -148,6 +149,21 @@ def test_missing_external_data_is_refused_with_the_fix(tmp_path: Path) -> None:
     config = project(tmp_path, sm.Spec(), external_data=True)
     (config.parent / "model" / "m.onnx.data").unlink()
     assert_refused(config, "m.onnx", "external data")
+
+
+@pytest.mark.parametrize("variant", ["unknown_op", "bad_attribute"])
+def test_a_model_onnxruntime_cannot_run_is_refused_naming_the_node(tmp_path: Path, variant: str) -> None:
+    model = sm.build(sm.Spec())
+    if variant == "unknown_op":
+        model.graph.node[1].op_type, model.graph.node[1].domain = "Frobnicate", "com.example"
+        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+        expected = "operator com.example:Frobnicate"
+    else:
+        model.graph.node[0].attribute.append(onnx.helper.make_attribute("group", 3))
+        expected = "node 'conv1', Conv"
+    path = sm.save(model, tmp_path / "model" / "m.onnx")
+    config = sm.write_config(tmp_path, sm.config(tmp_path, path, sm.write_data(tmp_path)))
+    assert_refused(config, "the model m.onnx does not run in ONNX Runtime", expected, "standard ONNX operators")
 
 
 # -- batch axis ---------------------------------------------------------------------------------------------------
@@ -336,3 +352,18 @@ def test_labels_that_are_not_class_ids_need_a_task_metric(tmp_path: Path) -> Non
     cfg["objective"] = {"metric": "total.nmae", "stage": "device"}
     sm.write_config(tmp_path, cfg)
     assert_refused(config, "1-D integer array of class indices", "task metric")
+
+
+def test_a_task_metric_objective_prunes_on_its_per_sample_values(tmp_path: Path) -> None:
+    config = _task_project(
+        tmp_path, trials=3, pruning={"enabled": True, "p_threshold": 0.5, "groups": 5},
+        search={"optimization_level": [0, 1], "calibset_size": [8, 16], "normalization_placement": ["host"]},
+    )
+    code, out = run_cli(config)
+    assert code == 0, out
+    study = optuna.load_study(study_name="structural", storage=f"sqlite:///{config.parent / 'sweeps' / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 3 and all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states), states
+    # the pruner saw the task metric's per-sample values, grouped: 12 samples in 5 groups of sample means
+    reported = [t.intermediate_values for t in study.trials if t.intermediate_values]
+    assert reported and all(len(v) == 5 and all(0.0 <= x <= 1.0 for x in v.values()) for v in reported)
