@@ -31,7 +31,7 @@ from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_context, load_inputs, prepare_sweep, run_trial
+from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_context, load_inputs, prepare_sweep, run_trial, softmax_findings
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
@@ -378,6 +378,8 @@ class Sweep:
         backend_cls, note = select_backend(cfg.backend)
         if note:
             self.observer.message(note)
+        for finding in softmax_findings(cfg.model, outputs):
+            self.observer.message(f"note: {finding.message}; {finding.fix}")
         backend = backend_cls(backend_context(cfg, model_io, normalization, self.stores.work_dir))
         space.check_supported(self._baseline(space, backend), backend.validate)
         return backend, space, objective

@@ -209,6 +209,8 @@ def test_a_softmax_head_declared_logits_gets_a_finding_and_probabilities_run(tmp
     prepared, _ = prepare(declared_logits)
     assert [(f.code, f.output) for f in prepared.findings if f.code == "softmax_as_logits"] == [("softmax_as_logits", "logits")]
     assert "kind: probabilities" in prepared.findings[-1].fix
+    code, out = run_cli(declared_logits)
+    assert code == 0 and "note: the model computes 'logits' with a Softmax" in out, out
 
     config = project(
         tmp_path / "probs", sm.Spec(softmax=True), outputs={"logits": {"kind": "probabilities"}},

@@ -80,7 +80,7 @@ class _Reader(CalibrationDataReader):
         self.data = data.astype(np.float32)
         self.input_name = input_name
         self.fixed_batch = fixed_batch
-        self.batch = equal_batch(len(data), fixed_batch)
+        self.batch = equal_batch(self.data, fixed_batch)
         self._it: Iterator[dict[str, np.ndarray]] = iter(())
         self.rewind()
 
