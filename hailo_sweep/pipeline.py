@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hailo_sweep import lsb_metrics as lsb
 from hailo_sweep import metrics as m
 from hailo_sweep.backends.base import (
     Backend,
@@ -312,10 +313,10 @@ def run_trial(
         # outputs the device could only return as float (e.g. several quantization parameters) have no raw integers
         comparable = tuple(spec for spec in prepared.outputs if spec.name in dev.raw and spec.name in dev.quant)
         if emulated is not None and comparable and any(spec.weight > 0 for spec in comparable):
-            agreement = m.agreement_metrics(emulated, dev.raw, dev.quant, comparable)
+            agreement = lsb.agreement_metrics(emulated, dev.raw, dev.quant, comparable)
             result.metrics.update({f"{AGREEMENT_PREFIX}.{k}": v for k, v in agreement.items()})
             for spec in comparable:
-                diff = m.lsb_difference(emulated[spec.name], dev.raw[spec.name], dev.quant[spec.name])
+                diff = lsb.lsb_difference(emulated[spec.name], dev.raw[spec.name], dev.quant[spec.name])
                 values, counts = np.unique(diff, return_counts=True)
                 result.lsb_histograms[spec.name] = {int(v): int(c) for v, c in zip(values, counts)}
         with ladder.stage("diagnose"):
