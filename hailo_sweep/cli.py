@@ -80,6 +80,7 @@ def _errors(fn):  # type: ignore[no-untyped-def]
     def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
         from mlflow.exceptions import MlflowException
 
+        from hailo_sweep.interrupts import StoresFull, signame_of
         from hailo_sweep.sweep import StoreUnavailable
         from hailo_sweep.tracking import TrackingUnavailable, redact_url
 
@@ -87,6 +88,11 @@ def _errors(fn):  # type: ignore[no-untyped-def]
             return fn(*args, **kwargs)
         except UserInputError as exc:
             raise _fail(exc) from None
+        except StoresFull as exc:  # the trial is on record as failed; one line, no traceback
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt as exc:  # the interrupted trial is on record; 128 + the signal, as a shell reports it
+            raise typer.Exit(code=143 if signame_of(exc) == "SIGTERM" else 130) from None
         except (TrackingUnavailable, StoreUnavailable) as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=3) from None
@@ -147,14 +153,30 @@ def _run_jobs(cfg, config: Path, total: int, jobs: int) -> tuple[int | None, flo
     for index in range(jobs):
         log = (log_dir / f"worker-{index}.log").open("ab")
         cmd = [sys.executable, "-m", "hailo_sweep.cli", "worker", str(config), "--trials", str(total), "--worker-index", str(index)]
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}), log))
+        # its own process group: a terminal's Ctrl-C reaches this process only, which forwards it once (below)
+        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}, process_group=0)
+        procs.append((popen, log))
     study, _ = load_study(cfg)
-    with _progress() as progress:
-        task = progress.add_task(f"{jobs} workers", total=total)
-        while any(p.poll() is None for p, _ in procs):
+    from hailo_sweep.interrupts import interrupts_end_trials, signals_held, signame_of
+
+    try:
+        with interrupts_end_trials(), _progress() as progress:
+            task = progress.add_task(f"{jobs} workers", total=total)
+            while any(p.poll() is None for p, _ in procs):
+                progress.update(task, completed=min(budget_used(study, count_running=False), total))
+                time.sleep(1.0)
             progress.update(task, completed=min(budget_used(study, count_running=False), total))
-            time.sleep(1.0)
-        progress.update(task, completed=min(budget_used(study, count_running=False), total))
+    except KeyboardInterrupt as exc:  # forward the signal to every worker, wait until each has recorded its trial
+        sig = signal.SIGTERM if signame_of(exc) == "SIGTERM" else signal.SIGINT
+        with signals_held():
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.send_signal(sig)
+            for p, log in procs:
+                p.wait()
+                log.close()
+        console.print(f"interrupted: {jobs} workers stopped, their trials are on record; the next `hailo-sweep run` retries them (see {log_dir})")
+        raise
     failed = []
     for index, (proc, log) in enumerate(procs):
         log.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from hailo_sweep.backends.base import ModelIO
-from hailo_sweep.config import SweepConfig
+from hailo_sweep.config import SweepConfig, check_file
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.metrics import OutputSpec
 
@@ -23,10 +23,7 @@ def file_sha256(path: Path) -> str:
 
 def read_model_io(path: Path, *, config_file: Path | None = None) -> ModelIO:
     """Load the ONNX model's signature; refuse a missing, unreadable or unsupported model with a clear message."""
-    if not path.is_file():
-        raise UserInputError(
-            f"model file not found: {path}", file=config_file, key="model", fix="point 'model' at an existing .onnx file"
-        )
+    path = check_file(path, what="model file", fix="point 'model' at an existing .onnx file", config_file=config_file, key="model")
     try:
         model = onnx.load(str(path), load_external_data=False)
         onnx.checker.check_model(model)
@@ -75,3 +72,14 @@ def output_specs(config: SweepConfig, model_io: ModelIO) -> tuple[OutputSpec, ..
             fix="use the ONNX output names exactly as in the model (see them with netron or onnx.load(...).graph.output)",
         )
     return tuple(OutputSpec(name=n, weight=o.weight, kind=o.kind) for n, o in config.outputs.items())
+
+
+def class_counts(path: Path, names: list[str]) -> dict[str, int | None]:
+    """The size of the class axis (the last) of each named output, from the ONNX graph; None where it is not fixed."""
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int | None] = {}
+    for out in model.graph.output:
+        if out.name in names:
+            dims = out.type.tensor_type.shape.dim
+            counts[out.name] = int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0 else None
+    return counts

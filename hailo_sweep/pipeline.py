@@ -35,9 +35,9 @@ from hailo_sweep.backends.base import (
 from hailo_sweep.config import DiagnosticsConfig, SweepConfig
 from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, check_agreement, check_calibration_coverage, run_all
 from hailo_sweep.diagnose.ladder import ladder_steps
-from hailo_sweep.data import Dataset, feed, load_dataset
+from hailo_sweep.data import Dataset, check_label_range, feed, load_dataset
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.model_io import file_sha256, output_specs, read_model_io
+from hailo_sweep.model_io import class_counts, file_sha256, output_specs, read_model_io
 from hailo_sweep.reference import reference_outputs
 from hailo_sweep.settings import Settings
 
@@ -101,7 +101,26 @@ def load_inputs(config: SweepConfig) -> tuple[ModelIO, tuple[m.OutputSpec, ...],
                 fix=f"give 1 or {channels} values for mean and std",
             )
         normalization = Normalization(mean=tuple(mean) * (channels // len(mean)), std=tuple(std) * (channels // len(std)))
+    if dataset.labels is not None:
+        _check_labels(config, model_io, outputs, dataset, normalization)
     return model_io, outputs, dataset, normalization
+
+
+def _check_labels(config: SweepConfig, model_io: ModelIO, outputs: tuple[m.OutputSpec, ...], dataset: Dataset, normalization: Normalization | None) -> None:
+    """Labels feed the accuracy metrics of logits outputs: refuse class indices outside every such output's classes
+    (before any store is written), from the graph's class axis, or from one sample run when that axis is not fixed."""
+    logits = [o.name for o in outputs if o.kind == "logits"]
+    if not logits:
+        return
+    classes = class_counts(config.model, logits)
+    unknown = [n for n, c in classes.items() if c is None]
+    if unknown:
+        from hailo_sweep import onnx_runner
+
+        sess = onnx_runner.session(config.model, onnx_runner.ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        probe = onnx_runner.run_chunked(sess, feed(dataset.evaluation[:1], "host", normalization, config.data.domain), tuple(unknown))
+        classes.update({n: int(probe[n].shape[-1]) for n in unknown})
+    check_label_range(dataset.labels, {n: c for n, c in classes.items() if c}, source=config.data.evaluation, config_file=config.source, key="data.labels_key")
 
 
 def prepare_sweep(config: SweepConfig, work_dir: Path, backend: Backend | None = None) -> Prepared:

@@ -35,9 +35,10 @@ from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_conte
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
+from hailo_sweep.interrupts import INTERRUPTED_ATTR, StoresFull, interrupts_end_trials, is_disk_full, requeue_interrupted, signame_of
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
-from hailo_sweep.stores import redact_url, resolve_stores
+from hailo_sweep.stores import check_stores_writable, redact_url, resolve_stores
 from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -327,6 +328,7 @@ class Sweep:
         self.stores = resolve_stores(config)
         self.worker_index = worker_index
         self._opened_storage: SweepStorage | None = None
+        self.requeued: list[optuna.trial.FrozenTrial] = []  # interrupted trials enqueued again by this start
 
     # Everything that can be checked without touching a store is checked here, first.
     def preflight(self) -> tuple[Backend, SearchSpace, Objective]:
@@ -387,23 +389,38 @@ class Sweep:
         spent = budget.spent(study.get_trials(deepcopy=False), count_running=False)
         remaining = waiting if spent else max(1, total - budget_used(study, count_running=False))
         self.observer.sweep_started(total, remaining)
+        for t in self.requeued:
+            self.observer.message(
+                f"resuming: trial {t.number} was interrupted in stage {t.user_attrs.get('failed_stage', '?')}; it runs again first (it costs no budget)"
+            )
         timings: list[TrialTiming] = []
         prepare_runs = 0
         prepare_seconds = 0.0
         tracker.reopen(parent_run_id)
-        try:
-            with backend:
-                if remaining:
-                    self.observer.stage_started("prepare")
-                    prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
-                    prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
-                    objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings)
-                    if self._opened_storage is not None:
-                        self._opened_storage.budget = budget
-                    self._optimize_until_spent(study, objective_fn, budget)
-        finally:
-            extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
-            self._summarize_parent(study, tracker, parent_run_id, objective, extra)
+        stopping: BaseException | None = None
+        with interrupts_end_trials():  # until the parent run is summarized: a second signal must not cut that short
+            try:
+                with backend:
+                    if remaining:
+                        self.observer.stage_started("prepare")
+                        prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
+                        prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
+                        objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings)
+                        if self._opened_storage is not None:
+                            self._opened_storage.budget = budget
+                        self._optimize_until_spent(study, objective_fn, budget)
+            except BaseException as exc:
+                stopping = exc
+                if isinstance(exc, KeyboardInterrupt) and not getattr(exc, "trial_recorded", False):
+                    self.observer.message(f"sweep interrupted ({signame_of(exc)}) outside a trial: nothing was lost; run it again to continue")
+                raise
+            finally:
+                extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
+                try:
+                    self._summarize_parent(study, tracker, parent_run_id, objective, extra)
+                except Exception:
+                    if stopping is None:
+                        raise  # otherwise the reason the sweep stops (a full disk, an outage) is the error to report
         best = chosen_trial(study)
         return SweepSummary(
             study_name=study.study_name,
@@ -472,6 +489,9 @@ class Sweep:
 
     def _create_stores(self, objective: Objective, space: SearchSpace, backend: Backend) -> tuple[optuna.Study, Tracker, str]:
         cfg = self.config
+        tracker = self._tracker()
+        check_stores_writable(self.stores, cfg.source)  # both stores open and writable before anything is created in either
+        tracker.check_reachable()
         study = with_retries(
             lambda: optuna.create_study(
                 study_name=cfg.name, storage=self._storage(), directions=list(objective.directions), sampler=self._sampler(space),
@@ -480,7 +500,6 @@ class Sweep:
             what=f"open the study in {redact_url(self.stores.optuna_url)}",
         )
         self._check_objective(study, objective)
-        tracker = self._tracker()
         assert self._opened_storage is not None
         # under the storage's lock: concurrent `init`s would each see no parent run and no baseline, and each create one
         with self._opened_storage.lock():
@@ -497,8 +516,10 @@ class Sweep:
                 study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
                 study.set_user_attr("objective", objective.record())
                 study.set_user_attr("backend", backend.name)
-            if cfg.sampler.name != "grid" and not study.user_attrs.get("baseline_enqueued"):
-                study.enqueue_trial(space.params_of(self._baseline(space, backend)), user_attrs={"baseline": True}, skip_if_exists=True)
+            self.requeued = requeue_interrupted(study)
+            # enqueued until evaluated: an interrupted baseline was enqueued again just above, whoever ran it
+            if cfg.sampler.name != "grid" and not any(_baseline_pending_or_done(t) for t in study.get_trials(deepcopy=False)):
+                study.enqueue_trial(space.params_of(self._baseline(space, backend)), user_attrs={"baseline": True})
                 study.set_user_attr("baseline_enqueued", True)
         return study, tracker, parent
 
@@ -518,6 +539,9 @@ class Sweep:
                 file=cfg.source, key="name", fix=f"run `hailo-sweep init {cfg.source}` once before starting workers",
             )
         self._check_objective(study, objective)
+        assert self._opened_storage is not None
+        with self._opened_storage.lock():
+            self.requeued = requeue_interrupted(study)
         return study, self._tracker(), parent
 
     def _pruner(self) -> optuna.pruners.BasePruner:
@@ -579,6 +603,11 @@ class Sweep:
         running = any(t.state == TrialState.RUNNING for t in trials)
         if not running:  # other workers are still at it: the last one to stop closes the parent
             tracker.finish(parent)
+
+
+def _baseline_pending_or_done(t: optuna.trial.FrozenTrial) -> bool:
+    """A baseline trial that is enqueued, running or evaluated (an interrupted one is not: it is enqueued again)."""
+    return bool(t.user_attrs.get("baseline")) and not (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR))
 
 
 def _waiting(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -656,14 +685,27 @@ def remove_dead_scratch(trials_dir: Path) -> int:
 
 
 def reconcile(study: optuna.Study, tracker: Tracker) -> int:
-    """End as FAILED every MLflow run whose Optuna trial has failed but whose run was left RUNNING (e.g. tracking was down)."""
+    """Make the MLflow run of every failed Optuna trial agree with it: a run left RUNNING (tracking was down), or ended
+    with a state tag that is not the trial's (a full disk cut its record short) ends FAILED (KILLED if interrupted)
+    with the trial's state, stage and reason."""
     fixed = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and tracker.run_status(run_id) == "RUNNING":
-            tracker.set_tags(run_id, {"hailo_sweep.state": "FAIL", "hailo_sweep.reconciled": "true"})
-            tracker.finish(run_id, failed=True)
-            fixed += 1
+        if not run_id:
+            continue
+        run = tracker.get_run(run_id)
+        interrupted = bool(t.user_attrs.get(INTERRUPTED_ATTR))
+        state, status = ("INTERRUPTED", "KILLED") if interrupted else ("FAIL", "FAILED")
+        if run is None or (run.info.status != "RUNNING" and run.data.tags.get("hailo_sweep.state") == state):
+            continue
+        tags = {"hailo_sweep.state": state, "hailo_sweep.reconciled": "true"}
+        for key, attr in (("hailo_sweep.failed_stage", "failed_stage"), ("hailo_sweep.error", "error")):
+            if attr in t.user_attrs:
+                tags[key] = str(t.user_attrs[attr])
+        if run.info.status in ("FINISHED", "RUNNING") and t.user_attrs.get("failed_stage") == "record":
+            tags["hailo_sweep.artifacts"] = "partial"
+        tracker.end_as(run_id, status if run.info.status in ("RUNNING", "FINISHED") else run.info.status, tags)
+        fixed += 1
     return fixed
 
 
@@ -709,6 +751,19 @@ class _TrialRunner:
         self.versions = {"hailo_sweep": __version__, "optuna": optuna.__version__, **_lib_versions(), **backend.versions()}
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        self.stage, self.run_id = "suggest", None
+        try:
+            return self._trial(trial)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (see interrupts.py): on record, then the process stops
+            self._record_interrupted(trial, signame_of(exc))
+            exc.trial_recorded = True  # type: ignore[attr-defined]
+            raise
+
+    def _on_stage(self, name: str) -> None:
+        self.stage = name
+        self.sweep.observer.stage_started(name)
+
+    def _trial(self, trial: optuna.Trial) -> float | list[float]:
         start = time.perf_counter()
         settings = self.space.suggest(trial)
         obs = self.sweep.observer
@@ -718,6 +773,7 @@ class _TrialRunner:
             return self._reuse(trial, settings, duplicate, start)
         record_s = 0.0
         t0 = time.perf_counter()
+        self.stage = "start"
         try:
             run_id = self.tracker.start_child(
                 self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), tags=self._tags(trial, settings))
@@ -727,6 +783,7 @@ class _TrialRunner:
             trial.set_user_attr("failed_stage", "record")
             trial.set_user_attr("error", str(exc)[:2000])
             raise
+        self.run_id = run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         record_s += time.perf_counter() - t0
         work_dir = self.sweep.stores.work_dir / "trials" / f"{trial.number:04d}-{socket.gethostname()}-{os.getpid()}"
@@ -734,27 +791,31 @@ class _TrialRunner:
         try:
             try:
                 result = run_trial(
-                    self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started,
+                    self.prepared, self.backend, settings, work_dir, on_stage=self._on_stage,
                     timeouts=self.config.timeouts.model_dump(), diagnostics=self.config.diagnostics,
                     checkpoint=self._checkpoint(trial) if self.config.pruning.enabled else None,
                 )
             except StopTrial as stop:
                 assert stop.result is not None
-                self._record_pruned(trial, run_id, stop.result, work_dir)
+                self.stage = "record"
+                self._record_pruned(trial, run_id, stop.result, work_dir, str(stop))
                 obs.trial_finished(trial.number, "PRUNED (before compile)", None, None)
                 raise optuna.TrialPruned() from None
-            obs.stage_started("record")
+            self._on_stage("record")
             t0 = time.perf_counter()
             value, feasible = self._record(trial, run_id, result, work_dir, start)
             record_s += time.perf_counter() - t0
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except OSError as exc:  # a write error while recording (a full disk, an I/O error): this trial fails
+            self._record_write_error(trial, run_id, exc)
             raise
         except BaseException as exc:
             if isinstance(exc, TrackingUnavailable):
                 trial.set_user_attr("failed_stage", "record")
                 trial.set_user_attr("error", str(exc)[:2000])
             try:
-                self.tracker.finish(run_id, failed=True)  # interrupted: never leave the run RUNNING
+                self.tracker.finish(run_id, failed=True)  # never leave the run RUNNING
             except TrackingUnavailable:
                 pass  # the Optuna trial fails too; `reconcile` ends the run once the store is back
             raise
@@ -773,6 +834,43 @@ class _TrialRunner:
         obs.trial_finished(trial.number, "COMPLETE", value[0], feasible)
         return value if self.objective.multi else value[0]  # type: ignore[return-value]
 
+    # -- trials that did not complete ----------------------------------------------------------------------
+    def _record_interrupted(self, trial: optuna.Trial, signame: str) -> None:
+        """Both stores say interrupted, with the stage; the next start enqueues the trial again (``requeue_interrupted``)."""
+        stage = self.stage
+        reason = f"interrupted by {signame} during stage {stage}; the next run retries it"
+        trial.set_user_attr(INTERRUPTED_ATTR, signame)
+        trial.set_user_attr("failed_stage", stage)
+        trial.set_user_attr("error", reason)
+        if self.run_id is not None:
+            tags = {"hailo_sweep.state": "INTERRUPTED", "hailo_sweep.failed_stage": stage, "hailo_sweep.error": reason}
+            if stage == "record":
+                tags["hailo_sweep.artifacts"] = "partial"  # some of its files may have been uploaded before the signal
+            try:
+                self.tracker.end_as(self.run_id, "KILLED", tags)
+            except Exception:  # noqa: BLE001  (tracking down as well: `reconcile` ends the run at the next start)
+                pass
+        self.sweep.observer.message(f"trial {trial.number} interrupted ({signame}) in stage {stage}: the next `hailo-sweep run` retries it")
+
+    def _record_write_error(self, trial: optuna.Trial, run_id: str, exc: OSError) -> None:
+        """A write failed while recording: the trial fails with the reason, its run says FAIL and that its artifacts are
+        partial. A full disk also stops the sweep (``StoresFull``): every later trial would fail the same way."""
+        reason = f"recording failed: {type(exc).__name__}: {exc}"
+        trial.set_user_attr("failed_stage", "record")
+        trial.set_user_attr("error", reason[:2000])
+        tags = {"hailo_sweep.state": "FAIL", "hailo_sweep.failed_stage": "record", "hailo_sweep.error": reason, "hailo_sweep.artifacts": "partial"}
+        try:
+            self.tracker.end_as(run_id, "FAILED", tags)
+        except Exception:  # noqa: BLE001  (the tracking store is on the full disk too: `reconcile` fixes the run later)
+            pass
+        self.sweep.observer.trial_finished(trial.number, "FAIL", None, None)
+        if is_disk_full(exc):
+            raise StoresFull(
+                f"trial {trial.number} could not be recorded: {exc.strerror or exc} ({exc.filename or 'the stores'}); "
+                "the sweep stopped, free some space and run it again"
+            ) from exc
+        raise TrialFailed(reason) from exc
+
     # -- pruning -------------------------------------------------------------------------------------------
     def _checkpoint(self, trial: optuna.Trial) -> Callable[[str, TrialResult, dict[str, np.ndarray]], None]:
         """After emulation: report paired per-sample errors of the objective; stop before the compile if pruned."""
@@ -788,10 +886,11 @@ class _TrialRunner:
 
         return check
 
-    def _record_pruned(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path) -> None:
-        """A pruned trial keeps the emulated metrics it reached, in both stores."""
+    def _record_pruned(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, reason: str) -> None:
+        """A pruned trial keeps the emulated metrics it reached, and its stage and reason, in both stores."""
         metrics = dict(result.metrics)
         trial.set_user_attr("pruned_at", "emulate")
+        trial.set_user_attr("reason", reason)
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k.startswith("emulated.total.") or k.startswith("time.")})
         artifacts: list[tuple[Path, str]] = []
         if result.script:
@@ -801,7 +900,7 @@ class _TrialRunner:
         self.tracker.end_child(
             run_id,
             RunRecord(name="", params=result.params, metrics=metrics, artifacts=artifacts,
-                      tags={"hailo_sweep.state": "PRUNED", "hailo_sweep.pruned_at": "emulate"}),
+                      tags={"hailo_sweep.state": "PRUNED", "hailo_sweep.pruned_at": "emulate", "hailo_sweep.reason": reason}),
         )
 
     # -- record --------------------------------------------------------------------------------------------
