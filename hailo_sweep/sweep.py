@@ -489,8 +489,8 @@ class Sweep:
 
     def _create_stores(self, objective: Objective, space: SearchSpace, backend: Backend) -> tuple[optuna.Study, Tracker, str]:
         cfg = self.config
+        check_stores_writable(self.stores, cfg.source)  # both stores writable and reachable before anything is created
         tracker = self._tracker()
-        check_stores_writable(self.stores, cfg.source)  # both stores open and writable before anything is created in either
         tracker.check_reachable()
         study = with_retries(
             lambda: optuna.create_study(
