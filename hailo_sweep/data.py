@@ -88,6 +88,11 @@ def _open_npy_or_npz(path: Path, *, config_file: Path | None, config_key: str) -
         raise _refusal(path, exc, config_file, config_key) from None
 
 
+def open_data_file(path: Path, *, config_file: Path | None, config_key: str) -> np.ndarray | np.lib.npyio.NpzFile:
+    """A .npy array or an open .npz, after every header was checked against the file (see ``check_headers``)."""
+    return _open_npy_or_npz(path, config_file=config_file, config_key=config_key)
+
+
 #: the most one byte of DEFLATE data can expand to (RFC 1951's longest match, 258 bytes, in about 2 bits): a zip member
 #: that claims more is forged, whatever its ZipInfo says
 _DEFLATE_MAX_RATIO = 1032
@@ -106,7 +111,7 @@ def check_headers(path: Path, *, config_file: Path | None, config_key: str) -> N
             for info in zf.infolist():
                 if not info.filename.endswith(".npy"):
                     continue
-                name = f"{path.name}[{info.filename.removesuffix('.npy')}]"
+                name = f"{path.name} (array '{info.filename.removesuffix('.npy')}')"
                 limit = info.compress_size * (_DEFLATE_MAX_RATIO if info.compress_type != zipfile.ZIP_STORED else 1) + 1024
                 if info.file_size > limit:
                     raise _HeaderLies(f"{name}: the archive claims {info.file_size} bytes for {info.compress_size} stored bytes")
