@@ -97,7 +97,17 @@ class SweepStorage(optuna.storages.RDBStorage):
         # every transition, not only WAITING -> RUNNING: workers that notice the same dead worker at once would
         # otherwise all fail its trial (sqlite reads the state unlocked) and each enqueue a retry of it
         with self.lock():
+            if state == TrialState.FAIL:
+                self._give_a_reason(trial_id)
             return super().set_trial_state_values(trial_id, state, values)
+
+    def _give_a_reason(self, trial_id: int) -> None:
+        """Every failed trial carries its stage and reason as user attributes; one failed from outside its worker (its
+        heartbeat went stale) gets them here, while it can still be changed (a finished trial cannot)."""
+        trial = self.get_trial(trial_id)
+        if trial.state == TrialState.RUNNING and "error" not in trial.user_attrs:
+            self.set_trial_user_attr(trial_id, "failed_stage", "unknown")
+            self.set_trial_user_attr(trial_id, "error", "worker lost: its heartbeat stopped (the process died or was killed) before it recorded a reason")
 
     def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
         # Optuna's cached storage calls this private hook directly (optuna 5: _CachedStorage.create_new_trial)
@@ -814,6 +824,9 @@ class _TrialRunner:
             if isinstance(exc, TrackingUnavailable):
                 trial.set_user_attr("failed_stage", "record")
                 trial.set_user_attr("error", str(exc)[:2000])
+            elif not isinstance(exc, TrialFailed):  # any other error: the trial still says where and why
+                trial.set_user_attr("failed_stage", self.stage)
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
             try:
                 self.tracker.finish(run_id, failed=True)  # never leave the run RUNNING
             except TrackingUnavailable:
