@@ -80,7 +80,7 @@ def _errors(fn):  # type: ignore[no-untyped-def]
     def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
         from mlflow.exceptions import MlflowException
 
-        from hailo_sweep.interrupts import StoresFull, signame_of
+        from hailo_sweep.faults import StoresFull, signame_of
         from hailo_sweep.sweep import StoreUnavailable
         from hailo_sweep.tracking import TrackingUnavailable, redact_url
 
@@ -157,7 +157,7 @@ def _run_jobs(cfg, config: Path, total: int, jobs: int) -> tuple[int | None, flo
         popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}, process_group=0)
         procs.append((popen, log))
     study, _ = load_study(cfg)
-    from hailo_sweep.interrupts import interrupts_end_trials, signals_held, signame_of
+    from hailo_sweep.faults import interrupts_end_trials, not_yet_retried, signals_held, signame_of
 
     try:
         with interrupts_end_trials(), _progress() as progress:
@@ -175,7 +175,9 @@ def _run_jobs(cfg, config: Path, total: int, jobs: int) -> tuple[int | None, flo
             for p, log in procs:
                 p.wait()
                 log.close()
-        console.print(f"interrupted: {jobs} workers stopped, their trials are on record; the next `hailo-sweep run` retries them (see {log_dir})")
+        for t in not_yet_retried(study):
+            console.print(f"trial {t.number} interrupted ({t.user_attrs['interrupted']}) in stage {t.user_attrs.get('failed_stage', '?')}: the next `hailo-sweep run` retries it")
+        console.print(f"interrupted: {jobs} workers stopped, their trials are on record (see {log_dir})")
         raise
     failed = []
     for index, (proc, log) in enumerate(procs):

@@ -35,7 +35,10 @@ from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_conte
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
-from hailo_sweep.interrupts import INTERRUPTED_ATTR, StoresFull, interrupts_end_trials, is_disk_full, requeue_interrupted, signame_of
+from hailo_sweep.faults import (
+    INTERRUPTED_ATTR, StoresFull, interrupts_end_trials, is_disk_full, reconcile, record_interrupted, record_write_error, requeue_interrupted,
+    signame_of,
+)
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.stores import check_stores_writable, redact_url, resolve_stores
@@ -694,31 +697,6 @@ def remove_dead_scratch(trials_dir: Path) -> int:
     return removed
 
 
-def reconcile(study: optuna.Study, tracker: Tracker) -> int:
-    """Make the MLflow run of every failed Optuna trial agree with it: a run left RUNNING (tracking was down), or ended
-    with a state tag that is not the trial's (a full disk cut its record short) ends FAILED (KILLED if interrupted)
-    with the trial's state, stage and reason."""
-    fixed = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if not run_id:
-            continue
-        run = tracker.get_run(run_id)
-        interrupted = bool(t.user_attrs.get(INTERRUPTED_ATTR))
-        state, status = ("INTERRUPTED", "KILLED") if interrupted else ("FAIL", "FAILED")
-        if run is None or (run.info.status != "RUNNING" and run.data.tags.get("hailo_sweep.state") == state):
-            continue
-        tags = {"hailo_sweep.state": state, "hailo_sweep.reconciled": "true"}
-        for key, attr in (("hailo_sweep.failed_stage", "failed_stage"), ("hailo_sweep.error", "error")):
-            if attr in t.user_attrs:
-                tags[key] = str(t.user_attrs[attr])
-        if run.info.status in ("FINISHED", "RUNNING") and t.user_attrs.get("failed_stage") == "record":
-            tags["hailo_sweep.artifacts"] = "partial"
-        tracker.end_as(run_id, status if run.info.status in ("RUNNING", "FINISHED") else run.info.status, tags)
-        fixed += 1
-    return fixed
-
-
 def with_retries(fn: Callable[[], Any], *, what: str, attempts: int = 5, first_delay: float = 0.5) -> Any:
     """Call ``fn``; on a transient storage error (e.g. concurrent first-time schema creation) retry with backoff."""
     from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -764,7 +742,7 @@ class _TrialRunner:
         self.stage, self.run_id = "suggest", None
         try:
             return self._trial(trial)
-        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (see interrupts.py): on record, then the process stops
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (see faults.py): on record, then the process stops
             self._record_interrupted(trial, signame_of(exc))
             exc.trial_recorded = True  # type: ignore[attr-defined]
             raise
@@ -849,33 +827,12 @@ class _TrialRunner:
 
     # -- trials that did not complete ----------------------------------------------------------------------
     def _record_interrupted(self, trial: optuna.Trial, signame: str) -> None:
-        """Both stores say interrupted, with the stage; the next start enqueues the trial again (``requeue_interrupted``)."""
-        stage = self.stage
-        reason = f"interrupted by {signame} during stage {stage}; the next run retries it"
-        trial.set_user_attr(INTERRUPTED_ATTR, signame)
-        trial.set_user_attr("failed_stage", stage)
-        trial.set_user_attr("error", reason)
-        if self.run_id is not None:
-            tags = {"hailo_sweep.state": "INTERRUPTED", "hailo_sweep.failed_stage": stage, "hailo_sweep.error": reason}
-            if stage == "record":
-                tags["hailo_sweep.artifacts"] = "partial"  # some of its files may have been uploaded before the signal
-            try:
-                self.tracker.end_as(self.run_id, "KILLED", tags)
-            except Exception:  # noqa: BLE001  (tracking down as well: `reconcile` ends the run at the next start)
-                pass
-        self.sweep.observer.message(f"trial {trial.number} interrupted ({signame}) in stage {stage}: the next `hailo-sweep run` retries it")
+        record_interrupted(trial, self.tracker, self.run_id, self.stage, signame)
+        self.sweep.observer.message(f"trial {trial.number} interrupted ({signame}) in stage {self.stage}: the next `hailo-sweep run` retries it")
 
     def _record_write_error(self, trial: optuna.Trial, run_id: str, exc: OSError) -> None:
-        """A write failed while recording: the trial fails with the reason, its run says FAIL and that its artifacts are
-        partial. A full disk also stops the sweep (``StoresFull``): every later trial would fail the same way."""
-        reason = f"recording failed: {type(exc).__name__}: {exc}"
-        trial.set_user_attr("failed_stage", "record")
-        trial.set_user_attr("error", reason[:2000])
-        tags = {"hailo_sweep.state": "FAIL", "hailo_sweep.failed_stage": "record", "hailo_sweep.error": reason, "hailo_sweep.artifacts": "partial"}
-        try:
-            self.tracker.end_as(run_id, "FAILED", tags)
-        except Exception:  # noqa: BLE001  (the tracking store is on the full disk too: `reconcile` fixes the run later)
-            pass
+        """A write failed while recording: the trial fails; a full disk stops the sweep (see faults.py)."""
+        reason = record_write_error(trial, self.tracker, run_id, exc)
         self.sweep.observer.trial_finished(trial.number, "FAIL", None, None)
         if is_disk_full(exc):
             raise StoresFull(

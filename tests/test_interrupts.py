@@ -110,6 +110,8 @@ def test_sigterm_to_run_jobs_is_forwarded_to_its_workers_and_nothing_is_lost(wri
     assert len(interrupted) == 2 and {t.user_attrs["interrupted"] for t in interrupted} == {"SIGTERM"}
     assert {t.user_attrs["failed_stage"] for t in interrupted} == {"compile"}
     assert any(t.user_attrs.get("baseline") for t in interrupted), "one of the interrupted trials is the baseline"
+    for t in interrupted:
+        assert f"trial {t.number} interrupted (SIGTERM) in stage compile: the next `hailo-sweep run` retries it" in out, out
     assert_consistent(study, client)
 
     with Processes(tmp_path / "logs") as procs:
