@@ -147,6 +147,10 @@ def _run_jobs(cfg, config: Path, total: int, jobs: int) -> tuple[int | None, flo
 
     sweep = Sweep(cfg)
     sweep.init()
+    from hailo_sweep.faults import resume_line
+
+    for t in sweep.requeued:  # interrupted trials enqueued again: the workers take them first
+        console.print(resume_line(t))
     log_dir = sweep.stores.work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []

@@ -86,6 +86,11 @@ def not_yet_retried(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried]
 
 
+def resume_line(t: optuna.trial.FrozenTrial) -> str:
+    """What a start says about an interrupted trial it enqueued again."""
+    return f"resuming: trial {t.number} was interrupted in stage {t.user_attrs.get('failed_stage', '?')}; it runs again first (it costs no budget)"
+
+
 def requeue_interrupted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Enqueue again every interrupted trial that has no retry yet (same params, the baseline mark kept); return them.
 
@@ -139,7 +144,7 @@ def record_interrupted(trial: optuna.Trial, tracker: Tracker, run_id: str | None
         pass
 
 
-def record_write_error(trial: optuna.Trial, tracker: Tracker, run_id: str, exc: OSError) -> str:
+def record_write_error(trial: optuna.Trial, tracker: Tracker, run_id: str, exc: BaseException) -> str:
     """A write failed while recording: the trial's reason in both stores, its run FAILED with state FAIL and its
     artifacts marked partial (some may be uploaded, the rest not). Returns the reason."""
     reason = f"recording failed: {type(exc).__name__}: {exc}"

@@ -37,7 +37,7 @@ from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.faults import (
     INTERRUPTED_ATTR, StoresFull, interrupts_end_trials, is_disk_full, reconcile, record_interrupted, record_write_error, requeue_interrupted,
-    signame_of,
+    resume_line, signame_of,
 )
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
@@ -403,9 +403,7 @@ class Sweep:
         remaining = waiting if spent else max(1, total - budget_used(study, count_running=False))
         self.observer.sweep_started(total, remaining)
         for t in self.requeued:
-            self.observer.message(
-                f"resuming: trial {t.number} was interrupted in stage {t.user_attrs.get('failed_stage', '?')}; it runs again first (it costs no budget)"
-            )
+            self.observer.message(resume_line(t))
         timings: list[TrialTiming] = []
         prepare_runs = 0
         prepare_seconds = 0.0
@@ -424,6 +422,8 @@ class Sweep:
                         self._optimize_until_spent(study, objective_fn, budget)
             except BaseException as exc:
                 stopping = exc
+                if is_disk_full(exc) and not isinstance(exc, StoresFull):  # e.g. the Optuna store on a full disk
+                    raise StoresFull(f"the stores ran out of space: {str(exc).splitlines()[0][:300]}; free some space and run the sweep again") from exc
                 if isinstance(exc, KeyboardInterrupt) and not getattr(exc, "trial_recorded", False):
                     self.observer.message(f"sweep interrupted ({signame_of(exc)}) outside a trial: nothing was lost; run it again to continue")
                 raise
@@ -799,6 +799,8 @@ class _TrialRunner:
             self._record_write_error(trial, run_id, exc)
             raise
         except BaseException as exc:
+            if is_disk_full(exc):  # e.g. sqlite's "database or disk is full", wrapped by the tracking client
+                self._record_write_error(trial, run_id, exc)
             if isinstance(exc, TrackingUnavailable):
                 trial.set_user_attr("failed_stage", "record")
                 trial.set_user_attr("error", str(exc)[:2000])
@@ -830,15 +832,13 @@ class _TrialRunner:
         record_interrupted(trial, self.tracker, self.run_id, self.stage, signame)
         self.sweep.observer.message(f"trial {trial.number} interrupted ({signame}) in stage {self.stage}: the next `hailo-sweep run` retries it")
 
-    def _record_write_error(self, trial: optuna.Trial, run_id: str, exc: OSError) -> None:
+    def _record_write_error(self, trial: optuna.Trial, run_id: str, exc: BaseException) -> None:
         """A write failed while recording: the trial fails; a full disk stops the sweep (see faults.py)."""
         reason = record_write_error(trial, self.tracker, run_id, exc)
         self.sweep.observer.trial_finished(trial.number, "FAIL", None, None)
         if is_disk_full(exc):
-            raise StoresFull(
-                f"trial {trial.number} could not be recorded: {exc.strerror or exc} ({exc.filename or 'the stores'}); "
-                "the sweep stopped, free some space and run it again"
-            ) from exc
+            where = f"{exc.strerror} ({exc.filename or 'the stores'})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:300]
+            raise StoresFull(f"trial {trial.number} could not be recorded: {where}; the sweep stopped, free some space and run it again") from exc
         raise TrialFailed(reason) from exc
 
     # -- pruning -------------------------------------------------------------------------------------------

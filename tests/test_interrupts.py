@@ -117,4 +117,7 @@ def test_sigterm_to_run_jobs_is_forwarded_to_its_workers_and_nothing_is_lost(wri
     with Processes(tmp_path / "logs") as procs:
         again = procs.start("resume", hailo_sweep("run", str(config), "--jobs", "2"), tmp_path)
         assert again.wait(timeout=300) == 0, again.output()[-4000:]
+    out = " ".join(again.output().split())
+    for t in interrupted:
+        assert f"resuming: trial {t.number} was interrupted in stage compile; it runs again first" in out, out
     assert_resumed_without_loss(config, budget, [t.number for t in interrupted])
