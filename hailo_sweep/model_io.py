@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+import re
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 
 from hailo_sweep.backends.base import ModelIO
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.metrics import OutputSpec
+from hailo_sweep.onnx_runner import BatchAxisError, run_chunked, session
 
 
 def file_sha256(path: Path) -> str:
@@ -30,13 +34,17 @@ def read_model_io(path: Path, *, config_file: Path | None = None) -> ModelIO:
         )
     try:
         model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: external data files are found next to the model
     except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError...
         raise UserInputError(
             f"{path} is not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
             file=config_file,
             key="model",
-            fix="export the network to ONNX (e.g. torch.onnx.export) and point 'model' at the .onnx file",
+            fix=(
+                "keep the model's external data file(s) next to it, under the name the model records"
+                if _has_external_data(model_or_none(path))
+                else "export the network to ONNX (e.g. torch.onnx.export) and point 'model' at the .onnx file"
+            ),
         ) from None
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -80,10 +88,104 @@ def output_specs(config: SweepConfig, model_io: ModelIO) -> tuple[OutputSpec, ..
         return tuple(OutputSpec(name=name) for name in model_io.output_names)
     unknown = [name for name in config.outputs if name not in model_io.output_names]
     if unknown:
+        numeric = unknown[0].lstrip("-").isdigit()
         raise UserInputError(
             f"output {unknown[0]!r} is not an output of the model; the model's outputs are: {', '.join(model_io.output_names)}",
             file=config.source,
             key=f"outputs.{unknown[0]}",
-            fix="use the ONNX output names exactly as in the model (see them with netron or onnx.load(...).graph.output)",
+            fix="use the ONNX output names exactly as in the model (see them with netron or onnx.load(...).graph.output)"
+            + ("; YAML reads an unquoted number as a number (0123 becomes 83), so quote numeric names: '0123':" if numeric else ""),
         )
-    return tuple(OutputSpec(name=n, weight=o.weight, kind=o.kind) for n, o in config.outputs.items())
+    return tuple(OutputSpec(name=n, weight=o.weight, kind=o.kind, batch_axis=o.batch_axis) for n, o in config.outputs.items())
+
+
+def batch_axes(outputs: tuple[OutputSpec, ...]) -> dict[str, int]:
+    """The outputs whose samples lie on an axis other than 0."""
+    return {o.name: o.batch_axis for o in outputs if o.batch_axis}
+
+
+def model_or_none(path: Path) -> onnx.ModelProto | None:
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return None
+
+
+def _has_external_data(model: onnx.ModelProto | None) -> bool:
+    return model is not None and any(
+        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
+    )
+
+
+_SHAPE_ONLY = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+
+
+def softmax_outputs(path: Path, outputs: tuple[OutputSpec, ...]) -> list[str]:
+    """Outputs declared ``kind: logits`` that the model computes with a Softmax (through reshapes only)."""
+    model = onnx.load(str(path), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for spec in outputs:
+        if spec.kind != "logits":
+            continue
+        node = producers.get(spec.name)
+        while node is not None and node.op_type in _SHAPE_ONLY and node.input:
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type == "Softmax":
+            found.append(spec.name)
+    return found
+
+
+def probe_model(path: Path, model_io: ModelIO, outputs: tuple[OutputSpec, ...], sample: np.ndarray, *, config_file: Path | None) -> None:
+    """Run the float model on a few samples (fed as the reference is) and refuse, naming the cause, what cannot run.
+
+    Catches before any store is written what would otherwise fail every trial: a model ONNX Runtime cannot load or
+    run, an output whose samples are not on its declared batch axis, a class output without a class axis.
+    """
+    axes = {o.name: o.batch_axis for o in outputs}
+    try:
+        sess = session(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        values = run_chunked(sess, sample.astype(np.float32), model_io.output_names, axes)
+    except BatchAxisError as exc:
+        holding = [a for a, size in enumerate(exc.shape) if size == exc.fed and a != exc.axis]
+        hint = f"set outputs: {{{exc.output!r}: {{batch_axis: {holding[0]}}}}}" if len(holding) == 1 else f"set outputs.{exc.output}.batch_axis to the axis of size {exc.fed}"
+        raise UserInputError(
+            f"{exc}; outputs are compared sample by sample, so each output's batch axis must be known",
+            file=config_file,
+            key=f"outputs.{exc.output}.batch_axis",
+            fix=hint + " (a time-major (T, N, C) output has batch_axis: 1)",
+        ) from None
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/NotImplemented/... types
+        message = str(exc).strip()
+        node = re.search(r"[Nn]ode \(?'?([^)',\s]+)", message)
+        raise UserInputError(
+            f"the model {path.name} does not run in ONNX Runtime {ort.__version__}"
+            + (f" (node {node.group(1)})" if node else "")
+            + f": {type(exc).__name__}: {message.splitlines()[0][:300] if message else ''}",
+            file=config_file,
+            key="model",
+            fix="re-export the model with operators and an opset ONNX Runtime supports (opset 13-21), with fixed C, H, W",
+        ) from None
+    for spec in outputs:
+        if spec.kind != "tensor" and values[spec.name].ndim < 2:
+            raise UserInputError(
+                f"output {spec.name!r} is kind {spec.kind} but has shape {list(values[spec.name].shape)} per batch: no class axis",
+                file=config_file,
+                key=f"outputs.{spec.name}.kind",
+                fix="use kind: tensor for an output without a class axis (the last axis holds the classes)",
+            )
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files holding a model's external tensor data, next to the model (sorted, each once)."""
+    model = model_or_none(path)
+    if model is None:
+        return []
+    names = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    return sorted(path.parent / name for name in names if (path.parent / name).is_file())

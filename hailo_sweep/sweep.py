@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.stores import redact_url, resolve_stores
+from hailo_sweep.task_metrics import PREFIX as TASK_PREFIX
 from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -45,8 +46,7 @@ DEVICE_ONLY_METRICS = {
     "throughput_fps": "device.throughput_fps", "latency_ms": "device.latency_ms", "size_bytes": "compile.size_bytes", "findings": "findings.count",
 }
 AGREEMENT_BASES = {"lsb_max", "lsb_mean", "lsb_p99", "identical_share"}
-LOGITS_BASES = {"top1_agreement", "softmax_mae", "accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
-LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
+LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae", "prob_label_mae"}
 
 
 class BudgetSpent(Exception):
@@ -151,8 +151,23 @@ def metric_key(stage: str, metric: str) -> str:
     return f"{'device' if stage == 'device' else 'emulated'}.{metric}"
 
 
-def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, ...], has_labels: bool, *, file: Path | None, key: str) -> None:
+def check_metric(
+    metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, ...], has_labels: bool, *, file: Path | None, key: str,
+    tasks: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a config metric name that no trial would produce; ``tasks``: the config's task metrics and directions."""
     if metric in DEVICE_ONLY_METRICS:
+        return
+    if metric.startswith(TASK_PREFIX) or metric in (tasks or {}):
+        name = metric.removeprefix(TASK_PREFIX)
+        if name not in (tasks or {}):
+            raise UserInputError(
+                f"unknown task metric {name!r}", file=file, key=key,
+                fix="declare it under metrics: {" + name + ": {function: 'file.py:function', direction: maximize}}"
+                + (f", or use one of: {', '.join(TASK_PREFIX + t for t in tasks)}" if tasks else ""),
+            )
+        if not metric.startswith(TASK_PREFIX):
+            raise UserInputError("task metrics are named task.<name> in objectives and constraints", file=file, key=key, fix=f"write {TASK_PREFIX}{name}")
         return
     if metric.startswith("findings."):
         code = metric.removeprefix("findings.")
@@ -172,10 +187,14 @@ def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, 
         raise UserInputError(
             f"unknown metric {base!r}", file=file, key=key, fix=f"use one of: {', '.join(sorted(m.METRIC_DIRECTIONS))}"
         ) from None
-    if base in LOGITS_BASES and output != "total" and names[output].kind != "logits":
-        raise UserInputError(f"{base} needs a logits output, but {output!r} is kind tensor", file=file, key=key, fix=f"set outputs.{output}.kind: logits")
-    if base in LOGITS_BASES and output == "total" and not any(o.kind == "logits" for o in prepared_outputs):
-        raise UserInputError(f"total.{base} needs at least one output of kind logits", file=file, key=key, fix="mark the classification output with kind: logits")
+    kinds = m.METRIC_KINDS.get(base)
+    if kinds and output != "total" and names[output].kind not in kinds:
+        raise UserInputError(
+            f"{base} needs an output of kind {' or '.join(kinds)}, but {output!r} is kind {names[output].kind}",
+            file=file, key=key, fix=f"set outputs.{output}.kind: {kinds[0]}",
+        )
+    if kinds and output == "total" and not any(o.kind in kinds for o in prepared_outputs):
+        raise UserInputError(f"total.{base} needs at least one output of kind {' or '.join(kinds)}", file=file, key=key, fix=f"mark the classification output with kind: {kinds[0]}")
     if base in LABEL_BASES and not has_labels:
         raise UserInputError(f"{base} needs labels", file=file, key=key, fix="set data.labels_key to the labels array of the evaluation .npz")
     if base in AGREEMENT_BASES and stage != "device":
@@ -183,6 +202,11 @@ def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, 
 
 
 THROUGHPUT_KEY = "device.throughput_fps"
+
+
+def task_directions(config: SweepConfig) -> dict[str, str]:
+    """The config's task metrics (``metrics:``) by name, with their directions."""
+    return {name: spec.direction for name, spec in config.metrics.items()}
 
 
 @dataclass(frozen=True)
@@ -211,9 +235,11 @@ class Objective:
 
 def objective_of(config: SweepConfig, outputs: tuple[m.OutputSpec, ...], has_labels: bool) -> Objective:
     obj = config.objective
-    check_metric(obj.metric, obj.stage, outputs, has_labels, file=config.source, key="objective.metric")
+    tasks = task_directions(config)
+    check_metric(obj.metric, obj.stage, outputs, has_labels, file=config.source, key="objective.metric", tasks=tasks)
     base = obj.metric.rpartition(".")[2]
-    direction = obj.direction or m.direction_of(base)
+    task = tasks.get(obj.metric.removeprefix(TASK_PREFIX)) if obj.metric.startswith(TASK_PREFIX) else None
+    direction = obj.direction or task or m.direction_of(base)
     key = metric_key(obj.stage, obj.metric)
     if obj.mode == "fastest_within":
         assert obj.budget is not None
@@ -340,13 +366,15 @@ class Sweep:
                 file=cfg.source, key="search.calibset_size", fix=f"use values <= {n_calib}, or provide more calibration data",
             )
         objective = objective_of(cfg, outputs, dataset.labels is not None)
-        if cfg.pruning.enabled and (objective.multi or objective.direction != "minimize" or objective.key == THROUGHPUT_KEY or not objective.key.startswith("device.")):
+        # a task metric's per-sample values are the metric itself, so either direction prunes correctly
+        task_objective = cfg.objective.metric.startswith(TASK_PREFIX)
+        if cfg.pruning.enabled and (objective.multi or (objective.direction != "minimize" and not task_objective) or objective.key == THROUGHPUT_KEY or not objective.key.startswith("device.")):
             raise UserInputError(
                 "pruning compares per-sample errors after emulation; it needs an error metric to minimize at stage device",
                 file=cfg.source, key="pruning.enabled", fix="use an error objective (e.g. logits.softmax_mae, total.nmae) or disable pruning",
             )
         for i, c in enumerate(cfg.constraints):
-            check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric")
+            check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric", tasks=task_directions(cfg))
         backend_cls, note = select_backend(cfg.backend)
         if note:
             self.observer.message(note)
@@ -779,7 +807,7 @@ class _TrialRunner:
 
         def check(stage: str, result: TrialResult, emulated: dict[str, np.ndarray]) -> None:
             metric = self.objective.key.removeprefix("device.")
-            per_sample = m.per_sample_metric(metric, self.prepared.reference, emulated, self.prepared.outputs)
+            per_sample = self.prepared.per_sample(metric, emulated)
             groups = np.array_split(per_sample, min(self.config.pruning.groups, len(per_sample)))
             for step, group in enumerate(groups):
                 trial.report(float(group.mean()), step)
