@@ -171,6 +171,23 @@ def _run_jobs(cfg, config: Path, total: int, jobs: int) -> tuple[int | None, flo
 
 @app.command()
 @_errors
+def new(
+    model: Annotated[Path, typer.Argument(help="the ONNX model to sweep", show_default=False)],
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="calibration data (.npy/.npz)")] = None,
+    evaluation: Annotated[Optional[Path], typer.Option("--evaluation", help="evaluation data (.npz with x and optional labels)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="config to write (default: MODEL.yaml here)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing config")] = False,
+) -> None:
+    """Write a starter config from MODEL's inputs and outputs (and the data, if given), and check that it loads."""
+    from hailo_sweep.scaffold import write_starter
+
+    out = output or Path(f"{model.stem}.yaml")
+    cfg = write_starter(model, out, calibration, evaluation, force=force)
+    console.print(f"wrote [bold]{out}[/] ({len(cfg.outputs)} outputs); review the normalization, then: hailo-sweep run {out}", soft_wrap=True)
+
+
+@app.command()
+@_errors
 def init(config: ConfigArg) -> None:
     """Create the study, the MLflow experiment and the parent run once, and enqueue the baseline (before starting workers)."""
     from hailo_sweep.config import load_config

@@ -305,6 +305,12 @@ class SweepConfig(_Strict):
 def load_config(path: str | Path) -> SweepConfig:
     """Read, validate and resolve a sweep config. Raises ``UserInputError`` on any problem."""
     path = Path(path).expanduser().resolve()
+    if path.suffix.lower() == ".onnx":
+        raise UserInputError(
+            "this is an ONNX model, not a sweep config",
+            file=path,
+            fix=f"write a starter config from the model first: hailo-sweep new {path.name} -o {path.stem}.yaml, then pass the .yaml",
+        )
     if not path.is_file():
         raise UserInputError("config file not found", file=path, fix="pass the path of an existing YAML sweep config")
     try:

@@ -171,9 +171,11 @@ def load_labels(path: Path, key: str, *, config_file: Path | None, any_array: bo
 
 def to_model_layout(arr: np.ndarray, layout: str, model_io: ModelIO, *, source: Path, config_file: Path | None) -> np.ndarray:
     """Check the sample shape against the model input and return NCHW; name NCHW/NHWC mix-ups explicitly."""
-    c, h, w = (int(d) for d in model_io.input_shape[1:])
-    nchw, nhwc = (c, h, w), (h, w, c)
+    c = int(model_io.input_shape[1])
     sample = tuple(arr.shape[1:])
+    # a dynamic height/width of the model takes the data's (the sample's own size in the declared layout)
+    h, w = (_fixed_or(model_io.input_shape[a], sample, layout, a) for a in (2, 3))
+    nchw, nhwc = (c, h, w), (h, w, c)
     expected = nchw if layout == "NCHW" else nhwc
     if arr.ndim == 4 and sample == expected:
         return np.ascontiguousarray(arr if layout == "NCHW" else arr.transpose(0, 3, 1, 2))
@@ -193,6 +195,13 @@ def to_model_layout(arr: np.ndarray, layout: str, model_io: ModelIO, *, source: 
         key="data.layout",
         fix="store the data as (N, " + ", ".join(str(d) for d in expected) + f") with data.layout: {layout}",
     )
+
+
+def _fixed_or(dim: int | str, sample: tuple[int, ...], layout: str, axis: int) -> int:
+    if isinstance(dim, int):
+        return dim
+    index = axis - 1 if layout == "NCHW" else axis - 2  # sample axes: (C, H, W) or (H, W, C)
+    return int(sample[index]) if len(sample) == 3 else -1
 
 
 def check_values(arr: np.ndarray, domain: tuple[float, float], *, source: Path, config_file: Path | None, key: str) -> None:

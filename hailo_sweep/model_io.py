@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import re
 from pathlib import Path
 
@@ -56,18 +57,29 @@ def read_model_io(path: Path, *, config_file: Path | None = None) -> ModelIO:
     dims: list[int | str] = []
     for d in inputs[0].type.tensor_type.shape.dim:
         dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "N"))
-    if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+    if len(dims) != 4 or not (isinstance(dims[1], int) and dims[1] > 0):
         raise UserInputError(
-            f"model input '{inputs[0].name}' has shape {dims}; expected a 4-D NCHW image input with fixed C, H, W",
+            f"model input '{inputs[0].name}' has shape {dims}; expected a 4-D NCHW image input with a fixed channel count",
             file=config_file,
             key="model",
-            fix="export the model with a fixed input size (only the batch dimension may be dynamic)",
+            fix="export the model with a fixed number of input channels (batch, height and width may be dynamic)",
         )
+    # a dynamic height or width (e.g. Paddle exports: [-1, 3, '?', '?']) is taken from the data: see with_data_size()
+    dims = [d if not isinstance(d, int) or d > 0 or i == 0 else "?" for i, d in enumerate(dims)]
     return ModelIO(
         input_name=inputs[0].name,
         input_shape=tuple(dims),
         output_names=tuple(o.name for o in model.graph.output),
     )
+
+
+def with_data_size(model_io: ModelIO, sample_shape: tuple[int, ...]) -> ModelIO:
+    """The interface with a dynamic height/width replaced by the data's (``sample_shape``: C, H, W of one sample)."""
+    dims = list(model_io.input_shape)
+    for axis in (2, 3):
+        if not isinstance(dims[axis], int):
+            dims[axis] = int(sample_shape[axis - 1])
+    return replace(model_io, input_shape=tuple(dims))
 
 
 def output_specs(config: SweepConfig, model_io: ModelIO) -> tuple[OutputSpec, ...]:

@@ -37,7 +37,7 @@ from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, chec
 from hailo_sweep.diagnose.ladder import ladder_steps
 from hailo_sweep.data import Dataset, feed, load_dataset
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.model_io import batch_axes, file_sha256, output_specs, probe_model, read_model_io, softmax_outputs
+from hailo_sweep.model_io import batch_axes, file_sha256, output_specs, probe_model, read_model_io, softmax_outputs, with_data_size
 from hailo_sweep.reference import reference_outputs
 from hailo_sweep.settings import Settings
 from hailo_sweep.task_metrics import TaskMetric, find, load_task_metrics, stage_task_metrics
@@ -105,6 +105,15 @@ def load_inputs(config: SweepConfig) -> tuple[ModelIO, tuple[m.OutputSpec, ...],
     model_io = read_model_io(config.model, config_file=config.source)
     outputs = output_specs(config, model_io)
     dataset = load_dataset(config, model_io)
+    model_io = with_data_size(model_io, dataset.calibration.shape[1:])
+    if dataset.evaluation.shape[2:] != dataset.calibration.shape[2:]:
+        raise UserInputError(
+            f"the model's input size is dynamic and the data sets disagree: calibration samples are "
+            f"{list(dataset.calibration.shape[2:])} (H, W), evaluation samples {list(dataset.evaluation.shape[2:])}",
+            file=config.source,
+            key="data.evaluation",
+            fix="resize both data sets to the one input size the model should be compiled for",
+        )
     load_task_metrics(config)  # a missing file or function is refused here, before any store is written
     normalization = None
     if config.normalization is not None:
