@@ -120,6 +120,8 @@ def log_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str, work_
         (work_dir / "top_trials.md").write_text(note, encoding="utf-8")
         _trials_csv(study, work_dir / "trials.csv")
         tracker.set_tags(parent_run_id, {NOTE_TAG: note})
+        if best is not None and best.user_attrs.get("mlflow_run_id"):  # `hailo-sweep ui` links to it
+            tracker.set_experiment_tags({"hailo_sweep.best_run_id": str(best.user_attrs["mlflow_run_id"]), "hailo_sweep.best_trial": str(best.number)})
         ascending = study.directions[0] == optuna.study.StudyDirection.MINIMIZE
         params = [k for k in KNOBS if any(k in t.params for t in study.get_trials(deepcopy=False))]
         tracker.save_view(TRIALS_VIEW, view_state(params, ascending, only_trials=True))

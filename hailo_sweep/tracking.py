@@ -7,6 +7,7 @@ manual and batched (one ``log_batch`` call per run) because per-call logging is 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID
 
 from hailo_sweep.stores import redact_url  # noqa: F401  (re-exported: the tracking store's URLs are redacted too)
 
@@ -223,6 +224,10 @@ class Tracker:
                 name, source=f"models:/{model_id}", run_id=source_run, model_id=model_id,
                 description=description or None, tags={k: _text(v, MAX_TAG_LEN) for k, v in (tags or {}).items()},
             )
+        # what mlflow.register_model() also does: the Models tab's "Registered models" column reads this tag
+        links = json.loads(self.client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        links.append({"name": name, "version": version.version})
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
         if alias is not None:
             self.client.set_registered_model_alias(name, alias, version.version)
         return str(version.version)
@@ -248,8 +253,6 @@ class Tracker:
     def save_view(self, key: str, state: Mapping[str, Any]) -> None:
         """A saved view of the experiment's runs table (filter, order, columns, expanded rows), as the UI's "Share"
         button writes it; opened with ``#/experiments/<id>/runs?viewStateShareKey=<key>``."""
-        import json
-
         self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + key, json.dumps(dict(state)))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
@@ -269,7 +272,9 @@ class Tracker:
     def _log_batch(self, run_id: str, record: RunRecord) -> None:
         now = int(time.time() * 1000)
         linked = set(record.model_metrics) if record.model_id else set()
-        metrics = [Metric(k, float(v), now, 0, model_id=record.model_id if k in linked else None) for k, v in record.metrics.items() if _finite(v)]
+        # the UI lists a run's metrics in the order they were logged: the headline ones ("_objective", ...) first
+        ordered = sorted(record.metrics.items(), key=lambda kv: not kv[0].startswith("_"))
+        metrics = [Metric(k, float(v), now, 0, model_id=record.model_id if k in linked else None) for k, v in ordered if _finite(v)]
         params = [Param(k, _text(v, MAX_PARAM_LEN)) for k, v in record.params.items()]
         tags = [RunTag(k, _text(v, MAX_TAG_LEN)) for k, v in record.tags.items()]
         # MLflow caps one batch at 1000 metrics, 100 params and 100 tags

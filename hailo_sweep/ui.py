@@ -190,10 +190,17 @@ def serve(server: UiServer, tracking_uri: str, experiment_name: str | None, out:
         best_run = tags.get("hailo_sweep.best_run_id")
         if best_run:
             out_lines.append(f"best trial's run: {run_url(s.base_url, exp_id, best_run)}")
+        out_lines.append(WORKSPACE_NOTE)
         return out_lines
 
     wait_and_stop(server, f"MLflow UI on {redact_url(tracking_uri)}", out, err, lines=links)
 
+
+WORKSPACE_NOTE = (
+    "these links open MLflow's model-training pages; pages reached by clicking through fall back to the browser's "
+    "last choice (GenAI at first): if you see 'Evaluations' and 'Agent versions' in the side bar, pick "
+    "'Model training' at its top once and the browser keeps it"
+)
 
 #: saved views of the runs table, written by ``hailo_sweep.tracking`` as experiment tags
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
