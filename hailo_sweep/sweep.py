@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from hailo_sweep import __version__
 from hailo_sweep import metrics as m
+from hailo_sweep import study_report
 from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
@@ -287,13 +288,43 @@ def constraint_values(config: SweepConfig, metrics: dict[str, float], objective:
     return values
 
 
+def constraint_metric_names(config: SweepConfig, objective: Objective | None = None) -> dict[str, str]:
+    """The MLflow metric of each constraint: ``<result key>.over_limit`` (negative = within the limit), so that it
+    sorts right after the metric it limits instead of before every real metric."""
+    names: dict[str, str] = {}
+    for name, key, _ in objective.implied_constraints if objective is not None else ():
+        names[name] = f"{key}.over_limit"
+    for c in config.constraints:
+        names[f"{c.stage}.{c.metric}.{'max' if c.max is not None else 'min'}"] = f"{metric_key(c.stage, c.metric)}.over_limit"
+    return names
+
+
+#: the few metrics a user compares, named to sort first in every MLflow table (and linked to each LoggedModel)
+HEADLINE_METRICS = ("_objective", "_feasible", "_device_error", "_fps")
+
+
+def headline_metrics(config: SweepConfig, metrics: dict[str, float], value: float, feasible: bool) -> dict[str, float]:
+    """``_objective`` (the value Optuna optimizes), ``_feasible`` (1/0), ``_device_error`` (the objective's error metric
+    measured on the device) and ``_fps`` (device throughput), where measured."""
+    out = {"_objective": float(value), "_feasible": 1.0 if feasible else 0.0}
+    error = metrics.get(metric_key("device", config.objective.metric))
+    if error is not None and config.objective.metric not in DEVICE_ONLY_METRICS:
+        out["_device_error"] = float(error)
+    if THROUGHPUT_KEY in metrics:
+        out["_fps"] = float(metrics[THROUGHPUT_KEY])
+    return out
+
+
 # -- progress ------------------------------------------------------------------------------------------------
 class SweepObserver(Protocol):
     def sweep_started(self, total: int, remaining: int) -> None: ...
     def message(self, text: str) -> None: ...
     def trial_started(self, number: int, settings: Settings) -> None: ...
     def stage_started(self, name: str) -> None: ...
-    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None) -> None: ...
+    def trial_finished(
+        self, number: int, state: str, value: float | None, feasible: bool | None, *,
+        failed_stage: str | None = None, error: str | None = None, duplicate_of: int | None = None, violated: tuple[str, ...] = (),
+    ) -> None: ...
 
 
 class NullObserver:
@@ -301,7 +332,7 @@ class NullObserver:
     def message(self, text: str) -> None: ...
     def trial_started(self, number: int, settings: Settings) -> None: ...
     def stage_started(self, name: str) -> None: ...
-    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None) -> None: ...
+    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None, **details: Any) -> None: ...
 
 
 class TrialFailed(Exception):
@@ -602,8 +633,10 @@ class Sweep:
                 metrics["pareto_front_size"] = float(len(study.best_trials))
             except ValueError:
                 pass
-            tags["hailo_sweep.best_run_id"] = str(best.user_attrs.get("mlflow_run_id", ""))
+        if best is not None:
+            tags.update({"hailo_sweep.best_run_id": str(best.user_attrs.get("mlflow_run_id", "")), "hailo_sweep.best_trial": str(best.number)})
         tracker.log_to(parent, RunRecord(name="", metrics=metrics, tags=tags))
+        study_report.log_summary(study, tracker, parent, self.stores.work_dir / "summary", self.observer.message)
         running = any(t.state == TrialState.RUNNING for t in trials)
         if not running:  # other workers are still at it: the last one to stop closes the parent
             tracker.finish(parent)
@@ -796,9 +829,10 @@ class _TrialRunner:
             timing_attr["compile_s"] = result.metrics["time.compile_s"]
         trial.set_user_attr("timing", timing_attr)
         if value is None:
-            obs.trial_finished(trial.number, "FAIL", None, None)
+            obs.trial_finished(trial.number, "FAIL", None, None, failed_stage=result.failed_stage, error=result.error)
             raise TrialFailed(f"trial {trial.number} failed in stage {result.failed_stage}: {result.error}")
-        obs.trial_finished(trial.number, "COMPLETE", value[0], feasible)
+        violated = tuple(k for k, v in (trial.constraints or {}).items() if v > 0)
+        obs.trial_finished(trial.number, "COMPLETE", value[0], feasible, violated=violated)
         return value if self.objective.multi else value[0]  # type: ignore[return-value]
 
     # -- pruning -------------------------------------------------------------------------------------------
@@ -854,11 +888,12 @@ class _TrialRunner:
             if "optimization_level_lowered" in result.flags:
                 # the toolchain measured another level than the one asked for: never count it as that level
                 constraints["optimization_level_honoured"] = 1.0
+            metric_names = constraint_metric_names(self.config, self.objective)
             for name, v in constraints.items():
                 trial.set_constraint(name, v)
-                metrics[f"constraint.{name}"] = v
+                metrics[metric_names.get(name, f"constraint.{name}")] = v
             feasible = all(v <= 0 for v in constraints.values())
-            metrics["objective"] = value[0]
+            metrics.update(headline_metrics(self.config, metrics, value[0], feasible))
             tags.update({"hailo_sweep.state": "COMPLETE", "hailo_sweep.feasible": str(feasible)})
             assert result.compiled is not None
             artifacts.append((result.compiled.path, "compiled"))
@@ -875,18 +910,22 @@ class _TrialRunner:
         artifacts.append((report_path, ""))
         wall = time.perf_counter() - start
         metrics["time.trial_s"] = wall
-        self.tracker.end_child(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, artifacts=artifacts, failed=value is None))
+        model_id = None
         if value is not None and result.compiled is not None:
             model_id = self.tracker.log_model(
                 run_id,
                 LoggedModelRecord(
-                    name=self.config.name, path=result.compiled.path, model_type=result.compiled.kind,
-                    params={k: v for k, v in result.settings.as_params().items()},
-                    tags={"optuna.trial_number": str(trial.number)},
+                    name=f"{self.config.name}-trial-{trial.number:04d}", path=result.compiled.path, model_type=result.compiled.kind,
+                    params=self.space.params_of(result.settings),
+                    tags={"optuna.trial_number": str(trial.number), "hailo_sweep.feasible": str(feasible)},
                 ),
             )
             trial.set_user_attr("mlflow_model_id", model_id)
             trial.set_user_attr("compiled_name", result.compiled.path.name)
+        linked = [k for k in metrics if k in HEADLINE_METRICS or k in self.objective.keys or k.endswith(".over_limit")
+                  or k in ("compile.size_bytes", "device.latency_ms")] if model_id else []  # the Models tab's columns
+        self.tracker.end_child(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, artifacts=artifacts,
+                                                 failed=value is None, model_id=model_id, model_metrics=tuple(linked)))
         trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.keys)})
         return value, feasible
 
@@ -932,7 +971,7 @@ class _TrialRunner:
 
     def _params(self, settings: Settings) -> dict[str, Any]:
         return {
-            **settings.as_params(),
+            **self.space.params_of(settings),  # spelled as in the config and in Optuna: output_16bit=all, not featmap,logits
             "target": self.config.target,
             "backend": self.backend.name,
             "calib.n": settings.calibset_size,
@@ -973,9 +1012,13 @@ class _TrialRunner:
             trial.report(v, step)
         source_run = original.user_attrs.get("mlflow_run_id", "")
         metrics = dict(original.user_attrs.get("metrics", {}))
-        tags = {**self._tags(trial, settings), "hailo_sweep.state": "COMPLETE", "hailo_sweep.duplicate_of": str(source_run)}
+        tags = {
+            **self._tags(trial, settings), "hailo_sweep.state": "COMPLETE",
+            "hailo_sweep.duplicate_of": str(original.number), "hailo_sweep.duplicate_of_run_id": str(source_run),
+        }
         feasible = all(v <= 0 for v in (original.constraints or {}).values())
         tags["hailo_sweep.feasible"] = str(feasible)
+        metrics.update(headline_metrics(self.config, metrics, original.values[0], feasible))
         run_id = self.tracker.start_child(self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), metrics=metrics, tags=tags))
         self.tracker.finish(run_id)
         for key in ("mlflow_model_id", "compiled_name", "metrics"):
@@ -984,7 +1027,8 @@ class _TrialRunner:
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("duplicate_of", original.number)
         self.timings.append(TrialTiming(trial.number, time.perf_counter() - start, 0.0))
-        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible)
+        violated = tuple(k for k, v in (original.constraints or {}).items() if v > 0)
+        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible, duplicate_of=original.number, violated=violated)
         return original.values if self.objective.multi else original.values[0]  # type: ignore[return-value]
 
 
@@ -992,7 +1036,8 @@ def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> l
     """The metrics kept in Optuna's user attrs (the full set lives in MLflow)."""
     keep = set(objective_keys)
     for k in metrics:
-        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.")) or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
+        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "_")) or k.endswith(".over_limit") \
+                or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)
         if k.startswith(("device.", "emulated.")) and k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae")):
             keep.add(k)
