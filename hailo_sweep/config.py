@@ -60,6 +60,14 @@ class SearchSpaceConfig(_Strict):
     # k: promote the k noisiest layers (lowest per-layer SNR, ranked once per sweep) to 16-bit
     noisy_layers_16bit: IntKnob = Field(default_factory=lambda: [0])
 
+    @field_validator("output_16bit", mode="before")
+    @classmethod
+    def _numeric_names_as_text(cls, v: Any) -> Any:  # an unquoted numeric output name reads as an int in YAML
+        def text(x: Any) -> Any:
+            return str(x) if isinstance(x, int) and not isinstance(x, bool) else x
+
+        return [[text(y) for y in x] if isinstance(x, list) else text(x) for x in v] if isinstance(v, list) else v
+
     @field_validator("optimization_level")
     @classmethod
     def _opt_range(cls, v: IntKnob) -> IntKnob:
@@ -135,7 +143,31 @@ class NormalizationConfig(_Strict):
 
 class OutputConfig(_Strict):
     weight: float = Field(default=1.0, ge=0.0)
-    kind: Literal["tensor", "logits"] = "tensor"
+    # logits: class scores (softmax applied for the probability error); probabilities: already softmax
+    kind: Literal["tensor", "logits", "probabilities"] = "tensor"
+    batch_axis: int = Field(default=0, ge=0)  # the axis holding the samples, e.g. 1 for a time-major (T, N, C) output
+
+
+class TaskMetricConfig(_Strict):
+    """A user metric: ``function: "file.py:name"`` (file relative to the config), and whether higher is better."""
+
+    function: Annotated[str, Field(pattern=r"^[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*$")]
+    direction: Literal["minimize", "maximize"]
+
+
+def _output_keys_as_text(value: Any) -> Any:
+    """YAML reads ``123:`` as the integer 123: an integer output name is taken as its text; other non-text keys
+    (``1.5:``, ``yes:``, ``null:``) could have been written several ways, so they are refused with a hint to quote."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        elif not isinstance(key, str):
+            raise ValueError(f"output name {key!r} is not text (YAML read it as {type(key).__name__}); quote it: '{key}':")
+        out[key] = item
+    return out
 
 
 class ObjectiveConfig(_Strict):
@@ -243,6 +275,7 @@ class SweepConfig(_Strict):
     data: DataConfig
     normalization: NormalizationConfig | None = None
     outputs: dict[str, OutputConfig] = Field(default_factory=dict)
+    metrics: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], TaskMetricConfig] = Field(default_factory=dict)
     search: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     constraints: list[ConstraintConfig] = Field(default_factory=list)
@@ -258,6 +291,8 @@ class SweepConfig(_Strict):
     # set by load_config, not by the user
     source: Path | None = Field(default=None, exclude=True)
 
+    _outputs_as_text = field_validator("outputs", mode="before")(_output_keys_as_text)
+
     @model_validator(mode="after")
     def _placement_needs_normalization(self) -> SweepConfig:
         if "model" in self.search.normalization_placement and self.normalization is None:
@@ -270,7 +305,14 @@ class SweepConfig(_Strict):
 # --------------------------------------------------------------------------------------------------------------
 def load_config(path: str | Path) -> SweepConfig:
     """Read, validate and resolve a sweep config. Raises ``UserInputError`` on any problem."""
-    path = check_file(Path(path).expanduser(), what="config file", fix="pass the path of an existing YAML sweep config")
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".onnx":
+        raise UserInputError(
+            "this is an ONNX model, not a sweep config",
+            file=path,
+            fix=f"write a starter config from the model first: hailo-sweep new {path.name} -o {path.stem}.yaml, then pass the .yaml",
+        )
+    path = check_file(path, what="config file", fix="pass the path of an existing YAML sweep config")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # safe_load semantics, see the loader
     except DuplicateKey as exc:

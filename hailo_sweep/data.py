@@ -28,9 +28,10 @@ UINT8_DOMAIN = (0.0, 255.0)
 class Dataset:
     calibration: np.ndarray  # NCHW, raw domain
     evaluation: np.ndarray  # NCHW, raw domain
-    labels: np.ndarray | None
+    labels: np.ndarray | None  # class indices (N,), for the accuracy metrics; None when the labels are not class ids
     calibration_sha256: str
     evaluation_sha256: str
+    task_labels: np.ndarray | None = None  # the labels array as stored (any shape, first axis = samples), for task metrics
 
     @property
     def digest(self) -> str:
@@ -42,12 +43,13 @@ def load_dataset(config: SweepConfig, model_io: ModelIO) -> Dataset:
     cfg = config.data
     calib = load_array(cfg.calibration, cfg.inputs_key, config_file=config.source, config_key="data.calibration")
     evaluation = load_array(cfg.evaluation, cfg.inputs_key, config_file=config.source, config_key="data.evaluation")
-    labels = None
+    labels = task_labels = None
     if cfg.labels_key is not None:
-        labels = load_labels(cfg.evaluation, cfg.labels_key, config_file=config.source)
-        if len(labels) != len(evaluation):
+        task_labels = load_labels(cfg.evaluation, cfg.labels_key, config_file=config.source, any_array=bool(config.metrics))
+        labels = task_labels.astype(np.int64) if is_class_ids(task_labels) else None
+        if len(task_labels) != len(evaluation):
             raise UserInputError(
-                f"{len(labels)} labels for {len(evaluation)} evaluation samples",
+                f"{len(task_labels)} labels for {len(evaluation)} evaluation samples",
                 file=config.source,
                 key="data.labels_key",
                 fix=f"store one label per sample in '{cfg.labels_key}' of {cfg.evaluation}",
@@ -61,8 +63,13 @@ def load_dataset(config: SweepConfig, model_io: ModelIO) -> Dataset:
         evaluation=eval_nchw,
         labels=labels,
         calibration_sha256=array_sha256(calib_nchw),
-        evaluation_sha256=array_sha256(eval_nchw) if labels is None else _sha_pair(eval_nchw, labels),
+        evaluation_sha256=array_sha256(eval_nchw) if task_labels is None else _sha_pair(eval_nchw, task_labels),
+        task_labels=task_labels,
     )
+
+
+def is_class_ids(labels: np.ndarray) -> bool:
+    return labels.ndim == 1 and labels.dtype.kind in "iu"
 
 
 def array_sha256(arr: np.ndarray) -> str:
@@ -185,7 +192,8 @@ def load_array(path: Path, key: str, *, config_file: Path | None, config_key: st
     return arr
 
 
-def load_labels(path: Path, key: str, *, config_file: Path | None) -> np.ndarray:
+def load_labels(path: Path, key: str, *, config_file: Path | None, any_array: bool = False) -> np.ndarray:
+    """The labels array; class indices (1-D integers) unless ``any_array`` (task metrics read them as they are)."""
     if path.suffix != ".npz":
         raise UserInputError(
             f"labels were requested (data.labels_key: {key}) but {path.name} is a .npy file and holds no labels",
@@ -206,20 +214,31 @@ def load_labels(path: Path, key: str, *, config_file: Path | None) -> np.ndarray
             labels = loaded[key]
         except ValueError as exc:
             raise _refusal(path, exc, config_file, "data.evaluation") from None
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+    if any_array:
+        if labels.ndim == 0 or labels.dtype.kind not in "biuf":
+            raise UserInputError(
+                f"labels '{key}' must be a numeric array with one entry per sample on axis 0, got {labels.dtype} {labels.shape}",
+                file=config_file,
+                key="data.labels_key",
+            )
+        return labels
+    if not is_class_ids(labels):
         raise UserInputError(
             f"labels '{key}' must be a 1-D integer array of class indices, got {labels.dtype} {labels.shape}",
             file=config_file,
             key="data.labels_key",
+            fix="store class indices, or name a task metric (metrics: in the config) that reads labels of any shape",
         )
     return labels.astype(np.int64)
 
 
 def to_model_layout(arr: np.ndarray, layout: str, model_io: ModelIO, *, source: Path, config_file: Path | None) -> np.ndarray:
     """Check the sample shape against the model input and return NCHW; name NCHW/NHWC mix-ups explicitly."""
-    c, h, w = (int(d) for d in model_io.input_shape[1:])
-    nchw, nhwc = (c, h, w), (h, w, c)
+    c = int(model_io.input_shape[1])
     sample = tuple(arr.shape[1:])
+    # a dynamic height/width of the model takes the data's (the sample's own size in the declared layout)
+    h, w = (_fixed_or(model_io.input_shape[a], sample, layout, a) for a in (2, 3))
+    nchw, nhwc = (c, h, w), (h, w, c)
     expected = nchw if layout == "NCHW" else nhwc
     if arr.ndim == 4 and sample == expected:
         return np.ascontiguousarray(arr if layout == "NCHW" else arr.transpose(0, 3, 1, 2))
@@ -239,6 +258,13 @@ def to_model_layout(arr: np.ndarray, layout: str, model_io: ModelIO, *, source: 
         key="data.layout",
         fix="store the data as (N, " + ", ".join(str(d) for d in expected) + f") with data.layout: {layout}",
     )
+
+
+def _fixed_or(dim: int | str, sample: tuple[int, ...], layout: str, axis: int) -> int:
+    if isinstance(dim, int):
+        return dim
+    index = axis - 1 if layout == "NCHW" else axis - 2  # sample axes: (C, H, W) or (H, W, C)
+    return int(sample[index]) if len(sample) == 3 else -1
 
 
 def check_values(arr: np.ndarray, domain: tuple[float, float], *, source: Path, config_file: Path | None, key: str) -> None:

@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from hailo_sweep import __version__
 from hailo_sweep import metrics as m
+from hailo_sweep import study_report
 from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
@@ -42,6 +43,7 @@ from hailo_sweep.faults import (
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.stores import check_stores_writable, redact_url, resolve_stores
+from hailo_sweep.task_metrics import PREFIX as TASK_PREFIX
 from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -49,8 +51,7 @@ DEVICE_ONLY_METRICS = {
     "throughput_fps": "device.throughput_fps", "latency_ms": "device.latency_ms", "size_bytes": "compile.size_bytes", "findings": "findings.count",
 }
 AGREEMENT_BASES = {"lsb_max", "lsb_mean", "lsb_p99", "identical_share"}
-LOGITS_BASES = {"top1_agreement", "softmax_mae", "accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
-LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
+LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae", "prob_label_mae"}
 
 
 class BudgetSpent(Exception):
@@ -165,8 +166,23 @@ def metric_key(stage: str, metric: str) -> str:
     return f"{'device' if stage == 'device' else 'emulated'}.{metric}"
 
 
-def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, ...], has_labels: bool, *, file: Path | None, key: str) -> None:
+def check_metric(
+    metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, ...], has_labels: bool, *, file: Path | None, key: str,
+    tasks: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a config metric name that no trial would produce; ``tasks``: the config's task metrics and directions."""
     if metric in DEVICE_ONLY_METRICS:
+        return
+    if metric.startswith(TASK_PREFIX) or metric in (tasks or {}):
+        name = metric.removeprefix(TASK_PREFIX)
+        if name not in (tasks or {}):
+            raise UserInputError(
+                f"unknown task metric {name!r}", file=file, key=key,
+                fix="declare it under metrics: {" + name + ": {function: 'file.py:function', direction: maximize}}"
+                + (f", or use one of: {', '.join(TASK_PREFIX + t for t in tasks)}" if tasks else ""),
+            )
+        if not metric.startswith(TASK_PREFIX):
+            raise UserInputError("task metrics are named task.<name> in objectives and constraints", file=file, key=key, fix=f"write {TASK_PREFIX}{name}")
         return
     if metric.startswith("findings."):
         code = metric.removeprefix("findings.")
@@ -186,10 +202,14 @@ def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, 
         raise UserInputError(
             f"unknown metric {base!r}", file=file, key=key, fix=f"use one of: {', '.join(sorted(m.METRIC_DIRECTIONS))}"
         ) from None
-    if base in LOGITS_BASES and output != "total" and names[output].kind != "logits":
-        raise UserInputError(f"{base} needs a logits output, but {output!r} is kind tensor", file=file, key=key, fix=f"set outputs.{output}.kind: logits")
-    if base in LOGITS_BASES and output == "total" and not any(o.kind == "logits" for o in prepared_outputs):
-        raise UserInputError(f"total.{base} needs at least one output of kind logits", file=file, key=key, fix="mark the classification output with kind: logits")
+    kinds = m.METRIC_KINDS.get(base)
+    if kinds and output != "total" and names[output].kind not in kinds:
+        raise UserInputError(
+            f"{base} needs an output of kind {' or '.join(kinds)}, but {output!r} is kind {names[output].kind}",
+            file=file, key=key, fix=f"set outputs.{output}.kind: {kinds[0]}",
+        )
+    if kinds and output == "total" and not any(o.kind in kinds for o in prepared_outputs):
+        raise UserInputError(f"total.{base} needs at least one output of kind {' or '.join(kinds)}", file=file, key=key, fix=f"mark the classification output with kind: {kinds[0]}")
     if base in LABEL_BASES and not has_labels:
         raise UserInputError(f"{base} needs labels", file=file, key=key, fix="set data.labels_key to the labels array of the evaluation .npz")
     if base in AGREEMENT_BASES and stage != "device":
@@ -197,6 +217,11 @@ def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, 
 
 
 THROUGHPUT_KEY = "device.throughput_fps"
+
+
+def task_directions(config: SweepConfig) -> dict[str, str]:
+    """The config's task metrics (``metrics:``) by name, with their directions."""
+    return {name: spec.direction for name, spec in config.metrics.items()}
 
 
 @dataclass(frozen=True)
@@ -225,9 +250,11 @@ class Objective:
 
 def objective_of(config: SweepConfig, outputs: tuple[m.OutputSpec, ...], has_labels: bool) -> Objective:
     obj = config.objective
-    check_metric(obj.metric, obj.stage, outputs, has_labels, file=config.source, key="objective.metric")
+    tasks = task_directions(config)
+    check_metric(obj.metric, obj.stage, outputs, has_labels, file=config.source, key="objective.metric", tasks=tasks)
     base = obj.metric.rpartition(".")[2]
-    direction = obj.direction or m.direction_of(base)
+    task = tasks.get(obj.metric.removeprefix(TASK_PREFIX)) if obj.metric.startswith(TASK_PREFIX) else None
+    direction = obj.direction or task or m.direction_of(base)
     key = metric_key(obj.stage, obj.metric)
     if obj.mode == "fastest_within":
         assert obj.budget is not None
@@ -275,13 +302,43 @@ def constraint_values(config: SweepConfig, metrics: dict[str, float], objective:
     return values
 
 
+def constraint_metric_names(config: SweepConfig, objective: Objective | None = None) -> dict[str, str]:
+    """The MLflow metric of each constraint: ``<result key>.over_limit`` (negative = within the limit), so that it
+    sorts right after the metric it limits instead of before every real metric."""
+    names: dict[str, str] = {}
+    for name, key, _ in objective.implied_constraints if objective is not None else ():
+        names[name] = f"{key}.over_limit"
+    for c in config.constraints:
+        names[f"{c.stage}.{c.metric}.{'max' if c.max is not None else 'min'}"] = f"{metric_key(c.stage, c.metric)}.over_limit"
+    return names
+
+
+#: the few metrics a user compares, named to sort first in every MLflow table (and linked to each LoggedModel)
+HEADLINE_METRICS = ("_objective", "_feasible", "_device_error", "_fps")
+
+
+def headline_metrics(config: SweepConfig, metrics: dict[str, float], value: float, feasible: bool) -> dict[str, float]:
+    """``_objective`` (the value Optuna optimizes), ``_feasible`` (1/0), ``_device_error`` (the objective's error metric
+    measured on the device) and ``_fps`` (device throughput), where measured."""
+    out = {"_objective": float(value), "_feasible": 1.0 if feasible else 0.0}
+    error = metrics.get(metric_key("device", config.objective.metric))
+    if error is not None and config.objective.metric not in DEVICE_ONLY_METRICS:
+        out["_device_error"] = float(error)
+    if THROUGHPUT_KEY in metrics:
+        out["_fps"] = float(metrics[THROUGHPUT_KEY])
+    return out
+
+
 # -- progress ------------------------------------------------------------------------------------------------
 class SweepObserver(Protocol):
     def sweep_started(self, total: int, remaining: int) -> None: ...
     def message(self, text: str) -> None: ...
     def trial_started(self, number: int, settings: Settings) -> None: ...
     def stage_started(self, name: str) -> None: ...
-    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None) -> None: ...
+    def trial_finished(
+        self, number: int, state: str, value: float | None, feasible: bool | None, *,
+        failed_stage: str | None = None, error: str | None = None, duplicate_of: int | None = None, violated: tuple[str, ...] = (),
+    ) -> None: ...
 
 
 class NullObserver:
@@ -289,7 +346,7 @@ class NullObserver:
     def message(self, text: str) -> None: ...
     def trial_started(self, number: int, settings: Settings) -> None: ...
     def stage_started(self, name: str) -> None: ...
-    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None) -> None: ...
+    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None, **details: Any) -> None: ...
 
 
 class TrialFailed(Exception):
@@ -355,13 +412,15 @@ class Sweep:
                 file=cfg.source, key="search.calibset_size", fix=f"use values <= {n_calib}, or provide more calibration data",
             )
         objective = objective_of(cfg, outputs, dataset.labels is not None)
-        if cfg.pruning.enabled and (objective.multi or objective.direction != "minimize" or objective.key == THROUGHPUT_KEY or not objective.key.startswith("device.")):
+        # a task metric's per-sample values are the metric itself, so either direction prunes correctly
+        task_objective = cfg.objective.metric.startswith(TASK_PREFIX)
+        if cfg.pruning.enabled and (objective.multi or (objective.direction != "minimize" and not task_objective) or objective.key == THROUGHPUT_KEY or not objective.key.startswith("device.")):
             raise UserInputError(
                 "pruning compares per-sample errors after emulation; it needs an error metric to minimize at stage device",
                 file=cfg.source, key="pruning.enabled", fix="use an error objective (e.g. logits.softmax_mae, total.nmae) or disable pruning",
             )
         for i, c in enumerate(cfg.constraints):
-            check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric")
+            check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric", tasks=task_directions(cfg))
         backend_cls, note = select_backend(cfg.backend)
         if note:
             self.observer.message(note)
@@ -611,8 +670,10 @@ class Sweep:
                 metrics["pareto_front_size"] = float(len(study.best_trials))
             except ValueError:
                 pass
-            tags["hailo_sweep.best_run_id"] = str(best.user_attrs.get("mlflow_run_id", ""))
+        if best is not None:
+            tags.update({"hailo_sweep.best_run_id": str(best.user_attrs.get("mlflow_run_id", "")), "hailo_sweep.best_trial": str(best.number)})
         tracker.log_to(parent, RunRecord(name="", metrics=metrics, tags=tags))
+        study_report.log_summary(study, tracker, parent, self.stores.work_dir / "summary", self.observer.message)
         running = any(t.state == TrialState.RUNNING for t in trials)
         if not running:  # other workers are still at it: the last one to stop closes the parent
             tracker.finish(parent)
@@ -822,9 +883,10 @@ class _TrialRunner:
             timing_attr["compile_s"] = result.metrics["time.compile_s"]
         trial.set_user_attr("timing", timing_attr)
         if value is None:
-            obs.trial_finished(trial.number, "FAIL", None, None)
+            obs.trial_finished(trial.number, "FAIL", None, None, failed_stage=result.failed_stage, error=result.error)
             raise TrialFailed(f"trial {trial.number} failed in stage {result.failed_stage}: {result.error}")
-        obs.trial_finished(trial.number, "COMPLETE", value[0], feasible)
+        violated = tuple(k for k, v in (trial.constraints or {}).items() if v > 0)
+        obs.trial_finished(trial.number, "COMPLETE", value[0], feasible, violated=violated)
         return value if self.objective.multi else value[0]  # type: ignore[return-value]
 
     # -- trials that did not complete ----------------------------------------------------------------------
@@ -835,7 +897,7 @@ class _TrialRunner:
     def _record_write_error(self, trial: optuna.Trial, run_id: str, exc: BaseException) -> None:
         """A write failed while recording: the trial fails; a full disk stops the sweep (see faults.py)."""
         reason = record_write_error(trial, self.tracker, run_id, exc)
-        self.sweep.observer.trial_finished(trial.number, "FAIL", None, None)
+        self.sweep.observer.trial_finished(trial.number, "FAIL", None, None, failed_stage="record", error=reason)
         if is_disk_full(exc):
             where = f"{exc.strerror} ({exc.filename or 'the stores'})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:300]
             raise StoresFull(f"trial {trial.number} could not be recorded: {where}; the sweep stopped, free some space and run it again") from exc
@@ -847,7 +909,7 @@ class _TrialRunner:
 
         def check(stage: str, result: TrialResult, emulated: dict[str, np.ndarray]) -> None:
             metric = self.objective.key.removeprefix("device.")
-            per_sample = m.per_sample_metric(metric, self.prepared.reference, emulated, self.prepared.outputs)
+            per_sample = self.prepared.per_sample(metric, emulated)
             groups = np.array_split(per_sample, min(self.config.pruning.groups, len(per_sample)))
             for step, group in enumerate(groups):
                 trial.report(float(group.mean()), step)
@@ -895,11 +957,12 @@ class _TrialRunner:
             if "optimization_level_lowered" in result.flags:
                 # the toolchain measured another level than the one asked for: never count it as that level
                 constraints["optimization_level_honoured"] = 1.0
+            metric_names = constraint_metric_names(self.config, self.objective)
             for name, v in constraints.items():
                 trial.set_constraint(name, v)
-                metrics[f"constraint.{name}"] = v
+                metrics[metric_names.get(name, f"constraint.{name}")] = v
             feasible = all(v <= 0 for v in constraints.values())
-            metrics["objective"] = value[0]
+            metrics.update(headline_metrics(self.config, metrics, value[0], feasible))
             tags.update({"hailo_sweep.state": "COMPLETE", "hailo_sweep.feasible": str(feasible)})
             assert result.compiled is not None
             artifacts.append((result.compiled.path, "compiled"))
@@ -916,18 +979,22 @@ class _TrialRunner:
         artifacts.append((report_path, ""))
         wall = time.perf_counter() - start
         metrics["time.trial_s"] = wall
-        self.tracker.end_child(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, artifacts=artifacts, failed=value is None))
+        model_id = None
         if value is not None and result.compiled is not None:
             model_id = self.tracker.log_model(
                 run_id,
                 LoggedModelRecord(
-                    name=self.config.name, path=result.compiled.path, model_type=result.compiled.kind,
-                    params={k: v for k, v in result.settings.as_params().items()},
-                    tags={"optuna.trial_number": str(trial.number)},
+                    name=f"{self.config.name}-trial-{trial.number:04d}", path=result.compiled.path, model_type=result.compiled.kind,
+                    params=self.space.params_of(result.settings),
+                    tags={"optuna.trial_number": str(trial.number), "hailo_sweep.feasible": str(feasible)},
                 ),
             )
             trial.set_user_attr("mlflow_model_id", model_id)
             trial.set_user_attr("compiled_name", result.compiled.path.name)
+        linked = [k for k in metrics if k in HEADLINE_METRICS or k in self.objective.keys or k.endswith(".over_limit")
+                  or k in ("compile.size_bytes", "device.latency_ms")] if model_id else []  # the Models tab's columns
+        self.tracker.end_child(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, artifacts=artifacts,
+                                                 failed=value is None, model_id=model_id, model_metrics=tuple(linked)))
         trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.keys)})
         return value, feasible
 
@@ -973,7 +1040,7 @@ class _TrialRunner:
 
     def _params(self, settings: Settings) -> dict[str, Any]:
         return {
-            **settings.as_params(),
+            **self.space.params_of(settings),  # spelled as in the config and in Optuna: output_16bit=all, not featmap,logits
             "target": self.config.target,
             "backend": self.backend.name,
             "calib.n": settings.calibset_size,
@@ -1014,9 +1081,13 @@ class _TrialRunner:
             trial.report(v, step)
         source_run = original.user_attrs.get("mlflow_run_id", "")
         metrics = dict(original.user_attrs.get("metrics", {}))
-        tags = {**self._tags(trial, settings), "hailo_sweep.state": "COMPLETE", "hailo_sweep.duplicate_of": str(source_run)}
+        tags = {
+            **self._tags(trial, settings), "hailo_sweep.state": "COMPLETE",
+            "hailo_sweep.duplicate_of": str(original.number), "hailo_sweep.duplicate_of_run_id": str(source_run),
+        }
         feasible = all(v <= 0 for v in (original.constraints or {}).values())
         tags["hailo_sweep.feasible"] = str(feasible)
+        metrics.update(headline_metrics(self.config, metrics, original.values[0], feasible))
         run_id = self.tracker.start_child(self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), metrics=metrics, tags=tags))
         self.tracker.finish(run_id)
         for key in ("mlflow_model_id", "compiled_name", "metrics"):
@@ -1025,7 +1096,8 @@ class _TrialRunner:
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("duplicate_of", original.number)
         self.timings.append(TrialTiming(trial.number, time.perf_counter() - start, 0.0))
-        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible)
+        violated = tuple(k for k, v in (original.constraints or {}).items() if v > 0)
+        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible, duplicate_of=original.number, violated=violated)
         return original.values if self.objective.multi else original.values[0]  # type: ignore[return-value]
 
 
@@ -1033,7 +1105,8 @@ def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> l
     """The metrics kept in Optuna's user attrs (the full set lives in MLflow)."""
     keep = set(objective_keys)
     for k in metrics:
-        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.")) or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
+        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "_")) or k.endswith(".over_limit") \
+                or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)
         if k.startswith(("device.", "emulated.")) and k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae")):
             keep.add(k)
