@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from hailo_sweep.backends.base import ModelIO
-from hailo_sweep.config import SweepConfig
+from hailo_sweep.config import SweepConfig, check_file
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.metrics import OutputSpec
 from hailo_sweep.onnx_runner import BatchAxisError, run_chunked
@@ -27,10 +28,7 @@ def file_sha256(path: Path) -> str:
 
 def read_model_io(path: Path, *, config_file: Path | None = None) -> ModelIO:
     """Load the ONNX model's signature; refuse a missing, unreadable or unsupported model with a clear message."""
-    if not path.is_file():
-        raise UserInputError(
-            f"model file not found: {path}", file=config_file, key="model", fix="point 'model' at an existing .onnx file"
-        )
+    path = check_file(path, what="model file", fix="point 'model' at an existing .onnx file", config_file=config_file, key="model")
     try:
         model = onnx.load(str(path), load_external_data=False)
         onnx.checker.check_model(str(path))  # by path: external data files are found next to the model
@@ -56,18 +54,29 @@ def read_model_io(path: Path, *, config_file: Path | None = None) -> ModelIO:
     dims: list[int | str] = []
     for d in inputs[0].type.tensor_type.shape.dim:
         dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "N"))
-    if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+    if len(dims) != 4 or not (isinstance(dims[1], int) and dims[1] > 0):
         raise UserInputError(
-            f"model input '{inputs[0].name}' has shape {dims}; expected a 4-D NCHW image input with fixed C, H, W",
+            f"model input '{inputs[0].name}' has shape {dims}; expected a 4-D NCHW image input with a fixed channel count",
             file=config_file,
             key="model",
-            fix="export the model with a fixed input size (only the batch dimension may be dynamic)",
+            fix="export the model with a fixed number of input channels (batch, height and width may be dynamic)",
         )
+    # a dynamic height or width (e.g. Paddle exports: [-1, 3, '?', '?']) is taken from the data: see with_data_size()
+    dims = [d if not isinstance(d, int) or d > 0 or i == 0 else "?" for i, d in enumerate(dims)]
     return ModelIO(
         input_name=inputs[0].name,
         input_shape=tuple(dims),
         output_names=tuple(o.name for o in model.graph.output),
     )
+
+
+def with_data_size(model_io: ModelIO, sample_shape: tuple[int, ...]) -> ModelIO:
+    """The interface with a dynamic height/width replaced by the data's (``sample_shape``: C, H, W of one sample)."""
+    dims = list(model_io.input_shape)
+    for axis in (2, 3):
+        if not isinstance(dims[axis], int):
+            dims[axis] = int(sample_shape[axis - 1])
+    return replace(model_io, input_shape=tuple(dims))
 
 
 def output_specs(config: SweepConfig, model_io: ModelIO) -> tuple[OutputSpec, ...]:
@@ -189,3 +198,14 @@ def _culprit(message: str) -> str:
     if op:
         return f" (operator {op.group(1)} is unknown to it)"
     return ""
+
+
+def class_counts(path: Path, names: list[str]) -> dict[str, int | None]:
+    """The size of the class axis (the last) of each named output, from the ONNX graph; None where it is not fixed."""
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int | None] = {}
+    for out in model.graph.output:
+        if out.name in names:
+            dims = out.type.tensor_type.shape.dim
+            counts[out.name] = int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0 else None
+    return counts

@@ -36,9 +36,9 @@ from hailo_sweep.backends.base import (
 from hailo_sweep.config import DiagnosticsConfig, SweepConfig
 from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, check_agreement, check_calibration_coverage, run_all
 from hailo_sweep.diagnose.ladder import ladder_steps
-from hailo_sweep.data import Dataset, feed, load_dataset
+from hailo_sweep.data import Dataset, check_label_range, feed, load_dataset
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.model_io import batch_axes, file_sha256, output_specs, probe_model, read_model_io, softmax_outputs
+from hailo_sweep.model_io import batch_axes, class_counts, file_sha256, output_specs, probe_model, read_model_io, softmax_outputs, with_data_size
 from hailo_sweep.reference import reference_outputs
 from hailo_sweep.settings import Settings
 from hailo_sweep.task_metrics import TaskMetric, find, load_task_metrics, stage_task_metrics
@@ -106,6 +106,15 @@ def load_inputs(config: SweepConfig) -> tuple[ModelIO, tuple[m.OutputSpec, ...],
     model_io = read_model_io(config.model, config_file=config.source)
     outputs = output_specs(config, model_io)
     dataset = load_dataset(config, model_io)
+    model_io = with_data_size(model_io, dataset.calibration.shape[1:])
+    if dataset.evaluation.shape[2:] != dataset.calibration.shape[2:]:
+        raise UserInputError(
+            f"the model's input size is dynamic and the data sets disagree: calibration samples are "
+            f"{list(dataset.calibration.shape[2:])} (H, W), evaluation samples {list(dataset.evaluation.shape[2:])}",
+            file=config.source,
+            key="data.evaluation",
+            fix="resize both data sets to the one input size the model should be compiled for",
+        )
     load_task_metrics(config)  # a missing file or function is refused here, before any store is written
     normalization = None
     if config.normalization is not None:
@@ -121,7 +130,27 @@ def load_inputs(config: SweepConfig) -> tuple[ModelIO, tuple[m.OutputSpec, ...],
         normalization = Normalization(mean=tuple(mean) * (channels // len(mean)), std=tuple(std) * (channels // len(std)))
     probe = feed(dataset.evaluation[:3], "host", normalization, config.data.domain)
     probe_model(config.model, model_io, outputs, probe, config_file=config.source)
+    if dataset.labels is not None:
+        _check_labels(config, model_io, outputs, dataset, normalization)
     return model_io, outputs, dataset, normalization
+
+
+def _check_labels(config: SweepConfig, model_io: ModelIO, outputs: tuple[m.OutputSpec, ...], dataset: Dataset, normalization: Normalization | None) -> None:
+    """Class-id labels feed the accuracy metrics of logits and probabilities outputs: refuse class indices outside every such output's classes
+    (before any store is written), from the graph's class axis, or from one sample run when that axis is not fixed."""
+    logits = [o.name for o in outputs if o.kind in m.CLASS_KINDS]
+    if not logits:
+        return
+    classes = class_counts(config.model, logits)
+    unknown = [n for n, c in classes.items() if c is None]
+    if unknown:
+        from hailo_sweep import onnx_runner
+
+        sess = onnx_runner.session(config.model, onnx_runner.ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        sample = feed(dataset.evaluation[:1], "host", normalization, config.data.domain).astype(np.float32)
+        probe = onnx_runner.run_chunked(sess, sample, tuple(unknown), batch_axes(outputs))
+        classes.update({n: int(probe[n].shape[-1]) for n in unknown})
+    check_label_range(dataset.labels, {n: c for n, c in classes.items() if c}, source=config.data.evaluation, config_file=config.source, key="data.labels_key")
 
 
 def prepare_sweep(config: SweepConfig, work_dir: Path, backend: Backend | None = None) -> Prepared:
