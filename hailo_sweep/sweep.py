@@ -1110,7 +1110,7 @@ def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> l
         if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "_")) or k.endswith(".over_limit") \
                 or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)
-        if k.startswith(("device.", "emulated.")) and k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae")):
+        if k.startswith(("device.", "emulated.")) and (k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae", ".prob_mae")) or ".task." in k):
             keep.add(k)
     return sorted(k for k in keep if k in metrics)
 

@@ -307,6 +307,7 @@ def test_task_metrics_are_the_objective_and_a_constraint_at_every_stage(tmp_path
     for t in done:
         metrics = t.user_attrs["metrics"]
         assert metrics["device.task.seq_match"] == t.value
+        assert metrics["emulated.task.ref_match"] == pytest.approx(10 / 12)  # the constraint's metric, on record
         assert 0.0 <= t.value <= 10 / 12  # two of twelve label rows never match the float model's decoding
     # the reference's own match is known by construction: 10 of 12 rows
     prepared, backend = prepare(config)
