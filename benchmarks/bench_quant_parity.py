@@ -134,8 +134,17 @@ def child(step: str, work: Path, samples: int, method: str) -> dict[str, Any]:
         warm = Settings(0, 1, samples, "host", calibration_method=cold.calibration_method)  # compression 1: 4-bit weights
         paths, times, passes = _ours(work, data, [cold, warm])
         result.update(optimize_s=times[0], warm_optimize_s=times[1], passes=passes, models=[str(p) for p in paths])
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM of its address space. (``ru_maxrss`` would not do: Linux carries the
+    parent's RSS at fork over an exec, so every child would report at least the parent's size.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- the parent: build, run each step in a child, measure quality ----------------------------------------------
