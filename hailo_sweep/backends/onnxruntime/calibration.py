@@ -42,6 +42,7 @@ from onnxruntime.quantization.calibrate import (
 
 from hailo_sweep.atomic import atomic_write
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
+from hailo_sweep.onnx_runner import batches
 
 #: histogram bins: ORT's Percentile default (2048); for Entropy ORT's default 128/128 equals MinMax exactly (pitfall
 #: P3: the KL search then has one candidate), so the histogram gets 256 bins for 128 quantized bins: 65 candidate
@@ -61,10 +62,11 @@ def sha(data: bytes) -> str:
 
 
 class _Reader(CalibrationDataReader):
-    """Feeds ``data`` in batches of ``batch`` rows (the last one may be smaller: MinMax copes)."""
+    """Feeds ``data`` in batches of ``batch`` rows, or of the model's fixed batch (the last one padded by repeating a
+    sample: duplicates change no min/max)."""
 
-    def __init__(self, data: np.ndarray, input_name: str, batch: int):
-        self.data, self.input_name, self.batch = data, input_name, batch
+    def __init__(self, data: np.ndarray, input_name: str, batch: int, fixed: int | None):
+        self.data, self.input_name, self.batch, self.fixed = data, input_name, batch, fixed
         self._it: Iterator[dict[str, np.ndarray]] = iter(())
         self.rewind()
 
@@ -72,30 +74,20 @@ class _Reader(CalibrationDataReader):
         return next(self._it, None)
 
     def rewind(self) -> None:
-        self._it = ({self.input_name: self.data[i : i + self.batch]} for i in range(0, len(self.data), self.batch))
-
-
-def fixed_batch(model: onnx.ModelProto, input_name: str) -> int | None:
-    """The input's batch dimension when the model fixes it (most real exports: 1, pitfall P19), else None."""
-    for value in model.graph.input:
-        if value.name == input_name:
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-                return int(dims[0].dim_value)
-    return None
+        self._it = ({self.input_name: part} for part, _ in batches(self.data, self.fixed, self.batch))
 
 
 class Calibrator:
     """Calibration tables of one model + calibration set, computed once per method and cached under ``cache_dir``."""
 
-    def __init__(self, model: onnx.ModelProto, data: np.ndarray, input_name: str, cache_dir: Path):
+    def __init__(self, model: onnx.ModelProto, data: np.ndarray, input_name: str, cache_dir: Path, fixed_batch: int | None = None):
         self.model = model
         self.model_bytes = model.SerializeToString()
         self.data = np.ascontiguousarray(data, dtype=np.float32)
         self.input_name = input_name
         self.cache_dir = cache_dir
         self.key = sha(b"|".join([CACHE_VERSION, sha(self.model_bytes).encode(), sha(self.data.tobytes()).encode(), input_name.encode()]))[:24]
-        self.fixed = fixed_batch(model, input_name)
+        self.fixed = fixed_batch  # the model's fixed batch size (every run has exactly that many rows), or None
         self.passes: list[str] = []  # calibration passes this object actually ran (not served from the cache)
 
     # -- tables ----------------------------------------------------------------------------------------------
@@ -104,7 +96,7 @@ class Calibrator:
         if not path.is_file():
             with self._scratch() as (model_path, tmp):
                 calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax)
-                calibrator.collect_data(_Reader(self.data, self.input_name, self.fixed or MINMAX_BATCH))
+                calibrator.collect_data(_Reader(self.data, self.input_name, MINMAX_BATCH, self.fixed))
                 table = calibrator.compute_data()
                 del calibrator
             self.passes.append("minmax")
@@ -177,9 +169,11 @@ class Calibrator:
             counts: dict[str, np.ndarray] = {}
             edges: dict[str, np.ndarray] = {}
             batch = self.fixed or self._batch(session, fetch)
-            for start in range(0, len(self.data), batch):
-                outputs = session.run(fetch, {self.input_name: self.data[start : start + batch]})
+            for part, valid in batches(self.data, self.fixed, batch):
+                outputs = session.run(fetch, {self.input_name: part})
                 for name, value in zip(fetch, outputs, strict=True):
+                    if valid < len(part) and value.ndim and value.shape[0] == len(part):
+                        value = value[:valid]  # a padded fixed batch: the repeated rows are not counted twice
                     flat = value.reshape(-1)
                     if kind == "percentile":  # ORT's symmetric percentile bins |x| over [0, max|x|]
                         h, e = np.histogram(np.abs(flat), bins=bins, range=(0.0, tops[name] or 1.0))
@@ -200,7 +194,7 @@ class Calibrator:
 
     def _batch(self, session: object, fetch: list[str]) -> int:
         """Rows per histogram run so that one run's intermediate outputs stay under ``BATCH_BYTES``."""
-        probe = session.run(fetch, {self.input_name: self.data[:1]})  # type: ignore[attr-defined]
+        probe = session.run(fetch, {self.input_name: next(batches(self.data[:1], self.fixed))[0]})  # type: ignore[attr-defined]
         per_sample = max(1, sum(int(p.nbytes) for p in probe))
         return int(max(1, min(MAX_BATCH, BATCH_BYTES // per_sample)))
 
