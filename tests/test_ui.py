@@ -160,6 +160,13 @@ def test_ui_pages_show_what_a_user_compares(sweep) -> None:
         assert GENAI_ONLY not in text
         assert text.index("_objective") < text.index("device.logits.softmax_mae")
 
+        # the compare view of the top feasible trials, in the model-training workspace
+        compare = urls.get("compare the top 5 feasible trials") or next(u for k, u in urls.items() if k.startswith("compare the top"))
+        browser.goto(compare)
+        feasible = sorted((t for t in trials if t.values and all(v <= 0 for v in t.constraints.values()) and "duplicate_of" not in t.user_attrs), key=lambda t: t.values[0])
+        text = text_when(browser, *[f"trial-{t.number:04d}" for t in feasible[:2]], "_objective")
+        assert GENAI_ONLY not in text
+
         # the parent run's description: the top trials and a link to the best one
         parent = study.user_attrs["mlflow_parent_run_id"]
         browser.goto(f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{parent}?workflowType=machine_learning")
