@@ -128,7 +128,8 @@ def test_ui_pages_show_what_a_user_compares(sweep) -> None:
     try:
         urls = links(served.read_until("press Ctrl-C"))
         exp_id = study.user_attrs["mlflow_experiment_id"]
-        assert all(u.startswith(f"http://127.0.0.1:{port}/#/experiments/{exp_id}/") and "workflowType=machine_learning" in u for u in urls.values())
+        assert all(u.startswith(f"http://127.0.0.1:{port}/#/") and "workflowType=machine_learning" in u for u in urls.values())
+        assert urls["trial runs, sorted by the objective"].startswith(f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?")
         browser = Browser(width=4000)  # the tables render only the columns in view
 
         # the trial runs: every one listed (no parent row), sorted by the objective, headline metrics and knobs as columns
