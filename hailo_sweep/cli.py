@@ -104,21 +104,41 @@ def _run_jobs(cfg: Any, config: Path, total: int, jobs: int) -> tuple[int | None
 
     sweep = Sweep(cfg)
     sweep.init()
+    from hailo_sweep.faults import interrupts_end_trials, not_yet_retried, resume_line, signals_held, signame_of
+
+    for t in sweep.requeued:  # interrupted trials enqueued again: the workers take them first
+        console.print(resume_line(t), highlight=False)
     log_dir = sweep.stores.work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for index in range(jobs):
         log = (log_dir / f"worker-{index}.log").open("ab")
         cmd = [sys.executable, "-m", "hailo_sweep.cli", "worker", str(config), "--trials", str(total), "--worker-index", str(index)]
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}), log))
+        # its own process group: a terminal's Ctrl-C reaches this process only, which forwards it once (below)
+        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}, process_group=0)
+        procs.append((popen, log))
     console.print(f"{jobs} workers started; their output: {log_dir}", soft_wrap=True)
     study, _ = load_study(cfg)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task(f"{jobs} workers", total=total)
-        while any(p.poll() is None for p, _ in procs):
+    try:
+        with interrupts_end_trials(), Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task(f"{jobs} workers", total=total)
+            while any(p.poll() is None for p, _ in procs):
+                progress.update(task, completed=min(budget_used(study, count_running=False), total))
+                time.sleep(1.0)
             progress.update(task, completed=min(budget_used(study, count_running=False), total))
-            time.sleep(1.0)
-        progress.update(task, completed=min(budget_used(study, count_running=False), total))
+    except KeyboardInterrupt as exc:  # forward the signal to every worker, wait until each has recorded its trial
+        sig = signal.SIGTERM if signame_of(exc) == "SIGTERM" else signal.SIGINT
+        with signals_held():
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.send_signal(sig)
+            for p, log in procs:
+                p.wait()
+                log.close()
+        for t in not_yet_retried(study):
+            console.print(f"trial {t.number} interrupted ({t.user_attrs['interrupted']}) in stage {t.user_attrs.get('failed_stage', '?')}: the next `hailo-sweep run` retries it", highlight=False)
+        console.print(f"interrupted: {jobs} workers stopped, their trials are on record (see {log_dir})", soft_wrap=True)
+        raise
     failed = []
     for index, (proc, log) in enumerate(procs):
         log.close()
@@ -129,6 +149,23 @@ def _run_jobs(cfg: Any, config: Path, total: int, jobs: int) -> tuple[int | None
         raise typer.Exit(code=1)
     best = chosen_trial(study)
     return (best.number, best.values[0]) if best is not None else (None, None)
+
+
+@app.command()
+@handles_errors
+def new(
+    model: Annotated[Path, typer.Argument(help="the ONNX model to sweep", show_default=False)],
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="calibration data (.npy/.npz)")] = None,
+    evaluation: Annotated[Optional[Path], typer.Option("--evaluation", help="evaluation data (.npz with x and optional labels)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="config to write (default: MODEL.yaml here)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing config")] = False,
+) -> None:
+    """Write a starter config from MODEL's inputs and outputs (and the data, if given), and check that it loads."""
+    from hailo_sweep.scaffold import write_starter
+
+    out = output or Path(f"{model.stem}.yaml")
+    cfg = write_starter(model, out, calibration, evaluation, force=force)
+    console.print(f"wrote [bold]{out}[/] ({len(cfg.outputs)} outputs); review the normalization, then: hailo-sweep run {out}", soft_wrap=True)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hailo_sweep.errors import UserInputError
@@ -64,7 +65,13 @@ def handles_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserInputError as exc:
             raise fail(exc) from None
+        except KeyboardInterrupt as exc:  # the interrupted trial is on record (faults.py); 128 + the signal, as a shell reports it
+            raise typer.Exit(code=143 if getattr(exc, "signame", "SIGINT") == "SIGTERM" else 130) from None
         except Exception as exc:
+            faults = sys.modules.get("hailo_sweep.faults")
+            if faults is not None and isinstance(exc, faults.StoresFull):  # the trial is on record as failed: one line
+                err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(code=1) from None
             store_errors = tuple(
                 getattr(sys.modules[mod], name) for mod, name in (("hailo_sweep.sweep", "StoreUnavailable"), ("hailo_sweep.tracking", "TrackingUnavailable"))
                 if mod in sys.modules

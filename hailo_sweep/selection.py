@@ -85,7 +85,8 @@ def export_best(config: SweepConfig, out_dir: Path, pick: int | None = None, *, 
             raise UserInputError(f"the model artifact of trial {trial.number} is missing from the tracking store", file=config.source)
         root_files = {a.path: a for a in tracker.client.list_artifacts(source_run) if not a.is_dir}
         report = json.loads(Path(tracker.download(source_run, "report.json", tmp_dir / "run")).read_text()) if "report.json" in root_files else {}
-        script_name = next((p for p in root_files if p not in ("report.json",)), None)
+        # plain file names only: the export (and `verify`, which reads lock.json's names) stay inside out_dir
+        script_name = next((p for p in root_files if p not in ("report.json",) and Path(p).name == p), None)
         files = {"compiled": compiled.name}
         shutil.copy2(compiled, out_dir / compiled.name)
         if script_name:

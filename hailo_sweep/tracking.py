@@ -158,9 +158,25 @@ class Tracker:
     def finish(self, run_id: str, *, failed: bool = False) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
+    def end_as(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        """End a trial run that did not complete (``FAILED``, or ``KILLED`` when interrupted) with its state and reason
+        tags, so that no ended run still says ``RUNNING`` or ``COMPLETE``."""
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status=status)
+
+    def check_reachable(self) -> None:
+        """One cheap read, so that an unreachable store is found before anything is created anywhere."""
+        self.client.search_experiments(max_results=1)
+
     def run_status(self, run_id: str) -> str | None:
         try:
             return str(self.client.get_run(run_id).info.status)
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    def get_run(self, run_id: str) -> Any:
+        try:
+            return self.client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
             return None
 

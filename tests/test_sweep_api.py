@@ -159,6 +159,7 @@ def test_pruning_stops_hopeless_trials_before_the_compile(write_config, monkeypa
     for t in pruned:
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.data.tags["hailo_sweep.state"] == "PRUNED"
+        assert t.user_attrs["pruned_at"] == "emulate" and t.user_attrs["reason"] == run.data.tags["hailo_sweep.reason"] == "pruned after emulate"
         assert run.data.metrics["emulated.logits.softmax_mae"] > 0  # the emulated metrics it did reach
         assert "device.logits.softmax_mae" not in run.data.metrics
         assert "compiled" not in {a.path for a in client.list_artifacts(run.info.run_id)}
