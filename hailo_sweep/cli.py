@@ -386,7 +386,7 @@ def dashboard(
         port = ui_mod.free_port(host)
     server = ui_mod.start_dashboard(url, host=host, port=port)
     console.print(f"optuna-dashboard on {redact_url(url)}, study [bold]{cfg.name}[/]", highlight=False, soft_wrap=True)
-    ui_mod.wait_and_stop(server, f"{server.base_url}/dashboard", console, err_console, health_path="/api/meta")
+    ui_mod.wait_and_stop(server, f"dashboard: {server.base_url}/dashboard", console, err_console, health_path="/api/meta")
 
 
 def main() -> None:  # pragma: no cover
