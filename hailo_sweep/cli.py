@@ -370,7 +370,7 @@ def dashboard(
     host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless you mean to share it")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port (0, or a port that is taken: a free one is picked)")] = 8080,
 ) -> None:
-    """Start optuna-dashboard on the sweep's study (install it with: pip install 'hailo-sweep[dashboard]').
+    r"""Start optuna-dashboard on the sweep's study (install it with: pip install 'hailo-sweep\[dashboard]').
 
     The dashboard does not read Optuna 5's constraints: feasibility is in MLflow (`_feasible`) and in `best`.
     """
