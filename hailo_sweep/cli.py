@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hailo_sweep.errors import UserInputError
+from hailo_sweep.errors import RunFailed, UserInputError
 from hailo_sweep.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Sweep Hailo quantization settings; track every trial in MLflow.")
@@ -73,7 +73,8 @@ class RichObserver:
 
 
 def _errors(fn):  # type: ignore[no-untyped-def]
-    """Turn the tool's own errors into a clear message and a non-zero exit code (2: bad input, 3: a store is down)."""
+    """Turn the tool's own errors into a clear message and a non-zero exit code (1: a run-time failure, 2: bad input,
+    3: a store is down)."""
     import functools
 
     @functools.wraps(fn)
@@ -87,6 +88,9 @@ def _errors(fn):  # type: ignore[no-untyped-def]
             return fn(*args, **kwargs)
         except UserInputError as exc:
             raise _fail(exc) from None
+        except RunFailed as exc:  # a run-time failure, not the user's input: exit 1
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=1) from None
         except (TrackingUnavailable, StoreUnavailable) as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=3) from None
@@ -137,9 +141,13 @@ def _run_jobs(cfg, config: Path, total: int, jobs: int) -> tuple[int | None, flo
     import time
 
     from hailo_sweep.selection import load_study
-    from hailo_sweep.sweep import Sweep, budget_used
+    from hailo_sweep.sweep import NullObserver, Sweep, budget_used
 
-    sweep = Sweep(cfg)
+    class Messages(NullObserver):  # the pre-flight's messages (calibration, device), once, before the workers start
+        def message(self, text: str) -> None:
+            console.print(f"[yellow]{text}[/]")
+
+    sweep = Sweep(cfg, Messages())
     sweep.init()
     log_dir = sweep.stores.work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,7 @@ from hailo_sweep.backends.base import (
 )
 from hailo_sweep.backends.hailo import compiler, noise
 from hailo_sweep.backends.hailo._imports import DFC, HAILORT, import_dfc, import_hailort, importable, version_of
+from hailo_sweep.backends.hailo.device import check_before_sweep
 from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
 from hailo_sweep.backends.hailo.naming import HnGraph, OnnxOutput, parse_hn, read_onnx_outputs, short_name
 from hailo_sweep.backends.hailo.runtime import DeviceOptions, HailoDeviceRunner, OutputNaming
@@ -52,6 +54,13 @@ DEFAULT_OPTIMIZATION_LEVEL = 2
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_CALIBSET_SIZE = 64
 DEFAULT_TIMEOUT_MS = 10000
+DEFAULT_DEVICE_RETRIES = 2
+#: how long a worker waits for a busy device when the device stage has no time limit
+DEFAULT_DEVICE_WAIT_S = 600.0
+#: share of the device stage's time limit a worker may spend waiting for a busy device (the rest is for the run)
+DEVICE_WAIT_SHARE = 0.8
+#: "less data than the recommended amount (1024)" (hailo-api.md §2): below it the DFC lowers levels 2-4 itself
+RECOMMENDED_CALIBSET = 1024
 #: calibration samples the once-per-sweep noise ranking analyses (the DFC's default calibset_size, hailo-api.md §2)
 RANKING_SAMPLES = 64
 _RANKING_FORMAT = "hailo-sweep-noise-ranking-v1"
@@ -64,6 +73,8 @@ _OPTION_KEYS = (
     "net_name",
     "device_timeout_ms",
     "lock_dir",
+    "device_retries",
+    "device_stage_timeout_s",
 )
 
 
@@ -78,6 +89,14 @@ class HailoOptions:
     net_name: str | None = None
     device_timeout_ms: int = DEFAULT_TIMEOUT_MS
     lock_dir: Path | None = None
+    device_retries: int = DEFAULT_DEVICE_RETRIES
+    device_stage_timeout_s: float | None = None  # timeouts.device: bounds the wait for a busy device
+
+    @property
+    def device_wait_s(self) -> float:
+        if self.device_stage_timeout_s is None:
+            return DEFAULT_DEVICE_WAIT_S
+        return DEVICE_WAIT_SHARE * self.device_stage_timeout_s
 
     @classmethod
     def from_context(cls, context: BackendContext) -> HailoOptions:
@@ -91,7 +110,13 @@ class HailoOptions:
         timeout = DEFAULT_TIMEOUT_MS if opts.get("device_timeout_ms") is None else int(opts["device_timeout_ms"])
         if timeout <= 0:
             raise UserInputError(f"device_timeout_ms must be > 0, got {timeout}", key="hailo.device_timeout_ms")
+        retries = DEFAULT_DEVICE_RETRIES if opts.get("device_retries") is None else int(opts["device_retries"])
+        if retries < 0:
+            raise UserInputError(f"device_retries must be >= 0, got {retries}", key="hailo.device_retries")
+        stage_timeout = opts.get("device_stage_timeout_s")
         return cls(
+            device_retries=retries,
+            device_stage_timeout_s=float(stage_timeout) if stage_timeout else None,
             extra_model_script=tuple(opts.get("extra_model_script") or ()),
             device_id=opts.get("device_id") or None,
             net_name=opts.get("net_name") or None,
@@ -135,6 +160,7 @@ class HailoBackend(Backend):
     def __init__(self, context: BackendContext):
         super().__init__(context)
         self.options = HailoOptions.from_context(context)
+        self.device_retries = self.options.device_retries
         check_extra_lines(self.options.extra_model_script)
         self._dfc: ModuleType | None = None
         self._prepared: _Prepared | None = None
@@ -208,6 +234,35 @@ class HailoBackend(Backend):
                 f"valid outputs: {', '.join(sorted(outputs))}",
                 key="search.output_16bit",
             )
+
+    def check_device(self) -> list[str]:
+        """Before the first trial: the device is reachable, free, and runs the target (``device.check_before_sweep``).
+        Without HailoRT on this machine nothing can be checked: a note says so and the device stage will say why."""
+        if not importable(HAILORT):
+            return [f"HailoRT ({HAILORT}) does not import here: the device was not checked before the sweep"]
+        return check_before_sweep(import_hailort(), self._device_options(), self.context.target)
+
+    def calibration_advice(self, entries: int, optimization_levels: Sequence[int]) -> str | None:
+        """The DFC lowers optimization levels 2-4 by itself when given fewer than 1024 entries (hailo-api.md §2)."""
+        lowered = sorted({level for level in optimization_levels if level >= 2})
+        if entries >= RECOMMENDED_CALIBSET or not lowered:
+            return None
+        levels = ", ".join(map(str, lowered))
+        return (
+            f"the calibration file holds {entries} entries, fewer than the {RECOMMENDED_CALIBSET} the Dataflow Compiler "
+            f"needs for optimization levels 2-4: it will lower level(s) {levels} of this sweep to 1 (to 0 without a GPU), "
+            f"and those trials are recorded as not honoured. Give at least {RECOMMENDED_CALIBSET} calibration entries "
+            "(and run on a machine with a GPU) to measure them"
+        )
+
+    def _device_options(self) -> DeviceOptions:
+        lock_dir = self.options.lock_dir or Path(self.context.work_dir) / "locks"
+        return DeviceOptions(
+            device_id=self.options.device_id,
+            timeout_ms=self.options.device_timeout_ms,
+            lock_dir=lock_dir,
+            wait_s=self.options.device_wait_s,
+        )
 
     # -- stages ------------------------------------------------------------------------------------------------
     def _request(self) -> compiler.TranslateRequest:
@@ -287,7 +342,10 @@ class HailoBackend(Backend):
             "effective_optimization_level": facts.effective_optimization_level,
             "effective_compression_level": facts.effective_compression_level,
             "hailo_net_name": prepared.graph.net_name,
+            "calibration_entries_given": len(calib),
         }
+        if facts.reduce_message:
+            params["optimization_level_reason"] = facts.reduce_message
         if facts.calibration_entries is not None:
             params["calibration_entries_used"] = facts.calibration_entries
         if settings.noisy_layers_16bit:
@@ -387,7 +445,7 @@ class HailoBackend(Backend):
 
     def compile(self, model: OptimizedModel, work_dir: Path) -> CompiledModel:
         handle: HailoOptimized = model.handle
-        hef = compiler.compile_hef(handle.runner)
+        hef = compiler.compile_hef(handle.runner, Path(work_dir) / "compile.log")
         path = atomic_write_bytes(Path(work_dir) / "model.hef", hef)
         return CompiledModel(
             path=path,
@@ -399,13 +457,12 @@ class HailoBackend(Backend):
     def device(self, compiled: CompiledModel) -> DeviceRunner:
         hrt = import_hailort()
         prepared = self._ready()
-        lock_dir = self.options.lock_dir or Path(self.context.work_dir) / "locks"
         return HailoDeviceRunner(
             hrt=hrt,
             hef_path=Path(compiled.path),
             hef_target=str(compiled.params.get("hef_target", self.context.target)),
             naming=OutputNaming(prepared.onnx_outputs, prepared.graph.vstream_to_onnx()),
-            options=DeviceOptions(device_id=self.options.device_id, timeout_ms=self.options.device_timeout_ms, lock_dir=lock_dir),
+            options=self._device_options(),
         )
 
 
