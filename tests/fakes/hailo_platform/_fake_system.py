@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 class FakeSystem:
     #: device id (PCIe BDF, as Device.scan() returns in 4.23) -> DeviceArchitectureTypes member name
     devices: dict[str, str] = field(default_factory=lambda: {"0000:01:00.0": "HAILO8"})
-    #: make the next inference fail: "timeout" (HailoRTTimeout) or "driver" (HailoRTDriverOperationFailedException)
+    #: make every inference fail: "timeout" (HailoRTTimeout) or "driver" (HailoRTDriverOperationFailedException)
     fail_on_infer: str | None = None
+    #: an intermittent timeout: this many next inferences raise HailoRTTimeout, the ones after succeed
+    timeouts_left: int = 0
+    #: False: ``Device`` has no control APIs (``device.control`` raises AttributeError), as in the HailoRT build of
+    #: issue 11 (builds differ in what Device exposes: control APIs, the multi-process service, integrated devices)
+    control_api: bool = True
+    #: a device another process (outside hailo-sweep) holds for a while: device id -> how many more VDevice openings
+    #: fail with HAILO_DEVICE_IN_USE before it is free
+    busy_for: dict[str, int] = field(default_factory=dict)
     #: devices currently opened by a VDevice; a second VDevice on one of them fails, as without the multi-process service
     in_use: set[str] = field(default_factory=set)
     vdevices_opened: int = 0
