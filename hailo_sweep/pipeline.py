@@ -336,24 +336,25 @@ def _run_device(
     ``device.retries`` and each one as a note with its reason.
     """
     attempts = 1 + max(0, int(backend.device_retries))
-    for attempt in range(attempts):
-        try:
-            repeat = None
-            with backend.device(compiled) as runner:
-                dev = runner.run(evaluation)
-                if determinism_samples:
-                    # the same inputs again: a device must return the same bytes
-                    again = runner.run(evaluation[:determinism_samples])
-                    repeat = ({k: v[:determinism_samples] for k, v in dev.raw.items()}, again.raw)
-        except TransientDeviceError as exc:
-            if attempt + 1 >= attempts:
-                result.metrics[f"{DEVICE_PREFIX}.retries"] = float(attempt)
-                raise
-            result.notes.append(f"device attempt {attempt + 1} of {attempts} failed ({exc}); retrying")
-            continue
+    attempt = 0
+    try:
+        while True:
+            try:
+                repeat = None
+                with backend.device(compiled) as runner:
+                    dev = runner.run(evaluation)
+                    if determinism_samples:
+                        # the same inputs again: a device must return the same bytes
+                        again = runner.run(evaluation[:determinism_samples])
+                        repeat = ({k: v[:determinism_samples] for k, v in dev.raw.items()}, again.raw)
+                return dev, repeat
+            except TransientDeviceError as exc:
+                if attempt + 1 >= attempts:
+                    raise
+                result.notes.append(f"device attempt {attempt + 1} of {attempts} failed ({exc}); retrying")
+                attempt += 1
+    finally:
         result.metrics[f"{DEVICE_PREFIX}.retries"] = float(attempt)
-        return dev, repeat
-    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _compare_with_emulation(
