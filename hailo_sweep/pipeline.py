@@ -31,12 +31,12 @@ from hailo_sweep.backends.base import (
     ModelIO,
     Normalization,
     OptimizedModel,
-    TransientDeviceError,
 )
 from hailo_sweep.config import DiagnosticsConfig, SweepConfig
 from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, check_agreement, check_calibration_coverage, run_all
 from hailo_sweep.diagnose.ladder import ladder_steps
 from hailo_sweep.data import Dataset, feed, load_dataset
+from hailo_sweep.device_stage import CONTEXT_NAMES, DEVICE_PREFIX, compare_with_emulation, run_device
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.model_io import file_sha256, output_specs, read_model_io
 from hailo_sweep.reference import reference_outputs
@@ -48,18 +48,6 @@ STAGE_PREFIX = {
     EmulationContext.QUANTIZED: "emulated",
     EmulationContext.BIT_EXACT: "bit_exact",
 }
-#: how findings name each emulation context
-STAGE_NAMES = {
-    EmulationContext.FP_OPTIMIZED: "full-precision emulation",
-    EmulationContext.QUANTIZED: "quantized emulation",
-    EmulationContext.BIT_EXACT: "bit-exact emulation",
-}
-DEVICE_PREFIX = "device"
-AGREEMENT_PREFIX = "agreement"
-#: quantized emulation vs the most hardware-faithful (bit-exact) emulation, in LSB of the device's grid
-DRIFT_PREFIX = "emulation_drift"
-#: the device is compared with the most hardware-faithful emulation the backend offers, best first
-AGREEMENT_CONTEXTS = (EmulationContext.BIT_EXACT, EmulationContext.QUANTIZED)
 
 
 @dataclass
@@ -302,11 +290,11 @@ def run_trial(
         stage = "device"
         diag = diagnostics or DiagnosticsConfig()
         with ladder.stage("device"):
-            dev, repeat = _run_device(result, backend, compiled, evaluation, diag.determinism_samples)
+            dev, repeat = run_device(backend, compiled, evaluation, diag.determinism_samples, result.notes, result.metrics)
         _measure(result, DEVICE_PREFIX, prepared, dev.outputs)
         result.metrics.update({f"{DEVICE_PREFIX}.{k}": float(v) for k, v in dev.metrics.items()})
         result.notes.extend(dev.notes)
-        reference = _compare_with_emulation(result, prepared, emulations, dev)
+        reference = compare_with_emulation(prepared.outputs, emulations, dev, result.metrics, result.params, result.lsb_histograms)
         with ladder.stage("diagnose"):
             try:
                 _diagnose(result, prepared, backend, optimized, settings, evaluation, dev, repeat, diag, reference)
@@ -325,63 +313,6 @@ def run_trial(
             result.metrics[f"time.{timing.name}_s"] = timing.seconds
         result.logs = sorted(Path(work_dir).glob("*.log")) if Path(work_dir).is_dir() else []
     return result
-
-
-def _run_device(
-    result: TrialResult, backend: Backend, compiled: CompiledModel, evaluation: np.ndarray, determinism_samples: int
-) -> tuple[DeviceOutputs, tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None]:
-    """The device stage, attempted up to ``1 + backend.device_retries`` times on transient device errors only.
-
-    Each attempt opens the device afresh (a failed run releases it). The retries used are recorded as the metric
-    ``device.retries`` and each one as a note with its reason.
-    """
-    attempts = 1 + max(0, int(backend.device_retries))
-    attempt = 0
-    try:
-        while True:
-            try:
-                repeat = None
-                with backend.device(compiled) as runner:
-                    dev = runner.run(evaluation)
-                    if determinism_samples:
-                        # the same inputs again: a device must return the same bytes
-                        again = runner.run(evaluation[:determinism_samples])
-                        repeat = ({k: v[:determinism_samples] for k, v in dev.raw.items()}, again.raw)
-                return dev, repeat
-            except TransientDeviceError as exc:
-                if attempt + 1 >= attempts:
-                    raise
-                result.notes.append(f"device attempt {attempt + 1} of {attempts} failed ({exc}); retrying")
-                attempt += 1
-    finally:
-        result.metrics[f"{DEVICE_PREFIX}.retries"] = float(attempt)
-
-
-def _compare_with_emulation(
-    result: TrialResult, prepared: Prepared, emulations: Mapping[EmulationContext, dict[str, np.ndarray]], dev: DeviceOutputs
-) -> EmulationContext | None:
-    """Device vs the most hardware-faithful emulation (``agreement.*``), and the quantized emulation's own drift from
-    it (``emulation_drift.*``) where both exist. Returns the emulation the device was compared with."""
-    # outputs the device could only return as float (e.g. several quantization parameters) have no raw integers
-    comparable = tuple(spec for spec in prepared.outputs if spec.name in dev.raw and spec.name in dev.quant)
-    reference = next((c for c in AGREEMENT_CONTEXTS if c in emulations), None)
-    if reference is None or not comparable or not any(spec.weight > 0 for spec in comparable):
-        return None
-    faithful = emulations[reference]
-    result.params["agreement_reference"] = reference.value
-    agreement = m.agreement_metrics(faithful, dev.raw, dev.quant, comparable)
-    result.metrics.update({f"{AGREEMENT_PREFIX}.{k}": v for k, v in agreement.items()})
-    for spec in comparable:
-        diff = m.lsb_difference(faithful[spec.name], dev.raw[spec.name], dev.quant[spec.name])
-        values, counts = np.unique(diff, return_counts=True)
-        result.lsb_histograms[spec.name] = {int(v): int(c) for v, c in zip(values, counts)}
-    quantized = emulations.get(EmulationContext.QUANTIZED)
-    if reference is not EmulationContext.QUANTIZED and quantized is not None:
-        # on the device's integer grid: the faithful emulation's floats quantized as the device's raw integers
-        grid = {spec.name: dev.quant[spec.name].quantize(faithful[spec.name]) for spec in comparable}
-        drift = m.agreement_metrics(quantized, grid, dev.quant, comparable)
-        result.metrics.update({f"{DRIFT_PREFIX}.{k}": v for k, v in drift.items()})
-    return reference
 
 
 def _measure(result: TrialResult, prefix: str, prepared: Prepared, outputs: dict[str, np.ndarray]) -> None:
@@ -436,7 +367,7 @@ def _diagnose(
         found.extend(
             check_agreement(
                 result.metrics, [spec.name], tolerance, 0.0 if wide else diag.identical_min,
-                reference=STAGE_NAMES[reference] if reference is not None else "emulation",
+                reference=CONTEXT_NAMES[reference] if reference is not None else "emulation",
             )
         )
     found.extend(prepared.findings)

@@ -39,9 +39,10 @@ from hailo_sweep.backends.hailo._imports import DFC, HAILORT, import_dfc, import
 from hailo_sweep.backends.hailo.device import check_before_sweep
 from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
 from hailo_sweep.backends.hailo.naming import HnGraph, OnnxOutput, parse_hn, read_onnx_outputs, short_name
+from hailo_sweep.backends.hailo.options import RECOMMENDED_CALIBSET, HailoOptions
 from hailo_sweep.backends.hailo.runtime import DeviceOptions, HailoDeviceRunner, OutputNaming
 from hailo_sweep.backends.hailo.script import SCRIPT_NAME, check_extra_lines, check_layer_names, model_script
-from hailo_sweep.errors import UnsupportedSetting, UserInputError
+from hailo_sweep.errors import UnsupportedSetting
 from hailo_sweep.settings import COMPRESSION_LEVELS, OPTIMIZATION_LEVELS, Settings
 
 TARGETS = ("hailo8", "hailo8l", "hailo10h")
@@ -53,77 +54,9 @@ TARGETS = ("hailo8", "hailo8l", "hailo10h")
 DEFAULT_OPTIMIZATION_LEVEL = 2
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_CALIBSET_SIZE = 64
-DEFAULT_TIMEOUT_MS = 10000
-DEFAULT_DEVICE_RETRIES = 2
-#: how long a worker waits for a busy device when the device stage has no time limit
-DEFAULT_DEVICE_WAIT_S = 600.0
-#: share of the device stage's time limit a worker may spend waiting for a busy device (the rest is for the run)
-DEVICE_WAIT_SHARE = 0.8
-#: "less data than the recommended amount (1024)" (hailo-api.md §2): below it the DFC lowers levels 2-4 itself
-RECOMMENDED_CALIBSET = 1024
 #: calibration samples the once-per-sweep noise ranking analyses (the DFC's default calibset_size, hailo-api.md §2)
 RANKING_SAMPLES = 64
 _RANKING_FORMAT = "hailo-sweep-noise-ranking-v1"
-
-_OPTION_KEYS = (
-    "extra_model_script",
-    "device_id",
-    "start_node_names",
-    "end_node_names",
-    "net_name",
-    "device_timeout_ms",
-    "lock_dir",
-    "device_retries",
-    "device_stage_timeout_s",
-)
-
-
-@dataclass(frozen=True)
-class HailoOptions:
-    """``BackendContext.options`` of the hailo backend (validated by the config; re-checked cheaply here)."""
-
-    extra_model_script: tuple[str, ...] = ()
-    device_id: str | None = None
-    start_node_names: tuple[str, ...] | None = None
-    end_node_names: tuple[str, ...] | None = None
-    net_name: str | None = None
-    device_timeout_ms: int = DEFAULT_TIMEOUT_MS
-    lock_dir: Path | None = None
-    device_retries: int = DEFAULT_DEVICE_RETRIES
-    device_stage_timeout_s: float | None = None  # timeouts.device: bounds the wait for a busy device
-
-    @property
-    def device_wait_s(self) -> float:
-        if self.device_stage_timeout_s is None:
-            return DEFAULT_DEVICE_WAIT_S
-        return DEVICE_WAIT_SHARE * self.device_stage_timeout_s
-
-    @classmethod
-    def from_context(cls, context: BackendContext) -> HailoOptions:
-        opts = dict(context.options)
-        unknown = sorted(set(opts) - set(_OPTION_KEYS))
-        if unknown:
-            raise UserInputError(
-                f"unknown hailo backend option(s) {', '.join(unknown)}; known: {', '.join(_OPTION_KEYS)}", key="hailo"
-            )
-        nodes = {k: tuple(opts[k]) if opts.get(k) is not None else None for k in ("start_node_names", "end_node_names")}
-        timeout = DEFAULT_TIMEOUT_MS if opts.get("device_timeout_ms") is None else int(opts["device_timeout_ms"])
-        if timeout <= 0:
-            raise UserInputError(f"device_timeout_ms must be > 0, got {timeout}", key="hailo.device_timeout_ms")
-        retries = DEFAULT_DEVICE_RETRIES if opts.get("device_retries") is None else int(opts["device_retries"])
-        if retries < 0:
-            raise UserInputError(f"device_retries must be >= 0, got {retries}", key="hailo.device_retries")
-        stage_timeout = opts.get("device_stage_timeout_s")
-        return cls(
-            device_retries=retries,
-            device_stage_timeout_s=float(stage_timeout) if stage_timeout else None,
-            extra_model_script=tuple(opts.get("extra_model_script") or ()),
-            device_id=opts.get("device_id") or None,
-            net_name=opts.get("net_name") or None,
-            device_timeout_ms=timeout,
-            lock_dir=Path(opts["lock_dir"]) if opts.get("lock_dir") else None,
-            **nodes,
-        )
 
 
 def default_net_name(model_path: Path) -> str:
@@ -466,4 +399,4 @@ class HailoBackend(Backend):
         )
 
 
-__all__ = ["HailoBackend", "HailoOptimized", "HailoOptions", "default_net_name"]
+__all__ = ["HailoBackend", "HailoOptimized", "HailoOptions", "default_net_name"]  # HailoOptions: re-exported

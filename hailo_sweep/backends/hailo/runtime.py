@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -44,11 +46,22 @@ from hailo_sweep.backends.hailo.device import (
     is_transient,
     select_device,
 )
+from hailo_sweep.backends.hailo.compiler import captured_output
 from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
 from hailo_sweep.backends.hailo.naming import OnnxOutput, onnx_name_for
 from hailo_sweep.errors import UserInputError
 
+_LOG = logging.getLogger(__name__)
 __all__ = ["ENV_DEVICE_ID", "DeviceLock", "DeviceOptions", "HailoDeviceError", "HailoDeviceRunner", "HailoDeviceTimeout", "OutputNaming"]
+
+@contextlib.contextmanager
+def quiet(what: str) -> Iterator[None]:
+    """HailoRT's own messages (its ``pyhailort`` logger writes to the console) captured and sent to the log."""
+    with captured_output() as captured:
+        yield
+    if captured.text:
+        _LOG.debug("%s said:\n%s", what, captured.text.rstrip("\n"))
+
 
 # -- formats and quantization -------------------------------------------------------------------------------------
 _DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16), "FLOAT32": np.dtype(np.float32)}
@@ -325,9 +338,10 @@ class HailoDeviceRunner(DeviceRunner):
         waiter = Waiter(self.options.wait_s, waits)
         try:
             self.device_id, self._lock = select_device(self.hrt, self.options, waiter)
-            arch, why = device_arch(self.hrt, self.device_id)
-            self._notes = [*waits, *check_target(self.hef_target, arch, self.device_id, why)]
-            self._engine = self._open(waiter)
+            with quiet("HailoRT (open the device)"):  # HailoRT's console logger goes to the log, not the console
+                arch, why = device_arch(self.hrt, self.device_id)
+                self._notes = [*waits, *check_target(self.hef_target, arch, self.device_id, why)]
+                self._engine = self._open(waiter)
             self._notes += [note for note in waits if note not in self._notes]
             self._notes += [self._engine.api, *self._engine.notes]
             self._routes = self.naming.resolve(self._engine)
@@ -375,7 +389,8 @@ class HailoDeviceRunner(DeviceRunner):
             raise ValueError(f"inputs have frame shape {frames.shape[1:]} (NHWC), the HEF expects {engine.input.shape}")
         fed, note = host_input(frames, engine.input)
         try:
-            results, metrics = engine.infer(fed)
+            with quiet("HailoRT (inference)"):
+                results, metrics = engine.infer(fed)
         except BaseException as exc:
             self.deactivate()
             if isinstance(exc, self.hrt.HailoRTException):

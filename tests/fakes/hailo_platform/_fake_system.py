@@ -6,6 +6,7 @@ starts from these defaults.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 
@@ -29,4 +30,14 @@ class FakeSystem:
     inferences: int = 0
 
 
-SYSTEM = FakeSystem()
+def _from_environment() -> FakeSystem:
+    """Fake-only: ``HAILO_FAKE_DEVICES="<id>=<ARCH>,..."`` sets the devices of a fake in another process (a CLI run,
+    its workers), where a test cannot reach ``SYSTEM``."""
+    system = FakeSystem()
+    spec = os.environ.get("HAILO_FAKE_DEVICES")
+    if spec is not None:
+        system.devices = dict(item.split("=", 1) for item in spec.split(",") if item)
+    return system
+
+
+SYSTEM = _from_environment()

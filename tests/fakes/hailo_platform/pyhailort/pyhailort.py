@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,15 @@ import numpy as np
 from hailo_platform._fake_system import SYSTEM
 
 _LOG = logging.getLogger("pyhailort")  # py:default_logger() names its logger after "pyhailort.log"
+# hailo_platform/common/logger/logger.py _create_logger: a console handler bound to the sys.stdout of its creation
+# (the real one also adds a FileHandler on ./pyhailort.log; the fake writes no file)
+for _handler in list(_LOG.handlers):
+    if getattr(_handler, "fake_hailo", False):
+        _LOG.removeHandler(_handler)
+_console = logging.StreamHandler(sys.stdout)
+_console.fake_hailo = True  # type: ignore[attr-defined]
+_LOG.addHandler(_console)
+_LOG.setLevel(logging.INFO)
 
 DEFAULT_VSTREAM_TIMEOUT_MS = 10000  # py:L40
 DEFAULT_VSTREAM_QUEUE_SIZE = 2  # py:L41
