@@ -483,7 +483,7 @@ def check_optimization_level(requested: int, params: Mapping[str, object], flags
     entries = params.get("calibration_entries_used")
     if isinstance(entries, (int, float)):
         evidence["calibration_entries_used"] = float(entries)
-        extra += f" It calibrated on {int(entries)}."
+        extra += f" It used {int(entries)} calibration images."
     reason = params.get("optimization_level_reason")
     if isinstance(reason, str) and reason:
         evidence["compiler_message"] = reason
