@@ -376,7 +376,7 @@ def dashboard(
     host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless you mean to share it")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port (0, or a port that is taken: a free one is picked)")] = 8080,
 ) -> None:
-    """Start optuna-dashboard on the sweep's study (install it with: pip install 'hailo-sweep[dashboard]').
+    r"""Start optuna-dashboard on the sweep's study (install it with: pip install 'hailo-sweep\[dashboard]').
 
     The dashboard does not read Optuna 5's constraints: feasibility is in MLflow (`_feasible`) and in `best`.
     """
@@ -392,7 +392,7 @@ def dashboard(
         port = ui_mod.free_port(host)
     server = ui_mod.start_dashboard(url, host=host, port=port)
     console.print(f"optuna-dashboard on {redact_url(url)}, study [bold]{cfg.name}[/]", highlight=False, soft_wrap=True)
-    ui_mod.wait_and_stop(server, f"{server.base_url}/dashboard", console, err_console, health_path="/api/meta")
+    ui_mod.wait_and_stop(server, f"dashboard: {server.base_url}/dashboard", console, err_console, health_path="/api/meta")
 
 
 def main() -> None:  # pragma: no cover

@@ -159,6 +159,13 @@ class HailoBackend(Backend):
                 key="search.noisy_layers_16bit",
                 fix="remove noisy_layers_16bit from the search space, or install a Dataflow Compiler with analyze_noise",
             )
+        refused = {
+            ("weights_granularity", "per_tensor"): "the Dataflow Compiler quantizes weights per channel and has no public per-tensor switch",
+            ("calibration_method", "entropy"): "the Dataflow Compiler has no entropy (KL) calibration; its activation clipping modes are percentile and manual",
+        }
+        for (knob, value), why in refused.items():
+            if getattr(settings, knob) == value:
+                raise UnsupportedSetting(f"{knob} {value}: {why}", key=f"search.{knob}", fix=f"drop {value!r} from search.{knob}, or use the onnxruntime backend")
         outputs = self.context.model_io.output_names
         unknown = [n for n in settings.output_16bit if n not in outputs]
         if unknown:
@@ -243,6 +250,7 @@ class HailoBackend(Backend):
             output_layers=prepared.graph.script_names(),
             extra_lines=self.options.extra_model_script,
             noisy_layers=[short_name(layer) for layer in noisy_layers],
+            clipping_layers=prepared.graph.clipping_layers(settings.clipping_scope or "all"),
         )
         check_layer_names(script, prepared.graph.has_layer, [o.script_name for o in prepared.graph.outputs])
         return script
