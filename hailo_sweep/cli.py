@@ -100,9 +100,15 @@ def _run_jobs(cfg: Any, config: Path, total: int, jobs: int) -> tuple[int | None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from hailo_sweep.selection import load_study
-    from hailo_sweep.sweep import Sweep, budget_used, chosen_trial
+    from hailo_sweep.sweep import NullObserver, Sweep, budget_used, chosen_trial
 
-    sweep = Sweep(cfg)
+    from rich.markup import escape
+
+    class Messages(NullObserver):  # the pre-flight's messages (calibration, device), once, before the workers start
+        def message(self, text: str) -> None:
+            console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True)
+
+    sweep = Sweep(cfg, Messages())
     sweep.init()
     from hailo_sweep.faults import interrupts_end_trials, not_yet_retried, resume_line, signals_held, signame_of
 

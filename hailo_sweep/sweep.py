@@ -428,6 +428,15 @@ class Sweep:
             self.observer.message(f"note: {finding.message}; {finding.fix}")
         backend = backend_cls(backend_context(cfg, model_io, normalization, self.stores.work_dir))
         space.check_supported(self._baseline(space, backend), backend.validate)
+        advice = backend.calibration_advice(n_calib, space.choices()["optimization_level"])
+        if advice:
+            self.observer.message(advice)
+        try:
+            device_notes = backend.check_device()  # before the first trial: a device that cannot run the target refuses the sweep
+        except UserInputError as exc:
+            raise UserInputError(exc.problem, file=exc.file or cfg.source, key=exc.key, fix=exc.fix) from None
+        for note in device_notes:
+            self.observer.message(note)
         return backend, space, objective
 
     def _baseline(self, space: SearchSpace, backend: Backend) -> Settings:
@@ -931,6 +940,7 @@ class _TrialRunner:
             script = work_dir / result.script_name
             script.write_text(result.script, encoding="utf-8")
             artifacts.append((script, ""))
+        artifacts.extend((log, "logs") for log in result.logs if log.is_file())
         self.tracker.end_child(
             run_id,
             RunRecord(name="", params=result.params, metrics=metrics, artifacts=artifacts,
@@ -946,6 +956,7 @@ class _TrialRunner:
             script = work_dir / result.script_name
             script.write_text(result.script, encoding="utf-8")
             artifacts.append((script, ""))
+        artifacts.extend((log, "logs") for log in result.logs if log.is_file())  # the toolchain's own words
         value: list[float] | None = None
         feasible = False
         if result.ok:
