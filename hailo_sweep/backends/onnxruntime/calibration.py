@@ -6,7 +6,7 @@ the installed ``onnxruntime/quantization/calibrate.py``):
 - MinMax: ``create_calibrator(MinMax)`` as ``quantize_static`` itself uses it; its augmented model outputs one
   ReduceMin/ReduceMax pair per tensor, so memory stays small. ``CalibMaxIntermediateOutputs`` is *not* used: in this
   version ``MinMaxCalibrater.collect_data`` clears the collected outputs every N runs without merging them, so the
-  ranges would come from the last partial chunk only (``tests/test_calibration.py`` shows it).
+  ranges would come from the last partial chunk only (``tests/test_ort_knobs.py`` shows it).
 - Percentile / Entropy: ORT's ``HistogramCalibrater.collect_data`` keeps every run's full intermediate outputs until
   the reader ends (pitfall P17: 9.9 GB on a 1.7 M-parameter 224x224 classifier with 256 samples), and when fed in
   chunks its histograms are re-binned against an edge array (``np.histogram(bins=array)`` sorts every block: about
