@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from hailo_sweep import __version__
-from hailo_sweep.console import console, err_console, fail, handles_errors, hint, print_trials, quiet
+from hailo_sweep.console import console, err_console, fail, handles_errors, hint, print_trials, quiet, self_command
 from hailo_sweep.errors import UserInputError
 
 app = typer.Typer(
@@ -243,7 +243,7 @@ def diagnose(
     if (trial is None) == (compiled is None):
         raise UserInputError(
             "diagnose needs exactly one of --trial N or --compiled FILE",
-            fix=f"e.g. hailo-sweep diagnose {config} --trial 3, or hailo-sweep diagnose {config} --compiled model.hef --outputs my_outputs.npz",
+            fix=f"e.g. {self_command()} diagnose {config} --trial 3, or {self_command()} diagnose {config} --compiled model.hef --outputs my_outputs.npz",
         )
     from hailo_sweep.config import load_config
 

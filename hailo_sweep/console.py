@@ -131,7 +131,7 @@ def why_infeasible(constraints: dict[str, float]) -> str:
 
 def print_trials(rows: Sequence[Any], objective_key: str, title: str | None = None) -> None:
     """The top trials, 80 columns wide without cutting a value: trial, value, feasibility (or why not), knobs, fps."""
-    table = Table(title=title or f"top trials by {objective_key}", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), title_justify="left")
+    table = Table(title=title or f"top trials by {objective_key}", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), title_justify="left")
     table.add_column("trial", justify="right", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("feasible", overflow="fold")

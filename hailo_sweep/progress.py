@@ -23,8 +23,8 @@ from hailo_sweep.settings import Settings
 LADDER = ("optimize", "emulate", "compile", "device", "diagnose", "record")
 
 REUSED_NOTE = (
-    "(reused): these settings were already evaluated by the trial named; its result is recorded again for this "
-    "trial, without recomputing and without spending budget"
+    "(reused #N): trial N already evaluated these settings; its result is recorded again for this trial, "
+    "without recomputing and without spending budget"
 )
 
 

