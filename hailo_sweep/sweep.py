@@ -32,7 +32,7 @@ from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_context, load_inputs, prepare_sweep, run_trial
+from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_context, load_inputs, prepare_sweep, run_trial, softmax_findings
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
@@ -424,8 +424,19 @@ class Sweep:
         backend_cls, note = select_backend(cfg.backend)
         if note:
             self.observer.message(note)
+        for finding in softmax_findings(cfg.model, outputs):
+            self.observer.message(f"note: {finding.message}; {finding.fix}")
         backend = backend_cls(backend_context(cfg, model_io, normalization, self.stores.work_dir))
         space.check_supported(self._baseline(space, backend), backend.validate)
+        advice = backend.calibration_advice(n_calib, space.choices()["optimization_level"])
+        if advice:
+            self.observer.message(advice)
+        try:
+            device_notes = backend.check_device()  # before the first trial: a device that cannot run the target refuses the sweep
+        except UserInputError as exc:
+            raise UserInputError(exc.problem, file=exc.file or cfg.source, key=exc.key, fix=exc.fix) from None
+        for note in device_notes:
+            self.observer.message(note)
         return backend, space, objective
 
     def _baseline(self, space: SearchSpace, backend: Backend) -> Settings:
@@ -930,6 +941,7 @@ class _TrialRunner:
             script = work_dir / result.script_name
             script.write_text(result.script, encoding="utf-8")
             artifacts.append((script, ""))
+        artifacts.extend((log, "logs") for log in result.logs if log.is_file())
         self.tracker.end_child(
             run_id,
             RunRecord(name="", params=result.params, metrics=metrics, artifacts=artifacts,
@@ -945,6 +957,7 @@ class _TrialRunner:
             script = work_dir / result.script_name
             script.write_text(result.script, encoding="utf-8")
             artifacts.append((script, ""))
+        artifacts.extend((log, "logs") for log in result.logs if log.is_file())  # the toolchain's own words
         value: list[float] | None = None
         feasible = False
         if result.ok:
@@ -1109,7 +1122,7 @@ def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> l
         if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "_")) or k.endswith(".over_limit") \
                 or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)
-        if k.startswith(("device.", "emulated.")) and k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae")):
+        if k.startswith(("device.", "emulated.")) and (k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae", ".prob_mae")) or ".task." in k):
             keep.add(k)
     return sorted(k for k in keep if k in metrics)
 

@@ -293,3 +293,13 @@ def test_an_object_array_inside_a_npz_is_refused_from_its_header(write_config, d
     raw = base_config(digits_data)
     raw["data"]["calibration"] = str(path)
     assert_refused(write_config(raw), "data.calibration", "pickled", "not loaded")
+
+
+def test_finetune_on_the_embedded_backend_is_refused(write_config) -> None:
+    assert_refused(write_config(search={"optimization_level": [0], "finetune": ["disabled", "enabled"]}), "search.finetune", "finetune='enabled'", "fix:")
+
+
+def test_a_yaml_boolean_knob_value_names_the_fix(write_config) -> None:
+    cfg = write_config(search={"optimization_level": [0]})
+    cfg.write_text(cfg.read_text().replace("search:\n", "search:\n  equalization: [on, off]\n"))
+    assert_refused(cfg, "search.equalization", "enabled/disabled")

@@ -82,6 +82,7 @@ class HnGraph:
     outputs: tuple[HnOutput, ...]  # in HN output order
     input_shape: tuple[int, ...] | None  # (H, W, C) of the input layer, when the HN states it
     types: Mapping[str, str] = field(default_factory=dict)  # scoped layer name -> HN "type" (e.g. "conv")
+    first_layers: tuple[str, ...] = ()  # scoped layers fed by an input layer (clipping_scope "first")
 
     def has_layer(self, name: str) -> bool:
         if name in self.layers or f"{self.net_name}/{name}" in self.layers:
@@ -97,6 +98,14 @@ class HnGraph:
     def script_names(self) -> dict[str, str]:
         """ONNX output name -> the HN output layer name used in model scripts."""
         return {o.onnx_name: o.script_name for o in self.outputs}
+
+    def clipping_layers(self, scope: str) -> list[str] | None:
+        """Short names of the layers a clipping scope names: None = every layer, else the first / output-producing ones."""
+        if scope == "first":
+            return [short_name(layer) for layer in self.first_layers]
+        if scope == "outputs":
+            return [short_name(o.producer) for o in self.outputs]
+        return None
 
     def vstream_to_onnx(self) -> dict[str, str]:
         return {o.producer: o.onnx_name for o in self.outputs}
@@ -153,4 +162,8 @@ def parse_hn(hn: Mapping[str, Any] | str, onnx_outputs: tuple[OnnxOutput, ...]) 
             input_shape = tuple(int(d) for d in layer["input_shapes"][0][1:])
             break
     types = {name: str(layer.get("type", "")) for name, layer in layers.items()}
-    return HnGraph(net_name=net_name, layers=frozenset(layers), outputs=tuple(outputs), input_shape=input_shape, types=types)
+    inputs = {name for name, kind in types.items() if kind == "input_layer"}
+    first = tuple(sorted(name for name, layer in layers.items() if inputs & {str(i) for i in layer.get("input", []) or []}))
+    return HnGraph(
+        net_name=net_name, layers=frozenset(layers), outputs=tuple(outputs), input_shape=input_shape, types=types, first_layers=first
+    )
