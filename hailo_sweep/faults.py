@@ -155,6 +155,9 @@ def record_write_error(trial: optuna.Trial, tracker: Tracker, run_id: str, exc: 
         tracker.end_as(run_id, "FAILED", tags)
     except Exception:  # noqa: BLE001  (the tracking store is on the full disk too: `reconcile` fixes the run later)
         pass
+    model_id = trial.user_attrs.get("mlflow_model_id")
+    if model_id:  # logged before the write that failed: it belongs to a failed trial now
+        tracker.fail_model(str(model_id))
     return reason
 
 

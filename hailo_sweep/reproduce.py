@@ -172,12 +172,13 @@ def checked_inputs(export_dir: Path, lock: Lock, into: Path) -> tuple[SweepConfi
     entries = (("model", config.model, lock.model), ("data.calibration", config.data.calibration, lock.data.calibration),
                ("data.evaluation", config.data.evaluation, lock.data.evaluation))
     copies: dict[str, Path] = {}
-    for what, named, entry in entries:
+    for what, _, entry in entries:  # first: the recorded files are there and unchanged
+        copies[what] = checked_copy(Path(entry.path), entry.sha256, into / "inputs" / what / Path(entry.path).name, what=what, fix=fix)
+    for what, named, entry in entries:  # then: the config names those files, not others
         if Path(named) != Path(entry.path):
             raise UserInputError(
                 f"config.{what} names {named}, but the file whose hash is recorded is {entry.path}", file=lock_path, key=f"config.{what}", fix=_FIX,
             )
-        copies[what] = checked_copy(Path(entry.path), entry.sha256, into / "inputs" / what / Path(entry.path).name, what=what, fix=fix)
     compiled_entry = lock.files["compiled"]
     compiled_src = confined(export_dir, compiled_entry.name, key="files.compiled.name")
     compiled = checked_copy(compiled_src, compiled_entry.sha256, into / "exported" / compiled_src.name, what="files.compiled", fix="export again")

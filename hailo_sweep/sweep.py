@@ -608,6 +608,7 @@ class Sweep:
 
     def _join_stores(self, objective: Objective, space: SearchSpace) -> tuple[optuna.Study, Tracker, str]:
         cfg = self.config
+        check_stores_writable(self.stores, cfg.source)
         try:
             study = with_retries(
                 lambda: optuna.load_study(study_name=cfg.name, storage=self._storage(), sampler=self._sampler(space), pruner=self._pruner()),

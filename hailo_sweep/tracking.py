@@ -222,9 +222,23 @@ class Tracker:
             params={k: _text(v, MAX_PARAM_LEN) for k, v in model.params.items()},
             tags=dict(model.tags),
         )
-        self.client.log_model_artifact(lm.model_id, str(model.path))
+        try:
+            self.client.log_model_artifact(lm.model_id, str(model.path))
+        except BaseException:
+            self.fail_model(lm.model_id)  # never left PENDING, never taken for a whole model
+            raise
         self.client.finalize_logged_model(lm.model_id, "READY")
         return lm.model_id
+
+    def fail_model(self, model_id: str) -> None:
+        """Mark a LoggedModel whose files may be partly uploaded (its trial could not be recorded): FAILED, tagged
+        ``hailo_sweep.artifacts=partial``. Best effort: the store may be what failed."""
+        for call in (lambda: self.client.set_logged_model_tags(model_id, {"hailo_sweep.artifacts": "partial"}),
+                     lambda: self.client.finalize_logged_model(model_id, "FAILED")):
+            try:
+                call()
+            except Exception:  # noqa: BLE001
+                pass
 
     def register(self, model_id: str, name: str, alias: str | None, *, description: str = "", tags: Mapping[str, str] | None = None) -> str:
         """Register a LoggedModel under ``name`` (described and tagged) and point ``alias`` at the new version (unless

@@ -24,6 +24,10 @@ def export(sweep, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def compiled_of(export: Path) -> Path:
+    return export / json.loads((export / "manifest.json").read_text())["files"]["compiled"]["name"]
+
+
 def tampered(export: Path, tmp_path: Path, edit: Any) -> Path:
     """A copy of the export whose lock.json is ``edit(lock)`` (or the text ``edit`` when it is a string)."""
     copy = tmp_path / "tampered"
@@ -117,7 +121,7 @@ def test_diagnose_refuses_a_directory_as_compiled_model(sweep, tmp_path) -> None
     assert "compiled model" in out and "is a directory, not a file" in out and "Traceback" not in out, out
 
 
-def test_diagnose_refuses_outputs_holding_an_object_array_without_unpickling(sweep, tmp_path) -> None:
+def test_diagnose_refuses_outputs_holding_an_object_array_without_unpickling(sweep, export, tmp_path) -> None:
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -126,8 +130,17 @@ def test_diagnose_refuses_outputs_holding_an_object_array_without_unpickling(swe
 
     outputs = tmp_path / "outputs.npz"
     np.savez(outputs, featmap=np.array([Payload()], dtype=object), logits=np.zeros((2, 10), np.float32))
-    proc = cli(sweep["root"], "diagnose", str(sweep["config"]), "--outputs", str(outputs))
+    proc = cli(sweep["root"], "diagnose", str(sweep["config"]), "--compiled", str(compiled_of(export)), "--outputs", str(outputs))
     out = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode == 2, out
     assert "--outputs" in out and "pickled" in out and "Traceback" not in out, out
     assert not marker.exists()
+
+
+def test_diagnose_refuses_outputs_of_random_bytes(sweep, export, tmp_path) -> None:
+    junk = tmp_path / "outputs.npz"
+    junk.write_bytes(np.random.default_rng(1).bytes(2048))
+    proc = cli(sweep["root"], "diagnose", str(sweep["config"]), "--compiled", str(compiled_of(export)), "--outputs", str(junk))
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 2, out
+    assert "--outputs" in out and "cannot read" in out and "outputs.npz" in out and "Traceback" not in out, out

@@ -94,9 +94,12 @@ def diagnose_files(
     """Check a compiled model and/or the outputs (and inputs) of the user's own pipeline against the float model."""
     if compiled is None and outputs_file is None:
         raise UserInputError("nothing to diagnose", fix="pass --trial N, or --compiled FILE and/or --outputs FILE.npz")
+    if compiled is not None:  # the user's files are refused before anything is computed
+        compiled = check_file(compiled, what="compiled model", key="--compiled", fix="pass a compiled model file (a .hef, or the int8 .onnx of the onnxruntime backend)")
     stores = resolve_stores(config)
     prepared = prepare_sweep(config, stores.work_dir)
     names = [o.name for o in prepared.outputs]
+    candidate = _load_outputs(outputs_file, names) if outputs_file is not None else None
     fed = feed(prepared.dataset.evaluation, placement, prepared.normalization, config.data.domain)  # type: ignore[arg-type]
     evidence = Evidence(reference=prepared.reference, domain=config.data.domain, normalization=prepared.normalization, placement=placement)  # type: ignore[arg-type]
     metrics: dict[str, float] = {}
@@ -109,7 +112,6 @@ def diagnose_files(
         evidence.model_input_shape = prepared.model_io.input_shape
         evidence.declared_layout = "NCHW"
     if compiled is not None:
-        compiled = check_file(compiled, what="compiled model", key="--compiled", fix="pass a compiled model file (a .hef, or the int8 .onnx of the onnxruntime backend)")
         backend_cls, _ = select_backend(config.backend)
         backend = backend_cls(prepared.backend_context())
         artifact = CompiledModel(path=compiled, size_bytes=compiled.stat().st_size, kind=backend_cls.compiled_kind)
@@ -134,8 +136,7 @@ def diagnose_files(
             evidence.expected_input_dtype = _onnx_input_dtype(compiled)
             if evidence.fed is None:
                 evidence.fed = fed
-    if outputs_file is not None:
-        candidate = _load_outputs(outputs_file, names)
+    if candidate is not None:
         evidence.candidate = candidate
         if quant:
             evidence.quant = quant
