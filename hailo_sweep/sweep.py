@@ -16,6 +16,7 @@ import shutil
 import socket
 import time
 import warnings
+from functools import partial
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_conte
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
+from hailo_sweep.best_noise import analyse_best, layer_noise_artifacts
+from hailo_sweep.recording import ArtifactUploader
+from hailo_sweep.sampling import make_sampler, next_unevaluated
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.stores import redact_url, resolve_stores
@@ -327,6 +331,7 @@ class Sweep:
         self.stores = resolve_stores(config)
         self.worker_index = worker_index
         self._opened_storage: SweepStorage | None = None
+        self._budget_total: int | None = None  # the budget the sampler's start-up phase is sized to
 
     # Everything that can be checked without touching a store is checked here, first.
     def preflight(self) -> tuple[Backend, SearchSpace, Objective]:
@@ -366,12 +371,14 @@ class Sweep:
 
     def run(self, n_trials: int | None = None) -> SweepSummary:
         """``init`` then ``work`` in this process: the single-machine path."""
+        self._budget_total = n_trials
         backend, space, objective = self.preflight()
         study, tracker, parent = self._create_stores(objective, space, backend)
         return self._work(backend, space, objective, study, tracker, parent, n_trials)
 
     def work(self, n_trials: int | None = None) -> SweepSummary:
         """Join a study created by ``init`` and run trials until the budget is spent."""
+        self._budget_total = n_trials
         backend, space, objective = self.preflight()
         study, tracker, parent = self._join_stores(objective, space)
         return self._work(backend, space, objective, study, tracker, parent, n_trials)
@@ -391,18 +398,29 @@ class Sweep:
         prepare_runs = 0
         prepare_seconds = 0.0
         tracker.reopen(parent_run_id)
+        uploader = ArtifactUploader(self.stores.mlflow_uri, self.config.name, self.stores.artifact_location)
+        remove_dead_scratch(self.stores.work_dir / "uploads")
         try:
             with backend:
                 if remaining:
                     self.observer.stage_started("prepare")
                     prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
                     prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
-                    objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings)
+                    objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings, uploader)
                     if self._opened_storage is not None:
                         self._opened_storage.budget = budget
                     self._optimize_until_spent(study, objective_fn, budget)
+                    diag = self.config.diagnostics
+                    if diag.layer_noise == "best" and diag.layer_noise_best:
+                        self.observer.stage_started("layer noise (best trials)")
+                        analyse_best(study, prepared, backend, space, uploader, k=diag.layer_noise_best,
+                                     samples=diag.layer_noise_samples, message=self.observer.message)
         finally:
+            uploads = uploader.close()  # every file of every trial is in place before the sweep returns
+            for failure in uploads.failures:
+                self.observer.message(f"upload failed for run {failure.run_id} ({failure.what}): {failure.error}")
             extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
+            extra.update({"uploads_failed": float(len(uploads.failures)), "upload_s": uploads.seconds})
             self._summarize_parent(study, tracker, parent_run_id, objective, extra)
         best = chosen_trial(study)
         return SweepSummary(
@@ -530,14 +548,15 @@ class Sweep:
 
     def _sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler:
         s = self.config.sampler
-        seed = s.seed
+        seed = self._seed()
+        budget = self._budget_total or self.config.trials
+        return make_sampler(s, budget=budget, points=space.grid_size(), choices=space.choices(), seed=seed)
+
+    def _seed(self) -> int | None:
+        seed = self.config.sampler.seed
         if seed is not None and self.worker_index is not None:
             seed = seed + 1000 * (self.worker_index + 1)  # workers must not replay each other's random sequence
-        if s.name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if s.name == "grid":
-            return optuna.samplers.GridSampler(space.choices(), seed=seed)
-        return optuna.samplers.TPESampler(seed=seed)
+        return seed
 
     def _sweep_params(self, space: SearchSpace, backend: Backend) -> dict[str, Any]:
         cfg = self.config
@@ -702,10 +721,12 @@ class _TrialRunner:
         tracker: Tracker,
         parent_run_id: str,
         timings: list[TrialTiming],
+        uploader: ArtifactUploader | None = None,
     ):
         self.sweep, self.prepared, self.backend, self.space = sweep, prepared, backend, space
         self.objective, self.tracker, self.parent_run_id, self.timings = objective, tracker, parent_run_id, timings
         self.config = sweep.config
+        self.uploader = uploader or ArtifactUploader(sweep.stores.mlflow_uri, sweep.config.name, sweep.stores.artifact_location, background=False)
         self.versions = {"hailo_sweep": __version__, "optuna": optuna.__version__, **_lib_versions(), **backend.versions()}
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
@@ -745,7 +766,7 @@ class _TrialRunner:
                 raise optuna.TrialPruned() from None
             obs.stage_started("record")
             t0 = time.perf_counter()
-            value, feasible = self._record(trial, run_id, result, work_dir, start)
+            value, feasible = self._record(trial, run_id, result, work_dir, start, record_s)
             record_s += time.perf_counter() - t0
         except optuna.TrialPruned:
             raise
@@ -805,14 +826,11 @@ class _TrialRunner:
         )
 
     # -- record --------------------------------------------------------------------------------------------
-    def _record(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, start: float) -> tuple[float | None, bool]:
+    def _record(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, start: float, record_s: float) -> tuple[float | None, bool]:
+        """Write what the sweep and queries read now (params, metrics, tags, attrs); hand the files to the uploader."""
+        t0 = time.perf_counter()
         metrics = dict(result.metrics)
         tags: dict[str, str] = {"hailo_sweep.flags": ",".join(result.flags)} if result.flags else {}
-        artifacts: list[tuple[Path, str]] = []
-        if result.script:
-            script = work_dir / result.script_name
-            script.write_text(result.script, encoding="utf-8")
-            artifacts.append((script, ""))
         value: list[float] | None = None
         feasible = False
         if result.ok:
@@ -832,51 +850,54 @@ class _TrialRunner:
             feasible = all(v <= 0 for v in constraints.values())
             metrics["objective"] = value[0]
             tags.update({"hailo_sweep.state": "COMPLETE", "hailo_sweep.feasible": str(feasible)})
-            assert result.compiled is not None
-            artifacts.append((result.compiled.path, "compiled"))
-            artifacts.extend(self._diagnosis_artifacts(result, metrics, work_dir))
             if result.findings:
                 tags["hailo_sweep.findings"] = ",".join(sorted({f.code for f in result.findings}))
         else:
             tags.update({"hailo_sweep.state": "FAIL", "hailo_sweep.failed_stage": str(result.failed_stage), "hailo_sweep.error": str(result.error)})
             trial.set_user_attr("failed_stage", result.failed_stage)
             trial.set_user_attr("error", (result.error or "")[:2000])
-        report = self._report(trial, result, metrics, value, feasible)
-        report_path = work_dir / "report.json"
-        report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-        artifacts.append((report_path, ""))
-        wall = time.perf_counter() - start
-        metrics["time.trial_s"] = wall
-        self.tracker.end_child(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, artifacts=artifacts, failed=value is None))
+        staging = self._stage_files(work_dir)
+        compiled = None
         if value is not None and result.compiled is not None:
-            model_id = self.tracker.log_model(
+            compiled = staging / result.compiled.path.relative_to(work_dir) if result.compiled.path.is_relative_to(work_dir) else result.compiled.path
+            # the id is needed now (trial attrs are read-only once the trial ends); the file is uploaded later
+            model_id = self.tracker.create_model(
                 run_id,
                 LoggedModelRecord(
-                    name=self.config.name, path=result.compiled.path, model_type=result.compiled.kind,
+                    name=self.config.name, path=compiled, model_type=result.compiled.kind,
                     params={k: v for k, v in result.settings.as_params().items()},
                     tags={"optuna.trial_number": str(trial.number)},
                 ),
             )
             trial.set_user_attr("mlflow_model_id", model_id)
             trial.set_user_attr("compiled_name", result.compiled.path.name)
+        else:
+            model_id = None
+        report = self._report(trial, result, metrics, value, feasible)
+        metrics["time.trial_s"] = time.perf_counter() - start
+        metrics["time.record_s"] = record_s + (time.perf_counter() - t0)  # the synchronous part; uploads: time.upload_s
+        report["metrics"] = metrics
+        self.tracker.log_to(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags))
         trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.keys)})
+        outputs = [o.name for o in self.prepared.outputs]
+        self.uploader.submit(
+            run_id, f"trial {trial.number} artifacts",
+            partial(_upload_trial, run_id=run_id, staging=staging, result=result, metrics=metrics, report=report,
+                    outputs=outputs, compiled=compiled, model_id=model_id, failed=value is None),
+            staging,
+        )
         return value, feasible
 
-    def _diagnosis_artifacts(self, result: TrialResult, metrics: dict[str, float], work_dir: Path) -> list[tuple[Path, str]]:
-        """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``)."""
-        outputs = [o.name for o in self.prepared.outputs]
-        out = [(diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png"), "plots")]
-        if result.lsb_histograms:
-            out.append((diag_plots.lsb_histogram_plot(result.lsb_histograms, work_dir / "lsb_histogram.png"), "plots"))
-        if result.layer_noise:
-            out.append((diag_plots.layer_noise_plot(result.layer_noise, work_dir / "layer_noise.png"), "plots"))
-            table = work_dir / "layer_noise.json"
-            table.write_text(json.dumps([asdict(n) for n in result.layer_noise], indent=1), encoding="utf-8")
-            out.append((table, "diagnosis"))
-        findings = work_dir / "findings.json"
-        findings.write_text(json.dumps([asdict(f) for f in result.findings], indent=1, default=str), encoding="utf-8")
-        out.append((findings, "diagnosis"))
-        return out
+    def _stage_files(self, work_dir: Path) -> Path:
+        """Move the trial's scratch directory where the uploader picks it up (the trial's scratch is then free)."""
+        staging = self.sweep.stores.work_dir / "uploads" / work_dir.name
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            work_dir.rename(staging)
+        except OSError:  # another file system: copy
+            shutil.copytree(work_dir, staging)
+        return staging
 
     def _report(self, trial: optuna.Trial, result: TrialResult, metrics: dict[str, float], value: float | None, feasible: bool) -> dict[str, Any]:
         return {
@@ -937,6 +958,23 @@ class _TrialRunner:
                 return other
         return None
 
+    def _replace_repeat(self, trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> None:
+        """The sampler proposed a finished point: enqueue one that no trial has taken, so the next trial makes progress."""
+        s = self.config.sampler
+        if not s.replace_repeats or s.name == "grid":
+            return
+        study = trial.study
+        storage = self.sweep._opened_storage
+        with storage.lock() if storage is not None else contextlib.nullcontext():
+            trials = study.get_trials(deepcopy=False)
+            total = self.sweep._budget_total or self.config.trials
+            others = [t for t in trials if t.number != trial.number]  # this trial is a free repeat, running still
+            if _used(others, count_running=True) + sum(t.state == TrialState.WAITING for t in others) >= total:
+                return  # an enqueued trial runs even past the budget: only replace while it has room
+            params = next_unevaluated(trials, self.space.choices(), random.Random(f"{self.sweep._seed()}-{trial.number}"))
+            if params is not None:
+                study.enqueue_trial(params, user_attrs={"replaces_repeat_of": original.number})
+
     def _reuse(self, trial: optuna.Trial, settings: Settings, original: optuna.trial.FrozenTrial, start: float) -> float:
         assert original.values is not None
         for name, v in (original.constraints or {}).items():
@@ -957,14 +995,53 @@ class _TrialRunner:
         trial.set_user_attr("duplicate_of", original.number)
         self.timings.append(TrialTiming(trial.number, time.perf_counter() - start, 0.0))
         self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible)
+        self._replace_repeat(trial, original)
         return original.values if self.objective.multi else original.values[0]  # type: ignore[return-value]
+
+
+def _upload_trial(
+    tracker: Tracker, *, run_id: str, staging: Path, result: TrialResult, metrics: dict[str, float], report: dict[str, Any],
+    outputs: list[str], compiled: Path | None, model_id: str | None, failed: bool,
+) -> None:
+    """The background half of recording a trial: plots, tables, report, the compiled model; then the run ends."""
+    start = time.perf_counter()
+    artifacts: list[tuple[Path, str]] = []
+    if result.script:
+        script = staging / result.script_name
+        script.write_text(result.script, encoding="utf-8")
+        artifacts.append((script, ""))
+    if compiled is not None:
+        artifacts.append((compiled, "compiled"))
+        artifacts.extend(_diagnosis_artifacts(result, metrics, outputs, staging))
+    report_path = staging / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    artifacts.append((report_path, ""))
+    for local, artifact_dir in artifacts:
+        tracker.client.log_artifact(run_id, str(local), artifact_path=artifact_dir or None)
+    if model_id is not None and compiled is not None:
+        tracker.upload_model(model_id, compiled)
+    tracker.log_to(run_id, RunRecord(name="", metrics={"time.upload_s": time.perf_counter() - start}))
+    tracker.finish(run_id, failed=failed)
+
+
+def _diagnosis_artifacts(result: TrialResult, metrics: dict[str, float], outputs: list[str], work_dir: Path) -> list[tuple[Path, str]]:
+    """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``)."""
+    out = [(diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png"), "plots")]
+    if result.lsb_histograms:
+        out.append((diag_plots.lsb_histogram_plot(result.lsb_histograms, work_dir / "lsb_histogram.png"), "plots"))
+    if result.layer_noise:
+        out.extend(layer_noise_artifacts(result.layer_noise, work_dir))
+    findings = work_dir / "findings.json"
+    findings.write_text(json.dumps([asdict(f) for f in result.findings], indent=1, default=str), encoding="utf-8")
+    out.append((findings, "diagnosis"))
+    return out
 
 
 def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> list[str]:
     """The metrics kept in Optuna's user attrs (the full set lives in MLflow)."""
     keep = set(objective_keys)
     for k in metrics:
-        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.")) or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
+        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "findings.")) or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)
         if k.startswith(("device.", "emulated.")) and k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae")):
             keep.add(k)

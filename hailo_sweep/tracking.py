@@ -187,6 +187,12 @@ class Tracker:
 
     def log_model(self, run_id: str, model: LoggedModelRecord) -> str:
         """A LoggedModel holding the compiled file, linked to its trial run; returns the model id."""
+        model_id = self.create_model(run_id, model)
+        self.upload_model(model_id, model.path)
+        return model_id
+
+    def create_model(self, run_id: str, model: LoggedModelRecord) -> str:
+        """The LoggedModel's record only (PENDING until ``upload_model``): its id can be stored before the file is uploaded."""
         lm = self.client.create_logged_model(
             self.experiment_id,
             name=model.name,
@@ -195,9 +201,12 @@ class Tracker:
             params={k: _text(v, MAX_PARAM_LEN) for k, v in model.params.items()},
             tags=dict(model.tags),
         )
-        self.client.log_model_artifact(lm.model_id, str(model.path))
-        self.client.finalize_logged_model(lm.model_id, "READY")
-        return lm.model_id
+        return str(lm.model_id)
+
+    def upload_model(self, model_id: str, path: Path) -> None:
+        """Upload the LoggedModel's file and mark it READY."""
+        self.client.log_model_artifact(model_id, str(path))
+        self.client.finalize_logged_model(model_id, "READY")
 
     def register(self, model_id: str, name: str, alias: str) -> str:
         """Register a LoggedModel under ``name`` and point ``alias`` at the new version; returns the version."""
