@@ -230,7 +230,7 @@ def test_running_out_of_disk_fails_the_trial_with_the_reason_and_the_worker_carr
         return real_compile(self, model, work_dir)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "compile", full_disk_compile)
-    space = {"optimization_level": [0, 1], "calibset_size": [64], "normalization_placement": ["host", "model"]}
+    space = {"optimization_level": [0, 1], "calibset_size": [64, 128], "normalization_placement": ["host", "model"]}
     path = write_config(trials=4, search=space)
     Sweep(load_config(path)).run()
     study, client = open_stores(path)
