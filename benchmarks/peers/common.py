@@ -16,8 +16,6 @@ WIDE = {onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32}
 def session(model: onnx.ModelProto | str, optimized: bool) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
