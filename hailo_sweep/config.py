@@ -58,6 +58,22 @@ class SearchSpaceConfig(_Strict):
     output_16bit: list[str | list[str]] = Field(default_factory=lambda: ["none"])
     # k: promote the k noisiest layers (lowest per-layer SNR, ranked once per sweep) to 16-bit
     noisy_layers_16bit: IntKnob = Field(default_factory=lambda: [0])
+    # Algorithm knobs beside optimization_level; absent (None) = the level's default. Strings, never YAML booleans.
+    equalization: list[Literal["enabled", "disabled"]] | None = None
+    bias_correction: list[Literal["enabled", "disabled"]] | None = None
+    finetune: list[Literal["enabled", "disabled"]] | None = None
+    calibration_method: list[Literal["minmax", "percentile", "entropy"]] | None = None
+    clipping_percentile: list[Annotated[float, Field(gt=50.0, lt=100.0)]] | None = None
+    clipping_scope: list[Literal["all", "first", "outputs"]] | None = None
+    weights_granularity: list[Literal["per_channel", "per_tensor"]] | None = None
+    all_16bit: list[Literal["none", "all"]] | None = None
+
+    @field_validator("equalization", "bias_correction", "finetune", "all_16bit", mode="before")
+    @classmethod
+    def _no_yaml_booleans(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(x, bool) for x in v):
+            raise ValueError("YAML reads on/off/yes/no/true/false as booleans: write enabled/disabled (all_16bit: none/all)")
+        return v
 
     @field_validator("optimization_level")
     @classmethod
@@ -79,7 +95,11 @@ class SearchSpaceConfig(_Strict):
     def _noisy_non_negative(cls, v: IntKnob) -> IntKnob:
         return _check_knob_min(v, 0, "noisy_layers_16bit")
 
-    @field_validator("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit", "noisy_layers_16bit")
+    @field_validator(
+        "optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit", "noisy_layers_16bit",
+        "equalization", "bias_correction", "finetune", "calibration_method", "clipping_percentile", "clipping_scope",
+        "weights_granularity", "all_16bit",
+    )
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:

@@ -11,9 +11,11 @@ import optuna
 
 from hailo_sweep.config import IntKnob, IntRange, SearchSpaceConfig
 from hailo_sweep.errors import UnsupportedSetting, UserInputError
-from hailo_sweep.settings import Settings
+from hailo_sweep.settings import ALGORITHM_KNOBS, Settings
 
-KNOBS = ("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit", "noisy_layers_16bit")
+BASE_KNOBS = ("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit", "noisy_layers_16bit")
+#: every knob a config may declare; the algorithm knobs are optional (absent = the optimization level's default)
+KNOBS = BASE_KNOBS + tuple(ALGORITHM_KNOBS)
 INT_KNOBS = ("optimization_level", "compression_level", "calibset_size", "noisy_layers_16bit")
 MAX_GRID = 5000
 
@@ -81,7 +83,13 @@ class SearchSpace:
             out[knob] = _expand(getattr(self.config, knob))
         out["normalization_placement"] = list(dict.fromkeys(self.config.normalization_placement))
         out["output_16bit"] = list(dict.fromkeys(self._encode_choice(c) for c in self.config.output_16bit))
+        for knob in self.algorithm_knobs():
+            out[knob] = list(dict.fromkeys(getattr(self.config, knob)))
         return out
+
+    def algorithm_knobs(self) -> tuple[str, ...]:
+        """The algorithm knobs this config declares (the others stay at the optimization level's default)."""
+        return tuple(k for k in ALGORITHM_KNOBS if getattr(self.config, k) is not None)
 
     def grid_size(self) -> int:
         size = 1
@@ -96,7 +104,15 @@ class SearchSpace:
                 f"the search space has {self.grid_size()} points, too many for a grid", file=self.config_file, key="search",
                 fix="use sampler tpe or random, or declare fewer choices",
             )
-        return [self.settings_from_params(dict(zip(KNOBS, combo))) for combo in itertools.product(*(choices[k] for k in KNOBS))]
+        knobs = list(choices)
+        points = (self.settings_from_params(dict(zip(knobs, combo))) for combo in itertools.product(*(choices[k] for k in knobs)))
+        # equivalent points (e.g. a clipping_percentile under minmax calibration) are one Settings: listed once
+        return list(dict.fromkeys(points))
+
+    def canonical_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The params of the canonical point equal to ``params`` (points that differ only in a knob without effect
+        under the others, such as ``clipping_percentile`` with ``calibration_method: minmax``, map to one)."""
+        return self.params_of(self.settings_from_params(params))
 
     def max_calibset_size(self) -> int:
         return max(self.choices()["calibset_size"])
@@ -114,6 +130,8 @@ class SearchSpace:
             "normalization_placement", list(dict.fromkeys(self.config.normalization_placement))
         )
         params["output_16bit"] = trial.suggest_categorical("output_16bit", self.choices()["output_16bit"])
+        for knob in self.algorithm_knobs():  # flat: every declared knob is suggested; Settings canonicalizes
+            params[knob] = trial.suggest_categorical(knob, list(dict.fromkeys(getattr(self.config, knob))))
         return self.settings_from_params(params)
 
     def settings_from_params(self, params: dict[str, Any]) -> Settings:
@@ -124,11 +142,13 @@ class SearchSpace:
             normalization_placement=params["normalization_placement"],
             output_16bit=self.decode_16bit(str(params["output_16bit"])),
             noisy_layers_16bit=int(params.get("noisy_layers_16bit", 0)),
+            **{k: params[k] for k in self.algorithm_knobs() if params.get(k) is not None},
         )
 
     def params_of(self, settings: Settings) -> dict[str, Any]:
-        """Optuna params for ``settings`` (for enqueueing the baseline)."""
-        return {
+        """Optuna params for ``settings`` (for enqueueing the baseline). A declared algorithm knob that the
+        canonical ``settings`` leave unset (it has no effect there) takes its first choice: one value, always."""
+        params: dict[str, Any] = {
             "optimization_level": settings.optimization_level,
             "compression_level": settings.compression_level,
             "calibset_size": settings.calibset_size,
@@ -136,6 +156,10 @@ class SearchSpace:
             "output_16bit": encode_16bit(settings.output_16bit, self.output_names),
             "noisy_layers_16bit": settings.noisy_layers_16bit,
         }
+        for knob in self.algorithm_knobs():
+            value = getattr(settings, knob)
+            params[knob] = value if value is not None else getattr(self.config, knob)[0]
+        return params
 
     def project(self, settings: Settings) -> Settings:
         """The point of the space closest to ``settings`` (a backend's defaults may lie outside the user's choices)."""
@@ -150,8 +174,13 @@ class SearchSpace:
         out16 = encode_16bit(settings.output_16bit, self.output_names)
         if out16 not in choices["output_16bit"]:
             out16 = choices["output_16bit"][0]
+        algorithm = {
+            knob: (getattr(settings, knob) if getattr(settings, knob) in choices[knob] else choices[knob][0])
+            for knob in self.algorithm_knobs()
+        }
         return replace(
             settings,
+            **algorithm,
             optimization_level=nearest("optimization_level", settings.optimization_level),
             compression_level=nearest("compression_level", settings.compression_level),
             calibset_size=nearest("calibset_size", settings.calibset_size),

@@ -528,3 +528,25 @@ def test_whole_sweep_runs_on_the_hailo_backend(hailo_fakes: FakeHailo, write_con
         assert len(promoted.split(",")) == 1 and f"quantization_param({promoted}, precision_mode=a16_w16)" in script_artifact(client, run.info.run_id, tmp_path / run.info.run_id)
         assert 0 < run.data.metrics["layer_noise.worst1_snr_db"] <= run.data.metrics["layer_noise.worst2_snr_db"]
     assert seen == {(1, "host"), (1, "model"), (2, "host"), (2, "model")}
+
+
+@pytest.mark.parametrize(("knob", "value"), [("weights_granularity", "per_tensor"), ("calibration_method", "entropy")])
+def test_knob_values_without_a_dfc_equivalent_are_refused(hailo_fakes: FakeHailo, tiny_model: TinyModel, tmp_path: Path, knob: str, value: str) -> None:
+    backend = make_backend(tiny_model, tmp_path)
+    with pytest.raises(UnsupportedSetting) as info:
+        backend.validate(Settings(2, 0, 32, "model", **{knob: value}))  # type: ignore[arg-type]
+    assert info.value.key == f"search.{knob}"
+    backend.validate(Settings(2, 0, 32, "model", weights_granularity="per_channel", calibration_method="percentile", finetune="enabled"))
+
+
+def test_clipping_scope_names_the_hn_layers(hailo_fakes: FakeHailo, tiny_model: TinyModel, tmp_path: Path) -> None:
+    # the tiny model's HN: input_layer1 -> conv1 (output "feat") -> ... -> fc1 (output "logits")
+    backend = make_backend(tiny_model, tmp_path)
+    expected = {"first": "layers=[conv1]", "outputs": "layers=[conv1, fc1]", "all": "layers={*}"}
+    for scope, layers in expected.items():
+        settings = Settings(2, 0, 32, "model", calibration_method="percentile", clipping_percentile=99.9, clipping_scope=scope)  # type: ignore[arg-type]
+        script = backend.script_for(settings)
+        assert f"pre_quantization_optimization(activation_clipping, {layers}, mode=percentile, clipping_values=[0.1, 99.9])" in script
+    model = optimized(backend, tiny_model, tmp_path, Settings(2, 0, 32, "model", all_16bit="all", bias_correction="disabled"))
+    assert "quantization_param({*}, precision_mode=a16_w16)" in model.script  # the fake DFC parsed and ran it
+    assert "post_quantization_optimization(bias_correction, policy=disabled)" in model.script

@@ -126,3 +126,66 @@ def test_layer_names_are_checked_against_the_hn() -> None:
         )
     assert "names layer(s) conv9 that" in str(info.value)  # conv1 exists, only conv9 is reported
     assert "output_layer1, output_layer2" in str(info.value)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# algorithm knobs (KNOBS.md): one line per knob that is set, none for a knob left to the level's default
+# -------------------------------------------------------------------------------------------------------------
+
+KNOB_CASES = [
+    # golden file, settings, clipping layers (None = every layer), extra lines
+    (
+        "host_knobs_all",
+        Settings(2, 0, 64, "host", equalization="disabled", bias_correction="enabled", finetune="disabled",
+                 calibration_method="percentile", clipping_percentile=99.99, all_16bit="all"),
+        None,
+        [],
+    ),
+    (
+        "model_clip_first",
+        Settings(3, 1, 128, "model", ("logits",), finetune="enabled", calibration_method="percentile", clipping_scope="first"),
+        ["conv1"],
+        [],
+    ),
+    # minmax: no clipping line (and its percentile/scope are dropped); per_channel and all_16bit none: no line
+    (
+        "host_minmax_equalize",
+        Settings(0, 0, 64, "host", equalization="enabled", calibration_method="minmax", clipping_percentile=99.9,
+                 weights_granularity="per_channel", all_16bit="none"),
+        ["conv1"],
+        ["performance_param(compiler_optimization_level=max)"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("golden", "settings", "clipping", "extra"), KNOB_CASES, ids=[c[0] for c in KNOB_CASES])
+def test_algorithm_knob_lines_match_golden(golden: str, settings: Settings, clipping: list[str] | None, extra: list[str]) -> None:
+    expected = (GOLDEN / f"{golden}.alls").read_text()
+    script = model_script(settings, normalization=GRAY, output_layers=OUTPUT_LAYERS, extra_lines=extra, clipping_layers=clipping)
+    assert script == expected
+
+
+def test_unset_algorithm_knobs_write_no_line() -> None:
+    script = model_script(Settings(3, 0, 64, "host"), normalization=GRAY, output_layers=OUTPUT_LAYERS)
+    for command in ("equalization", "bias_correction", "finetune", "activation_clipping", "{*}"):
+        assert command not in script
+
+
+@pytest.mark.parametrize(
+    ("knob", "line"),
+    [
+        ("equalization", "pre_quantization_optimization(equalization, policy=enabled)"),
+        ("finetune", "post_quantization_optimization(finetune, policy=enabled, epochs=4)"),
+        ("calibration_method", "pre_quantization_optimization(activation_clipping, layers=[conv9], mode=percentile, clipping_values=[0.01, 99.7])"),
+        ("all_16bit", "quantization_param({*}, precision_mode=a8_w8)"),
+    ],
+)
+def test_extra_line_contradicting_a_set_knob_is_refused(knob: str, line: str) -> None:
+    values = {"equalization": "disabled", "finetune": "disabled", "calibration_method": "percentile", "all_16bit": "all"}
+    settings = Settings(2, 0, 64, "host", **{knob: values[knob]})  # type: ignore[arg-type]
+    with pytest.raises(UserInputError) as info:
+        model_script(settings, normalization=GRAY, output_layers=OUTPUT_LAYERS, extra_lines=[line])
+    assert info.value.key == "hailo.extra_model_script"
+    assert knob in str(info.value)
+    # the same line is the user's to write while the knob is left to the level's default
+    model_script(Settings(2, 0, 64, "host"), normalization=GRAY, output_layers=OUTPUT_LAYERS, extra_lines=[line])

@@ -200,6 +200,13 @@ class HailoBackend(Backend):
                 key="search.noisy_layers_16bit",
                 fix="remove noisy_layers_16bit from the search space, or install a Dataflow Compiler with analyze_noise",
             )
+        refused = {
+            ("weights_granularity", "per_tensor"): "the Dataflow Compiler quantizes weights per channel and has no public per-tensor switch",
+            ("calibration_method", "entropy"): "the Dataflow Compiler has no entropy (KL) calibration; its activation clipping modes are percentile and manual",
+        }
+        for (knob, value), why in refused.items():
+            if getattr(settings, knob) == value:
+                raise UnsupportedSetting(f"{knob} {value}: {why}", key=f"search.{knob}", fix=f"drop {value!r} from search.{knob}, or use the onnxruntime backend")
         outputs = self.context.model_io.output_names
         unknown = [n for n in settings.output_16bit if n not in outputs]
         if unknown:
@@ -255,6 +262,7 @@ class HailoBackend(Backend):
             output_layers=prepared.graph.script_names(),
             extra_lines=self.options.extra_model_script,
             noisy_layers=[short_name(layer) for layer in noisy_layers],
+            clipping_layers=_clipping_layers(settings, prepared.graph),
         )
         check_layer_names(script, prepared.graph.has_layer, [o.script_name for o in prepared.graph.outputs])
         return script
@@ -410,3 +418,13 @@ class HailoBackend(Backend):
 
 
 __all__ = ["HailoBackend", "HailoOptimized", "HailoOptions", "default_net_name"]
+
+
+def _clipping_layers(settings: Settings, graph: HnGraph) -> list[str] | None:
+    """HN layers (short names) a percentile clipping applies to: None = all, or the first / output-producing layers."""
+    scope = settings.clipping_scope or "all"
+    if scope == "first":
+        return [short_name(layer) for layer in graph.first_layers]
+    if scope == "outputs":
+        return [short_name(o.producer) for o in graph.outputs]
+    return None

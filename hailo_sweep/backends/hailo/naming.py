@@ -82,6 +82,7 @@ class HnGraph:
     outputs: tuple[HnOutput, ...]  # in HN output order
     input_shape: tuple[int, ...] | None  # (H, W, C) of the input layer, when the HN states it
     types: Mapping[str, str] = field(default_factory=dict)  # scoped layer name -> HN "type" (e.g. "conv")
+    first_layers: tuple[str, ...] = ()  # scoped layers fed by an input layer (clipping_scope "first")
 
     def has_layer(self, name: str) -> bool:
         if name in self.layers or f"{self.net_name}/{name}" in self.layers:
@@ -153,4 +154,8 @@ def parse_hn(hn: Mapping[str, Any] | str, onnx_outputs: tuple[OnnxOutput, ...]) 
             input_shape = tuple(int(d) for d in layer["input_shapes"][0][1:])
             break
     types = {name: str(layer.get("type", "")) for name, layer in layers.items()}
-    return HnGraph(net_name=net_name, layers=frozenset(layers), outputs=tuple(outputs), input_shape=input_shape, types=types)
+    inputs = {name for name, kind in types.items() if kind == "input_layer"}
+    first = tuple(sorted(name for name, layer in layers.items() if inputs & {str(i) for i in layer.get("input", []) or []}))
+    return HnGraph(
+        net_name=net_name, layers=frozenset(layers), outputs=tuple(outputs), input_shape=input_shape, types=types, first_layers=first
+    )

@@ -9,6 +9,11 @@ artifact, so it must be deterministic, readable and complete. Command shapes are
     model_optimization_config(calibration, batch_size=4, calibset_size=64)
     quantization_param(output_layer1, precision_mode=a16_w16)
     quantization_param(conv45, precision_mode=a16_w16)      # a noisy hidden layer (noisy_layers_16bit)
+    pre_quantization_optimization(equalization, policy=disabled)                       # algorithm knobs
+    pre_quantization_optimization(activation_clipping, layers=[conv1], mode=percentile, clipping_values=[0.01, 99.99])
+    post_quantization_optimization(bias_correction, policy=enabled)
+    post_quantization_optimization(finetune, policy=disabled)
+    quantization_param({*}, precision_mode=a16_w16)          # all_16bit: all
 
 Layer names are validated against the HN (``check_layer_names``) before the script is handed to the DFC.
 """
@@ -128,6 +133,7 @@ def model_script(
     output_layers: Mapping[str, str],
     extra_lines: Sequence[str] = (),
     noisy_layers: Sequence[str] = (),
+    clipping_layers: Sequence[str] | None = None,
 ) -> str:
     """The trial's model script.
 
@@ -136,9 +142,11 @@ def model_script(
     the raw domain and the chip normalizes; with placement "host" the data arrive normalized and the script has none.
     ``noisy_layers`` are the HN layers ``settings.noisy_layers_16bit`` promotes (chosen by the backend from its
     once-per-sweep noise ranking, noisiest first); each gets its own ``quantization_param(..., a16_w16)`` line, after
-    the 16-bit outputs and before the user's extra lines.
+    the 16-bit outputs and before the user's extra lines. The algorithm knobs follow (``algorithm_lines``);
+    ``clipping_layers`` are the HN layers ``settings.clipping_scope`` names (None: every layer).
     """
     check_extra_lines(extra_lines)
+    check_extra_lines_against_knobs(settings, extra_lines)
     check_noisy_layers(noisy_layers, settings.noisy_layers_16bit)
     lines: list[str] = []
     if settings.normalization_placement == "model" and normalization is not None:
@@ -152,5 +160,69 @@ def model_script(
         lines.append(f"quantization_param({layer}, precision_mode=a16_w16)")
     for layer in noisy_layers:
         lines.append(f"quantization_param({layer}, precision_mode=a16_w16)")
+    lines.extend(algorithm_lines(settings, clipping_layers))
     lines.extend(line.rstrip("\n") for line in extra_lines)
     return "\n".join(lines) + "\n"
+
+
+# -- algorithm knobs (KNOBS.md): one model-script line per knob that is set; unset = the level's default, no line ----
+
+#: the commands each algorithm knob writes; an extra line with the same command would contradict a swept knob
+_KNOB_COMMANDS = {
+    "equalization": re.compile(r"\bpre_quantization_optimization\s*\(\s*equalization\b"),
+    "bias_correction": re.compile(r"\bpost_quantization_optimization\s*\(\s*bias_correction\b"),
+    "finetune": re.compile(r"\bpost_quantization_optimization\s*\(\s*finetune\b"),
+    "calibration_method": re.compile(r"\bpre_quantization_optimization\s*\(\s*activation_clipping\b"),
+    "all_16bit": re.compile(r"\bquantization_param\s*\(\s*\{\s*\*\s*\}.*precision_mode"),
+}
+DEFAULT_PERCENTILE = 99.999
+
+
+def _percentile_text(value: float) -> str:
+    """``99.99`` -> ``99.99``; ``100 - 99.99`` -> ``0.01`` (rounded: 100 - 99.999 is 0.0010000000000047748 in floats)."""
+    return repr(round(float(value), 6))
+
+
+def algorithm_lines(settings: Settings, clipping_layers: Sequence[str] | None = None) -> list[str]:
+    """The model-script lines of the algorithm knobs (hailo-api.md §2 command shapes).
+
+    - equalization / bias_correction / finetune: ``..._optimization(<algorithm>, policy=enabled|disabled)``.
+    - calibration_method percentile: ``pre_quantization_optimization(activation_clipping, layers=[...],
+      mode=percentile, clipping_values=[100 - p, p])`` on the scoped layers (``{*}`` when the scope is all layers:
+      the wildcard form of ``quantization_param``; UNVERIFIED for ``layers=``). minmax writes no line (the DFC clips
+      activations only when told to); entropy is refused by the backend (no DFC equivalent).
+    - all_16bit all: ``quantization_param({*}, precision_mode=a16_w16)``; none writes no line (8-bit is the default).
+    - weights_granularity per_channel writes no line (the DFC's weights are per channel); per_tensor is refused.
+    """
+    lines: list[str] = []
+    if settings.equalization is not None:
+        lines.append(f"pre_quantization_optimization(equalization, policy={settings.equalization})")
+    if settings.calibration_method == "percentile":
+        p = settings.clipping_percentile or DEFAULT_PERCENTILE
+        layers = "{*}" if clipping_layers is None else "[" + ", ".join(clipping_layers) + "]"
+        lines.append(
+            f"pre_quantization_optimization(activation_clipping, layers={layers}, mode=percentile, "
+            f"clipping_values=[{_percentile_text(100.0 - p)}, {_percentile_text(p)}])"
+        )
+    if settings.bias_correction is not None:
+        lines.append(f"post_quantization_optimization(bias_correction, policy={settings.bias_correction})")
+    if settings.finetune is not None:
+        lines.append(f"post_quantization_optimization(finetune, policy={settings.finetune})")
+    if settings.all_16bit == "all":
+        lines.append("quantization_param({*}, precision_mode=a16_w16)")
+    return lines
+
+
+def check_extra_lines_against_knobs(settings: Settings, lines: Sequence[str]) -> None:
+    """An extra line may set an algorithm the sweep leaves alone, never one a trial's knob sets."""
+    for knob, value in settings.algorithm_knobs().items():
+        pattern = _KNOB_COMMANDS.get(knob)
+        if pattern is None:
+            continue
+        for number, line in enumerate(lines, 1):
+            if pattern.search(line):
+                raise UserInputError(
+                    f"line {number} ({line.strip()!r}) sets what the swept knob {knob} (= {value}) sets",
+                    key=EXTRA_KEY,
+                    fix=f"remove the line, or remove {knob} from the search space",
+                )

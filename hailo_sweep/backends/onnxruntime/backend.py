@@ -22,13 +22,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from hailo_sweep.atomic import atomic_write, atomic_write_text
@@ -42,14 +35,15 @@ from hailo_sweep.backends.base import (
     OptimizedModel,
     QuantParams,
 )
-from hailo_sweep.backends.onnxruntime import graph
+from hailo_sweep.backends.onnxruntime import graph, quantize
+from hailo_sweep.backends.onnxruntime.calibration import Calibrator
 from hailo_sweep.backends.onnxruntime.equalize import (
     bias_correction,
     cross_layer_equalize,
 )
 from hailo_sweep.backends.onnxruntime.noise import layer_noise
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
-from hailo_sweep.backends.onnxruntime.recipe import PERCENTILE, Recipe, check
+from hailo_sweep.backends.onnxruntime.recipe import Recipe, check
 from hailo_sweep.data import is_uint8_domain
 from hailo_sweep.errors import UnsupportedSetting
 from hailo_sweep.onnx_runner import run_chunked, session
@@ -58,30 +52,11 @@ from hailo_sweep.settings import Settings
 log = logging.getLogger(__name__)
 
 RAW_INPUT_SUFFIX = "_raw"
-OPSET_MIN = 13
-_PASS_THROUGH = ("Relu", "Clip", "MaxPool", "LeakyRelu")  # per-channel QDQ needs opset >= 13 (pitfall P5)
+OPSET_MIN = 13  # per-channel QDQ needs opset >= 13 (pitfall P5)
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-class _Reader(CalibrationDataReader):
-    """Feeds the calibration set in equal-shaped batches (histogram calibrators need equal shapes, pitfall P4)."""
-
-    def __init__(self, data: np.ndarray, input_name: str):
-        self.data = data.astype(np.float32)
-        self.input_name = input_name
-        n = len(data)
-        self.batch = max(b for b in range(1, min(32, n) + 1) if n % b == 0)
-        self._it: Iterator[dict[str, np.ndarray]] = iter(())
-        self.rewind()
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = ({self.input_name: self.data[i : i + self.batch]} for i in range(0, len(self.data), self.batch))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -189,23 +164,27 @@ class OnnxRuntimeBackend(Backend):
             noisy = [t for t in ranking if t not in settings.output_16bit][: settings.noisy_layers_16bit]
             details.append(f"noisy_layers_16bit: {', '.join(noisy) or 'none found'} (lowest per-layer SNR at level 0, ranked once per sweep)")
             params["ort.noisy_layers"] = ",".join(noisy)
-        overrides, chosen_4bit, share = self._overrides(model, settings, recipe, input_name if uint8_input else None, noisy)
+        overrides, chosen_4bit, share = quantize.overrides(model, settings, recipe, input_name if uint8_input else None, noisy)
         params["ort.weights_4bit_share"] = round(share, 4)
         if chosen_4bit:
             details.append(f"weights_4bit: {', '.join(w.name for w in chosen_4bit)} (share {share:.1%})")
+        if recipe.all_16bit and recipe.share_4bit > 0:
+            details.append("compression_level: no 4-bit weights, all_16bit puts every weight at 16 bit")
         for out in settings.output_16bit:
             details.append(f"output_16bit: {out} activation QUInt16, producer weights QInt16")
 
-        calib_cache = self.context.work_dir / "calibration-cache"
-        qdq = self._quantize(model, calibration, input_name, recipe, overrides, calib_cache, work_dir / "q1.onnx")
+        calibrator = Calibrator(model, calibration, input_name, self.context.work_dir / "calibration-cache")
+        table = quantize.ranges(model, calibrator, recipe)
+        qdq = quantize.quantize(model, table, recipe, overrides, work_dir / "q1.onnx")
         if recipe.bias_correction:
             model, corrected = bias_correction(model, qdq, calibration.astype(np.float32), input_name)
-            details.append(f"bias_correction: {corrected} layers")
+            details.append(f"bias_correction: {corrected} layers (re-quantized with the same activation ranges)")
             params["ort.bias_corrected_layers"] = corrected
-            qdq = self._quantize(model, calibration, input_name, recipe, overrides, calib_cache, work_dir / "q2.onnx")
+            qdq = quantize.quantize(model, table, recipe, overrides, work_dir / "q2.onnx")
         if uint8_input:
             qdq = graph.make_input_uint8(qdq, input_name)
-        details.append(f"calibration: {recipe.calibrate_method}, {len(calibration)} samples")
+        details.append(f"calibration: {recipe.clipping}, {len(calibration)} samples" + (f" (passes run now: {', '.join(calibrator.passes)})" if calibrator.passes else " (cached ranges)"))
+        params["ort.calibration_passes"] = ",".join(calibrator.passes) or "cached"
 
         fp_path = work_dir / "model.fp.onnx"
         qdq_path = work_dir / "model.qdq.onnx"
@@ -220,92 +199,6 @@ class OnnxRuntimeBackend(Backend):
             params=params,
         )
 
-    def _overrides(
-        self, model: onnx.ModelProto, settings: Settings, recipe: Recipe, uint8_input: str | None, noisy: list[str]
-    ) -> tuple[dict[str, list[dict[str, Any]]], list[graph.WeightTensor], float]:
-        overrides: dict[str, list[dict[str, Any]]] = {}
-        weights = {w.node: w for w in graph.weight_tensors(model)}
-        producers = graph.tensor_producers(model, [t for node in model.graph.node for t in node.output])
-        sixteen: set[str] = set()
-        for out in (*settings.output_16bit, *noisy):
-            overrides[out] = [{"quant_type": QuantType.QUInt16}]
-            node = producers.get(out)
-            # a16_w16 is a property of the layer: an activation or pooling output is promoted with the conv feeding it
-            while node is not None and node.name not in weights and node.op_type in _PASS_THROUGH and node.input:
-                node = producers.get(node.input[0])
-            if node is not None and node.name in weights:
-                w = weights[node.name]
-                overrides[w.name] = [{"quant_type": QuantType.QInt16, "axis": w.out_axis}]
-                sixteen.add(w.name)
-        chosen, share = graph.select_4bit_weights(model, recipe.share_4bit) if recipe.share_4bit > 0 else ([], 0.0)
-        chosen = [w for w in chosen if w.name not in sixteen]
-        for w in chosen:
-            overrides[w.name] = [{"quant_type": QuantType.QInt4, "axis": w.out_axis}]
-        if uint8_input is not None:
-            overrides[uint8_input] = [
-                {"quant_type": QuantType.QUInt8, "scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
-            ]
-        return overrides, chosen, share
-
-    def _quantize(
-        self,
-        model: onnx.ModelProto,
-        calibration: np.ndarray,
-        input_name: str,
-        recipe: Recipe,
-        overrides: dict[str, list[dict[str, Any]]],
-        cache_dir: Path,
-        out_path: Path,
-    ) -> onnx.ModelProto:
-        model_bytes = model.SerializeToString()
-        calib32 = np.ascontiguousarray(calibration.astype(np.float32))
-        # The cache is keyed on everything that decides the ranges (pitfall P9: ORT itself only checks the method).
-        key = _sha(
-            b"|".join(
-                [
-                    _sha(model_bytes).encode(),
-                    _sha(calib32.tobytes()).encode(),
-                    recipe.calibrate_method.encode(),
-                    str(PERCENTILE).encode(),
-                    b"symmetric=0;moving_average=0",
-                ]
-            )
-        )[:24]
-        cache_file = cache_dir / f"{key}.json"
-        extra: dict[str, Any] = {"QDQKeepRemovableActivations": True, "TensorQuantOverrides": overrides}
-        method = CalibrationMethod.MinMax
-        if recipe.calibrate_method == "Percentile":
-            method = CalibrationMethod.Percentile
-            extra["CalibPercentile"] = PERCENTILE
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-
-        # quantize_static rewrites a ModelProto argument in place (external data), so it gets a file of its own
-        source = out_path.with_suffix(".input.onnx")
-        onnx.save(model, str(source))
-
-        def run(cache_path: Path) -> None:
-            with quiet_quantizer():
-                quantize_static(
-                    str(source),
-                    str(out_path),
-                    _Reader(calib32, input_name),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    calibrate_method=method,
-                    extra_options=extra,
-                    calibration_cache_path=str(cache_path),
-                )
-
-        if cache_file.is_file():
-            run(cache_file)
-        else:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache_file, lambda tmp: (tmp.unlink(), run(tmp)))
-        source.unlink(missing_ok=True)
-        return onnx.load(str(out_path))
-
     def _ranking(self, placement: str, base_path: Path, calibration: np.ndarray, input_name: str, work_dir: Path) -> list[str]:
         """Activation tensors ranked by per-layer SNR of the level-0 quantized model, computed once per sweep and placement."""
         if placement not in self._noise_ranking:
@@ -315,14 +208,12 @@ class OnnxRuntimeBackend(Backend):
                 self._noise_ranking[placement] = json.loads(cache.read_text())
             else:
                 probe = Recipe.for_settings(Settings(0, 0, len(calibration), placement))  # type: ignore[arg-type]
-                overrides: dict[str, list[dict[str, Any]]] = {}
                 uint8 = placement == "model" and is_uint8_domain(self.context.domain, calibration)
-                if uint8:
-                    overrides[input_name] = [
-                        {"quant_type": QuantType.QUInt8, "scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
-                    ]
+                overrides = quantize.uint8_input_override(input_name) if uint8 else {}
                 scratch = work_dir / "noise-ranking"
-                qdq = self._quantize(onnx.load(str(base_path)), calibration, input_name, probe, overrides, self.context.work_dir / "calibration-cache", scratch / "q.onnx")
+                base = onnx.load(str(base_path))
+                table = Calibrator(base, calibration, input_name, self.context.work_dir / "calibration-cache").minmax()
+                qdq = quantize.quantize(base, table, probe, overrides, scratch / "q.onnx")
                 if uint8:
                     qdq = graph.make_input_uint8(qdq, input_name)
                 onnx.save(qdq, str(scratch / "q.onnx"))

@@ -1,0 +1,250 @@
+"""Activation ranges for the embedded backend: one calibration pass per (model, data, method), cached, bounded memory.
+
+ONNX Runtime's own calibrators are used for what they do well, and not where they fail at sweep scale (both read in
+the installed ``onnxruntime/quantization/calibrate.py``):
+
+- MinMax: ``create_calibrator(MinMax)`` as ``quantize_static`` itself uses it; its augmented model outputs one
+  ReduceMin/ReduceMax pair per tensor, so memory stays small. ``CalibMaxIntermediateOutputs`` is *not* used: in this
+  version ``MinMaxCalibrater.collect_data`` clears the collected outputs every N runs without merging them, so the
+  ranges would come from the last partial chunk only (``tests/test_calibration.py`` shows it).
+- Percentile / Entropy: ORT's ``HistogramCalibrater.collect_data`` keeps every run's full intermediate outputs until
+  the reader ends (pitfall P17: 9.9 GB on a 1.7 M-parameter 224x224 classifier with 256 samples), and when fed in
+  chunks its histograms are re-binned against an edge array (``np.histogram(bins=array)`` sorts every block: about
+  10x slower). Here the augmented model is ORT's (``create_calibrator(...).infer_session``) but each run's outputs are
+  folded at once into a fixed-range histogram per tensor (the range is the MinMax pass's, so every run uses the same
+  uniform bins, numpy's fast path) and dropped. The thresholds are then computed by ORT's own ``HistogramCollector``
+  from those histograms, exactly as a single all-in-memory pass would bin them. Memory: one inference batch.
+
+Histograms are cached (``.npz``, no pickle), so every percentile value of a sweep comes from one pass. Ranges of the
+clipped tensors (``clipping_scope``) are merged into the MinMax table: one table per trial, written as the
+``calibration_cache_path`` of ``quantize_static``, which then does no calibration at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+from onnxruntime.quantization.calibrate import (
+    HistogramCollector,
+    TensorData,
+    TensorsData,
+    create_calibrator,
+    load_tensors_data,
+    save_tensors_data,
+)
+
+from hailo_sweep.atomic import atomic_write
+from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
+
+#: histogram bins: ORT's Percentile default (2048); for Entropy ORT's default 128/128 equals MinMax exactly (pitfall
+#: P3), so the entropy search gets 512 bins and 255 quantized bins (the best pair measured in the doc's table)
+PERCENTILE_BINS = 2048
+ENTROPY_BINS = 512
+ENTROPY_QUANTIZED_BINS = 255
+BATCH_BYTES = 192 * 2**20  # intermediate outputs of one histogram run at most this large
+MAX_BATCH = 32
+MINMAX_BATCH = 8  # rows per MinMax run: the session's own intermediate buffers grow with the batch
+CACHE_VERSION = b"calibration-v2"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Reader(CalibrationDataReader):
+    """Feeds ``data`` in batches of ``batch`` rows (the last one may be smaller: MinMax copes)."""
+
+    def __init__(self, data: np.ndarray, input_name: str, batch: int):
+        self.data, self.input_name, self.batch = data, input_name, batch
+        self._it: Iterator[dict[str, np.ndarray]] = iter(())
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = ({self.input_name: self.data[i : i + self.batch]} for i in range(0, len(self.data), self.batch))
+
+
+def fixed_batch(model: onnx.ModelProto, input_name: str) -> int | None:
+    """The input's batch dimension when the model fixes it (most real exports: 1, pitfall P19), else None."""
+    for value in model.graph.input:
+        if value.name == input_name:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+    return None
+
+
+class Calibrator:
+    """Calibration tables of one model + calibration set, computed once per method and cached under ``cache_dir``."""
+
+    def __init__(self, model: onnx.ModelProto, data: np.ndarray, input_name: str, cache_dir: Path):
+        self.model = model
+        self.model_bytes = model.SerializeToString()
+        self.data = np.ascontiguousarray(data, dtype=np.float32)
+        self.input_name = input_name
+        self.cache_dir = cache_dir
+        self.key = sha(b"|".join([CACHE_VERSION, sha(self.model_bytes).encode(), sha(self.data.tobytes()).encode(), input_name.encode()]))[:24]
+        self.fixed = fixed_batch(model, input_name)
+        self.passes: list[str] = []  # calibration passes this object actually ran (not served from the cache)
+
+    # -- tables ----------------------------------------------------------------------------------------------
+    def minmax(self) -> TensorsData:
+        path = self.cache_dir / f"minmax-{self.key}.json"
+        if not path.is_file():
+            with self._scratch() as (model_path, tmp):
+                calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax)
+                calibrator.collect_data(_Reader(self.data, self.input_name, self.fixed or MINMAX_BATCH))
+                table = calibrator.compute_data()
+                del calibrator
+            self.passes.append("minmax")
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda t: save_tensors_data(table, t))
+        return load_tensors_data(path)
+
+    def percentile(self, percentile: float) -> TensorsData:
+        histograms = self._histograms("percentile")
+        collector = HistogramCollector("percentile", True, PERCENTILE_BINS, 0, percentile, "same")
+        collector.histogram_dict = histograms
+        with quiet_quantizer():
+            thresholds = collector.compute_collection_result()
+        return TensorsData(CalibrationMethod.Percentile, {k: _pair(v) for k, v in thresholds.items()})
+
+    def entropy(self) -> TensorsData:
+        path = self.cache_dir / f"entropy-{self.key}-{ENTROPY_BINS}-{ENTROPY_QUANTIZED_BINS}.json"
+        if not path.is_file():
+            collector = HistogramCollector("entropy", False, ENTROPY_BINS, ENTROPY_QUANTIZED_BINS, 0.0, "same")
+            collector.histogram_dict = self._histograms("entropy")
+            with quiet_quantizer():
+                thresholds = collector.compute_collection_result()
+            table = TensorsData(CalibrationMethod.Entropy, {k: _pair(v) for k, v in thresholds.items()})
+            atomic_write(path, lambda t: save_tensors_data(table, t))
+        return load_tensors_data(path)
+
+    def table(self, method: str, percentile: float) -> TensorsData:
+        if method == "minmax":
+            return self.minmax()
+        if method == "percentile":
+            return self.percentile(percentile)
+        if method == "entropy":
+            return self.entropy()
+        raise ValueError(f"unknown calibration method {method!r}")
+
+    # -- histograms (one bounded-memory pass per kind) ---------------------------------------------------------
+    def _histograms(self, kind: str) -> dict[str, tuple[np.ndarray, ...]]:
+        path = self.cache_dir / f"hist-{kind}-{self.key}.npz"
+        if not path.is_file():
+            ranges = self.minmax()
+            hist = self._collect(kind, ranges)
+            arrays: dict[str, np.ndarray] = {}
+            names = sorted(hist)
+            for i, name in enumerate(names):
+                for j, part in enumerate(hist[name]):
+                    arrays[f"t{i}_{j}"] = np.asarray(part)
+            arrays["names"] = np.array(json.dumps(names))
+            def save(tmp: Path) -> None:
+                with tmp.open("wb") as fh:
+                    np.savez(fh, **arrays)
+
+            atomic_write(path, save)
+        with np.load(path, allow_pickle=False) as npz:
+            names = json.loads(str(npz["names"]))
+            parts = 4 if kind == "percentile" else 5
+            return {name: tuple(npz[f"t{i}_{j}"] for j in range(parts)) for i, name in enumerate(names)}
+
+    def _collect(self, kind: str, ranges: TensorsData) -> dict[str, tuple[np.ndarray, ...]]:
+        bins = PERCENTILE_BINS if kind == "percentile" else ENTROPY_BINS
+        with self._scratch() as (model_path, tmp):
+            method = CalibrationMethod.Percentile if kind == "percentile" else CalibrationMethod.Entropy
+            calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=method)
+            session = calibrator.infer_session
+            wanted = set(calibrator.tensors_to_calibrate)
+            names = [o.name for o in session.get_outputs()]
+            fetch = [n for n in names if n in wanted and n in ranges.data]
+            lows = {n: _scalar(ranges[n].range_value[0]) for n in fetch}
+            highs = {n: _scalar(ranges[n].range_value[1]) for n in fetch}
+            tops = {n: max(abs(float(lows[n])), abs(float(highs[n]))) for n in fetch}
+            counts: dict[str, np.ndarray] = {}
+            edges: dict[str, np.ndarray] = {}
+            batch = self.fixed or self._batch(session, fetch)
+            for start in range(0, len(self.data), batch):
+                outputs = session.run(fetch, {self.input_name: self.data[start : start + batch]})
+                for name, value in zip(fetch, outputs, strict=True):
+                    flat = value.reshape(-1)
+                    if kind == "percentile":  # ORT's symmetric percentile bins |x| over [0, max|x|]
+                        h, e = np.histogram(np.abs(flat), bins=bins, range=(0.0, tops[name] or 1.0))
+                    else:  # entropy bins x over [-t, t], t = max|x|
+                        h, e = np.histogram(flat, bins=bins, range=(-(tops[name] or 1.0), tops[name] or 1.0))
+                    counts[name] = counts[name] + h if name in counts else h
+                    edges.setdefault(name, e.astype(np.float32))
+                del outputs
+            del session, calibrator
+        self.passes.append(kind)
+        out: dict[str, tuple[np.ndarray, ...]] = {}
+        for name in fetch:
+            if kind == "percentile":
+                out[name] = (counts[name], edges[name], lows[name], highs[name])
+            else:
+                out[name] = (counts[name], edges[name], lows[name], highs[name], np.float32(tops[name]))
+        return out
+
+    def _batch(self, session: object, fetch: list[str]) -> int:
+        """Rows per histogram run so that one run's intermediate outputs stay under ``BATCH_BYTES``."""
+        probe = session.run(fetch, {self.input_name: self.data[:1]})  # type: ignore[attr-defined]
+        per_sample = max(1, sum(int(p.nbytes) for p in probe))
+        return int(max(1, min(MAX_BATCH, BATCH_BYTES // per_sample)))
+
+    def _scratch(self) -> _Scratch:
+        return _Scratch(self.model, self.cache_dir)
+
+
+class _Scratch:
+    """A private directory holding the model file a calibrator loads (never the current directory, P21)."""
+
+    def __init__(self, model: onnx.ModelProto, parent: Path):
+        self.model, self.parent = model, parent
+
+    def __enter__(self) -> tuple[str, Path]:
+        self.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="calib-", dir=self.parent)
+        tmp = Path(self._tmp.name)
+        path = tmp / "model.onnx"
+        onnx.save(self.model, str(path))
+        self._quiet = quiet_quantizer()
+        self._quiet.__enter__()
+        return str(path), tmp
+
+    def __exit__(self, *exc: object) -> None:
+        self._quiet.__exit__(*exc)
+        self._tmp.cleanup()
+
+
+def _scalar(value: np.ndarray) -> np.float32:
+    return np.float32(np.asarray(value).reshape(-1)[0])
+
+
+def _pair(value: tuple[np.ndarray, ...]) -> TensorData:
+    return TensorData(lowest=np.asarray(value[0], np.float32), highest=np.asarray(value[1], np.float32))
+
+
+def merge(base: TensorsData, clipped: TensorsData, tensors: set[str] | None) -> TensorsData:
+    """``base`` (MinMax) ranges, with those of ``tensors`` (all when None) taken from ``clipped``."""
+    data: dict[str, TensorData] = {}
+    for name, value in base.data.items():
+        source = clipped.data.get(name) if (tensors is None or name in tensors) else None
+        data[name] = _pair((source or value).range_value)
+    return TensorsData(CalibrationMethod.MinMax, data)
+
+
+def write_table(table: TensorsData, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors_data(table, path)
+    return path
