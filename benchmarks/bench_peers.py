@@ -116,30 +116,32 @@ class Evaluator:
 def tool_search(space: SearchSpace, evaluate: Evaluator, sampler: str, seed: int, budget: int, baseline: dict[str, Any]) -> list[dict[str, Any]]:
     """One study as the sweep runs it: baseline first, the sweep's sampler, repeats free and replaced."""
     cfg = SamplerConfig(name=sampler, seed=seed)  # type: ignore[arg-type]
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg, budget=budget, points=space.grid_size(), choices=space.choices(), seed=seed))
+    points = space.point_count()
+    study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg, budget=budget, points=points, choices=space.choices(), seed=seed))
     study.enqueue_trial(baseline)
     trace: list[dict[str, Any]] = []
 
     def objective(trial: optuna.Trial) -> float:
         space.suggest(trial)
+        mine = point_key(space.canonical_params(dict(trial.params)))
         for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if other.params == trial.params:
+            if point_key(space.canonical_params(dict(other.params))) == mine:
                 trials = trial.study.get_trials(deepcopy=False)
                 waiting = sum(t.state == TrialState.WAITING for t in trials)
                 if cfg.replace_repeats and len(trace) + waiting < budget:
-                    params = next_unevaluated(trials, space.choices(), random.Random(f"{seed}-{trial.number}"))
+                    params = next_unevaluated(trials, space.choices(), random.Random(f"{seed}-{trial.number}"), canonical=space.canonical_params)
                     if params is not None:
                         trial.study.enqueue_trial(params)
                 assert other.value is not None
                 return other.value
-        point = evaluate(dict(trial.params))
-        trace.append({"params": dict(trial.params), **point})
+        point = evaluate(space.canonical_params(dict(trial.params)))
+        trace.append({"params": space.canonical_params(dict(trial.params)), **point})
         if point["value"] is None:
             raise optuna.TrialPruned()  # a failed point: never chosen, never repeated
         return float(point["value"])
 
     def stop(study: optuna.Study, _t: optuna.trial.FrozenTrial) -> None:
-        if len(trace) >= budget or len({point_key(t["params"]) for t in trace}) >= space.grid_size():
+        if len(trace) >= budget or len({point_key(t["params"]) for t in trace}) >= points:
             study.stop()
 
     study.optimize(objective, n_trials=4 * budget, callbacks=[stop])

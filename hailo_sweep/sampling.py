@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -62,23 +62,38 @@ def point_key(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
-def next_unevaluated(trials: Sequence[FrozenTrial], choices: dict[str, list[Any]], rng: random.Random, *, enumerate_up_to: int = 5000) -> dict[str, Any] | None:
+def next_unevaluated(
+    trials: Sequence[FrozenTrial],
+    choices: dict[str, list[Any]],
+    rng: random.Random,
+    *,
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+    enumerate_up_to: int = 5000,
+) -> dict[str, Any] | None:
     """A point of the space that no trial has evaluated, is evaluating or is waiting to evaluate (None: all taken).
 
     Drawn at random (seeded by the caller) so that the replacement does not walk the grid in declaration order; a
     small space is enumerated, a large one sampled (a large space has free points almost everywhere).
     """
-    taken = {point_key(t.params) for t in trials if t.params}
-    taken |= {point_key(t.system_attrs["fixed_params"]) for t in trials if t.state == TrialState.WAITING and "fixed_params" in t.system_attrs}
+    taken = {point_key(canonical(dict(t.params))) for t in trials if t.params}
+    taken |= {
+        point_key(canonical(dict(t.system_attrs["fixed_params"])))
+        for t in trials if t.state == TrialState.WAITING and "fixed_params" in t.system_attrs
+    }
     knobs = list(choices)
     size = 1
     for values in choices.values():
         size *= len(values)
     if size <= enumerate_up_to:
-        free = [p for p in (dict(zip(knobs, combo)) for combo in itertools.product(*(choices[k] for k in knobs))) if point_key(p) not in taken]
-        return rng.choice(free) if free else None
+        free: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+        for combo in itertools.product(*(choices[k] for k in knobs)):
+            params = dict(zip(knobs, combo))
+            key = point_key(canonical(params))
+            if key not in taken:
+                free.setdefault(key, params)  # one representative per point
+        return rng.choice(list(free.values())) if free else None
     for _ in range(1000):
         params = {k: rng.choice(choices[k]) for k in knobs}
-        if point_key(params) not in taken:
+        if point_key(canonical(params)) not in taken:
             return params
     return None

@@ -38,7 +38,7 @@ from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.best_noise import analyse_best, layer_noise_artifacts
 from hailo_sweep.recording import ArtifactUploader
-from hailo_sweep.sampling import make_sampler, next_unevaluated
+from hailo_sweep.sampling import make_sampler, next_unevaluated, point_key
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.stores import redact_url, resolve_stores
@@ -387,7 +387,7 @@ class Sweep:
         self, backend: Backend, space: SearchSpace, objective: Objective, study: optuna.Study, tracker: Tracker, parent_run_id: str, n_trials: int | None
     ) -> SweepSummary:
         total = n_trials or self.config.trials
-        budget = Budget(total=total, points=space.grid_size())
+        budget = Budget(total=total, points=space.point_count(), canonical=space.canonical_params)
         reconcile(study, tracker)
         remove_dead_scratch(self.stores.work_dir / "trials")
         waiting = len(_waiting(study))  # enqueued points (the baseline, retries, the user's) run even when the budget is spent
@@ -550,7 +550,7 @@ class Sweep:
         s = self.config.sampler
         seed = self._seed()
         budget = self._budget_total or self.config.trials
-        return make_sampler(s, budget=budget, points=space.grid_size(), choices=space.choices(), seed=seed)
+        return make_sampler(s, budget=budget, points=space.point_count(), choices=space.choices(), seed=seed)
 
     def _seed(self) -> int | None:
         seed = self.config.sampler.seed
@@ -633,12 +633,14 @@ class Budget:
 
     total: int
     points: int
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # equivalent params -> one point
     slack: int = 4
 
     def spent(self, trials: Sequence[optuna.trial.FrozenTrial], *, count_running: bool) -> bool:
         if _used(trials, count_running=count_running) >= self.total:
             return True
-        if len({tuple(sorted(t.params.items())) for t in _evaluated(trials)}) >= self.points:
+        canonical = self.canonical or dict
+        if len({point_key(canonical(dict(t.params))) for t in _evaluated(trials) if t.params}) >= self.points:
             return True
         return sum(1 for t in trials if t.state != TrialState.WAITING) >= self.slack * self.total
 
@@ -952,9 +954,12 @@ class _TrialRunner:
 
     # -- duplicates ----------------------------------------------------------------------------------------
     def _duplicate_of(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-        """A finished trial with exactly these params: evaluating them again would repeat the same work."""
+        """A finished trial at the same point (the same canonical settings: a knob without effect under the others,
+        e.g. a clipping percentile under minmax calibration, does not make a new point): evaluating it again would
+        repeat the same work."""
+        mine = point_key(self.space.canonical_params(dict(trial.params)))
         for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if other.params == trial.params and other.number != trial.number:
+            if other.number != trial.number and point_key(self.space.canonical_params(dict(other.params))) == mine:
                 return other
         return None
 
@@ -971,7 +976,7 @@ class _TrialRunner:
             others = [t for t in trials if t.number != trial.number]  # this trial is a free repeat, running still
             if _used(others, count_running=True) + sum(t.state == TrialState.WAITING for t in others) >= total:
                 return  # an enqueued trial runs even past the budget: only replace while it has room
-            params = next_unevaluated(trials, self.space.choices(), random.Random(f"{self.sweep._seed()}-{trial.number}"))
+            params = next_unevaluated(trials, self.space.choices(), random.Random(f"{self.sweep._seed()}-{trial.number}"), canonical=self.space.canonical_params)
             if params is not None:
                 study.enqueue_trial(params, user_attrs={"replaces_repeat_of": original.number})
 

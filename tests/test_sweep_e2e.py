@@ -50,8 +50,9 @@ def test_every_trial_has_its_child_run_under_the_parent(sweep) -> None:
             if "duplicate_of" in t.user_attrs:  # same params as an earlier trial: its result was reused, not recomputed
                 assert run.data.tags["hailo_sweep.duplicate_of"] == trials[t.user_attrs["duplicate_of"]].user_attrs["mlflow_run_id"]
                 continue
-            for stage in ("optimize", "emulate", "compile", "device"):
+            for stage in ("optimize", "emulate", "compile", "device", "record", "upload"):  # record: its synchronous part
                 assert run.data.metrics[f"time.{stage}_s"] > 0
+            assert t.user_attrs["timing"]["record_s"] >= run.data.metrics["time.record_s"]
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.tags["hailo_sweep.role"] == "sweep"
     assert parent.info.status == "FINISHED"
