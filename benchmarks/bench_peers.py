@@ -148,6 +148,16 @@ def tool_search(space: SearchSpace, evaluate: Evaluator, sampler: str, seed: int
     return trace
 
 
+def _table_key(config: SweepConfig, mixed: bool) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in [config.model, config.data.calibration, config.data.evaluation, *sorted((REPO / "hailo_sweep").rglob("*.py"))]:
+        h.update(Path(path).read_bytes())
+    h.update(f"{OBJECTIVE}|{mixed}".encode())
+    return h.hexdigest()[:16]
+
+
 # -- statistics ----------------------------------------------------------------------------------------------------
 def best_curve(values: Sequence[float | None], upto: int) -> list[float | None]:
     out: list[float | None] = []
@@ -263,18 +273,24 @@ def main() -> None:
                 t = time.perf_counter()
                 result = run_trial(prepared, backend, settings, work, diagnostics=config.diagnostics)
                 value = result.metrics.get(OBJECTIVE) if result.ok else None
-                if result.compiled is not None:
-                    precision.append(precision_report(onnx.load(str(result.compiled.path))))
+                checked = precision_report(onnx.load(str(result.compiled.path))) if result.compiled is not None else None
                 shutil.rmtree(work, ignore_errors=True)
-                return {"value": value, "seconds": time.perf_counter() - t, "error": result.error}
+                return {"value": value, "seconds": time.perf_counter() - t, "error": result.error, "precision": checked}
 
+            # measurements are kept between runs (e.g. for held-out seeds), keyed on everything that decides them
+            table_file = args.cache / f"tool-points-{_table_key(config, args.mixed)}.json"
             evaluate = Evaluator(run_point)
+            if table_file.is_file():
+                evaluate.cache = {point_key(e["params"]): e["result"] for e in json.loads(table_file.read_text())}
+                print(f"  {len(evaluate.cache)} tool points reused from {table_file}", flush=True)
             baseline = space.params_of(space.project(backend.default_settings(space.max_calibset_size(), space.output_names)))
             tool: dict[str, list[list[float | None]]] = {}
             t0 = time.perf_counter()
             for sampler in ("tpe", "random"):
                 tool[f"hailo-sweep {sampler}"] = [[e["value"] for e in tool_search(space, evaluate, sampler, s, n_eval, baseline)] for s in seeds]
             print(f"  hailo-sweep searches: {time.perf_counter() - t0:.0f} s ({len(evaluate.cache)} distinct points measured)", flush=True)
+            table_file.write_text(json.dumps([{"params": dict(k), "result": v} for k, v in evaluate.cache.items()]))
+            precision.extend(e["precision"] for e in evaluate.cache.values() if e.get("precision"))
     finally:
         pass
 
@@ -311,6 +327,11 @@ def main() -> None:
     for k, v in verdicts.items():
         print(f"  {k}: {'ok' if v else 'MISSED'}")
     report["verdicts"] = verdicts
+    ranked = sorted((v["value"], dict(k)) for k, v in evaluate.cache.items() if v["value"] is not None)
+    print(f"\nbest tool points measured (of {len(ranked)}):")
+    for value, params in ranked[:5]:
+        print(f"  {value:.5f}  " + ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("compression_level", "noisy_layers_16bit")))
+    report["tool_best_points"] = [{"value": v, "params": p} for v, p in ranked[:10]]
     report["tool_point_seconds"] = [e["seconds"] for e in evaluate.cache.values()]
     print(f"\nper evaluation (stage work only): hailo-sweep run_trial {spread(report['tool_point_seconds'])} s; "
           + "; ".join(f"{k} {spread(v)} s" for k, v in peer_seconds.items()))
