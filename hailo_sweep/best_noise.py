@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -52,10 +53,16 @@ def analyse_best(
     k: int,
     samples: int,
     message: Callable[[str], None],
+    lock: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> list[int]:
-    """Run the per-layer noise analysis for the best ``k`` trials not analysed yet; returns their numbers."""
-    done = set(study.user_attrs.get(DONE_ATTR, []))
-    todo = [t for t in best_trials(study, k) if t.number not in done and t.user_attrs.get("mlflow_run_id")]
+    """Run the per-layer noise analysis for the best ``k`` trials not analysed yet; returns their numbers.
+
+    The trials are claimed under ``lock`` (the storage's lock) before the work starts, so workers that finish
+    together do not analyse the same trial twice."""
+    with lock():
+        done = set(study.user_attrs.get(DONE_ATTR, []))
+        todo = [t for t in best_trials(study, k) if t.number not in done and t.user_attrs.get("mlflow_run_id")]
+        study.set_user_attr(DONE_ATTR, sorted(done | {t.number for t in todo}))
     analysed: list[int] = []
     cfg = prepared.config
     ds = prepared.dataset
@@ -77,8 +84,6 @@ def analyse_best(
         staging = Path(tempfile.mkdtemp(prefix="hailo-sweep-noise-upload-"))
         uploader.submit(run_id, f"trial {t.number} layer noise", partial(_upload, run_id=run_id, noise=noise, staging=staging), staging)
         analysed.append(t.number)
-        done.add(t.number)
-        study.set_user_attr(DONE_ATTR, sorted(done))
     return analysed
 
 

@@ -414,7 +414,8 @@ class Sweep:
                     if diag.layer_noise == "best" and diag.layer_noise_best:
                         self.observer.stage_started("layer noise (best trials)")
                         analyse_best(study, prepared, backend, space, uploader, k=diag.layer_noise_best,
-                                     samples=diag.layer_noise_samples, message=self.observer.message)
+                                     samples=diag.layer_noise_samples, message=self.observer.message,
+                                     lock=self._opened_storage.lock if self._opened_storage is not None else contextlib.nullcontext)
         finally:
             uploads = uploader.close()  # every file of every trial is in place before the sweep returns
             for failure in uploads.failures:
