@@ -148,11 +148,23 @@ def tool_search(space: SearchSpace, evaluate: Evaluator, sampler: str, seed: int
     return trace
 
 
+def counted(entry: dict[str, Any], mixed: bool) -> float | None:
+    """An evaluation's value, or None (not a candidate) when its exported model is not fully 8-bit in an 8-bit
+    comparison: a float compute layer left (e.g. INC's fp32 fallback) or a tensor of another width."""
+    report = entry.get("precision") or {}
+    if entry.get("value") is None or report.get("float_layers") or (not mixed and report.get("non8bit_tensors")):
+        return None
+    return float(entry["value"])
+
+
 def _table_key(config: SweepConfig, mixed: bool) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for path in [config.model, config.data.calibration, config.data.evaluation, *sorted((REPO / "hailo_sweep").rglob("*.py"))]:
+    measuring = [REPO / "hailo_sweep" / f for f in ("pipeline.py", "metrics.py", "data.py", "settings.py", "search_space.py", "model_io.py",
+                                                    "reference.py", "onnx_runner.py", "config.py")]
+    measuring += sorted((REPO / "hailo_sweep" / "backends").rglob("*.py"))  # the code that decides a point's result
+    for path in [config.model, config.data.calibration, config.data.evaluation, *measuring]:
         h.update(Path(path).read_bytes())
     h.update(f"{OBJECTIVE}|{mixed}".encode())
     return h.hexdigest()[:16]
@@ -196,6 +208,12 @@ def sweep_wall_times(config: SweepConfig, root: Path, points: list[dict[str, Any
         "stores": config.stores.model_copy(update={"root": root / "walltime"}),
     })
     summary = Sweep(cfg).run()
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{root / 'walltime' / 'sweeps' / 'optuna.db'}")
+    for t in study.get_trials(deepcopy=False):
+        timing = t.user_attrs.get("timing", {})
+        stages = {k.removesuffix("_s"): round(v, 2) for k, v in timing.items() if k not in ("wall_s", "stages_s", "record_s", "overhead_s")}
+        print(f"  trial {t.number}: wall {timing.get('wall_s', 0):.2f} s = stages+record {timing.get('stages_s', 0):.2f} s "
+              f"(record {timing.get('record_s', 0):.2f} s) + other {timing.get('overhead_s', 0):.2f} s {stages}")
     return [t.wall_s for t in summary.timings]
 
 
@@ -247,7 +265,7 @@ def main() -> None:
             subprocess.run(cmd + (["--allow16"] if args.mixed else []), check=True)
             qs = json.loads(out.read_text())
             label = f"quantize_static random ({qs['grid_points']}-point space)"
-            peers[label] = [[e["value"] for e in qs["seeds"][str(s)]] for s in seeds]
+            peers[label] = [[counted(e, args.mixed) for e in qs["seeds"][str(s)]] for s in seeds]
             peer_seconds[label] = [e["seconds"] for s in seeds for e in qs["seeds"][str(s)]]
             peer_precision[label] = [e["precision"] for s in seeds for e in qs["seeds"][str(s)]]
             print(f"  quantize_static random search: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -257,9 +275,9 @@ def main() -> None:
                 out = root / "inc.json"
                 subprocess.run([str(inc_py), str(PEERS / "inc_search.py"), str(config.model), str(data), str(out),
                                 "--seeds", ",".join(map(str, seeds)), "--evaluations", str(n_eval)], check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)  # INC writes nc_workspace/ in its cwd
                 inc = json.loads(out.read_text())
-                peers["INC 2.6 bayesian"] = [[e["value"] for e in inc["seeds"][str(s)]["trace"]] for s in seeds]
+                peers["INC 2.6 bayesian"] = [[counted(e, args.mixed) for e in inc["seeds"][str(s)]["trace"]] for s in seeds]
                 peer_seconds["INC 2.6 bayesian"] = [e["seconds"] for s in seeds for e in inc["seeds"][str(s)]["trace"]]
                 peer_precision["INC 2.6 bayesian"] = [e["precision"] for s in seeds for e in inc["seeds"][str(s)]["trace"]]
                 print(f"  INC bayesian: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -275,7 +293,8 @@ def main() -> None:
                 value = result.metrics.get(OBJECTIVE) if result.ok else None
                 checked = precision_report(onnx.load(str(result.compiled.path))) if result.compiled is not None else None
                 shutil.rmtree(work, ignore_errors=True)
-                return {"value": value, "seconds": time.perf_counter() - t, "error": result.error, "precision": checked}
+                entry = {"value": value, "seconds": time.perf_counter() - t, "error": result.error, "precision": checked}
+                return {**entry, "value": counted(entry, args.mixed)}
 
             # measurements are kept between runs (e.g. for held-out seeds), keyed on everything that decides them
             table_file = args.cache / f"tool-points-{_table_key(config, args.mixed)}.json"
@@ -308,7 +327,7 @@ def main() -> None:
     # precision checks
     all_precision = {"hailo-sweep": precision, **peer_precision}
     for name, reports in all_precision.items():
-        floats = sum(bool(r["float_layers"]) for r in reports)
+        floats = sum(bool(r["float_layers"]) for r in reports)  # such models are not counted as results (see counted)
         wide = sum(bool(r["non8bit_tensors"]) for r in reports)
         print(f"  precision check, {name}: {len(reports)} exported models, {floats} with float compute layers, {wide} with tensors wider/narrower than 8 bit")
     report["precision"] = {k: {"models": len(v), "with_float_layers": sum(bool(r["float_layers"]) for r in v),

@@ -788,8 +788,7 @@ class _TrialRunner:
         timing = TrialTiming(trial.number, wall, result.stage_seconds() + record_s)
         self.timings.append(timing)
         timing_attr = {"wall_s": wall, "stages_s": timing.stages_s, "record_s": record_s, "overhead_s": timing.overhead_s}
-        if "time.compile_s" in result.metrics:
-            timing_attr["compile_s"] = result.metrics["time.compile_s"]
+        timing_attr.update({f"{t.name}_s": t.seconds for t in result.timings})  # every stage, compile_s included
         trial.set_user_attr("timing", timing_attr)
         if value is None:
             obs.trial_finished(trial.number, "FAIL", None, None)
