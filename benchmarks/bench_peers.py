@@ -346,7 +346,7 @@ def main() -> None:
     for k, v in verdicts.items():
         print(f"  {k}: {'ok' if v else 'MISSED'}")
     report["verdicts"] = verdicts
-    ranked = sorted((v["value"], dict(k)) for k, v in evaluate.cache.items() if v["value"] is not None)
+    ranked = sorted(((v["value"], dict(k)) for k, v in evaluate.cache.items() if v["value"] is not None), key=lambda vp: vp[0])
     print(f"\nbest tool points measured (of {len(ranked)}):")
     for value, params in ranked[:5]:
         print(f"  {value:.5f}  " + ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("compression_level", "noisy_layers_16bit")))
