@@ -7,6 +7,7 @@ config file). Every problem becomes a ``UserInputError`` naming the file, the ke
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -74,6 +75,14 @@ class SearchSpaceConfig(_Strict):
         if isinstance(v, list) and any(isinstance(x, bool) for x in v):
             raise ValueError("YAML reads on/off/yes/no/true/false as booleans: write enabled/disabled (all_16bit: none/all)")
         return v
+
+    @field_validator("output_16bit", mode="before")
+    @classmethod
+    def _numeric_names_as_text(cls, v: Any) -> Any:  # an unquoted numeric output name reads as an int in YAML
+        def text(x: Any) -> Any:
+            return str(x) if isinstance(x, int) and not isinstance(x, bool) else x
+
+        return [[text(y) for y in x] if isinstance(x, list) else text(x) for x in v] if isinstance(v, list) else v
 
     @field_validator("optimization_level")
     @classmethod
@@ -154,7 +163,31 @@ class NormalizationConfig(_Strict):
 
 class OutputConfig(_Strict):
     weight: float = Field(default=1.0, ge=0.0)
-    kind: Literal["tensor", "logits"] = "tensor"
+    # logits: class scores (softmax applied for the probability error); probabilities: already softmax
+    kind: Literal["tensor", "logits", "probabilities"] = "tensor"
+    batch_axis: int = Field(default=0, ge=0)  # the axis holding the samples, e.g. 1 for a time-major (T, N, C) output
+
+
+class TaskMetricConfig(_Strict):
+    """A user metric: ``function: "file.py:name"`` (file relative to the config), and whether higher is better."""
+
+    function: Annotated[str, Field(pattern=r"^[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*$")]
+    direction: Literal["minimize", "maximize"]
+
+
+def _output_keys_as_text(value: Any) -> Any:
+    """YAML reads ``123:`` as the integer 123: an integer output name is taken as its text; other non-text keys
+    (``1.5:``, ``yes:``, ``null:``) could have been written several ways, so they are refused with a hint to quote."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        elif not isinstance(key, str):
+            raise ValueError(f"output name {key!r} is not text (YAML read it as {type(key).__name__}); quote it: '{key}':")
+        out[key] = item
+    return out
 
 
 class ObjectiveConfig(_Strict):
@@ -284,6 +317,7 @@ class SweepConfig(_Strict):
     data: DataConfig
     normalization: NormalizationConfig | None = None
     outputs: dict[str, OutputConfig] = Field(default_factory=dict)
+    metrics: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], TaskMetricConfig] = Field(default_factory=dict)
     search: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     constraints: list[ConstraintConfig] = Field(default_factory=list)
@@ -299,6 +333,8 @@ class SweepConfig(_Strict):
     # set by load_config, not by the user
     source: Path | None = Field(default=None, exclude=True)
 
+    _outputs_as_text = field_validator("outputs", mode="before")(_output_keys_as_text)
+
     @model_validator(mode="after")
     def _placement_needs_normalization(self) -> SweepConfig:
         if "model" in self.search.normalization_placement and self.normalization is None:
@@ -311,11 +347,21 @@ class SweepConfig(_Strict):
 # --------------------------------------------------------------------------------------------------------------
 def load_config(path: str | Path) -> SweepConfig:
     """Read, validate and resolve a sweep config. Raises ``UserInputError`` on any problem."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise UserInputError("config file not found", file=path, fix="pass the path of an existing YAML sweep config")
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".onnx":
+        raise UserInputError(
+            "this is an ONNX model, not a sweep config",
+            file=path,
+            fix=f"write a starter config from the model first: hailo-sweep new {path.name} -o {path.stem}.yaml, then pass the .yaml",
+        )
+    path = check_file(path, what="config file", fix="pass the path of an existing YAML sweep config")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # safe_load semantics, see the loader
+    except DuplicateKey as exc:
+        raise UserInputError(
+            f"key {exc.key!r} appears twice in one mapping (line {exc.first_line} and line {exc.second_line}); YAML would silently keep the last",
+            file=path, key=exc.key, fix=f"keep one '{exc.key}' (line {exc.first_line} or {exc.second_line}) and delete the other",
+        ) from None
     except yaml.YAMLError as exc:
         raise UserInputError(f"not valid YAML: {exc}", file=path, fix="fix the YAML syntax") from exc
     if not isinstance(raw, dict):
@@ -336,7 +382,61 @@ def load_config(path: str | Path) -> SweepConfig:
 
 def _abs(base: Path, p: Path) -> Path:
     p = Path(os.path.expanduser(str(p)))
-    return p if p.is_absolute() else (base / p).resolve()
+    if p.is_absolute():
+        return p
+    try:
+        return (base / p).resolve()
+    except RuntimeError:  # a symlink loop: refused with the config key where the file is opened (check_file)
+        return base / p
+
+
+def _resolve(path: Path, shown: Path | str) -> Path:
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python < 3.13: a symlink loop; never a file
+        raise UserInputError(f"{shown} is a symlink loop (it points back to itself)", file=path, fix="point the symlink at a real file") from None
+
+
+class DuplicateKey(yaml.MarkedYAMLError):
+    def __init__(self, key: str, first_line: int, second_line: int, mark: yaml.Mark):
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=mark)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (so ``safe_load`` semantics: no Python tags) that refuses a key given twice in one mapping,
+    where plain YAML keeps the last value silently (``trials: 50`` then ``trials: 1`` ran one trial)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if first is not None:
+                raise DuplicateKey(str(key), first + 1, key_node.start_mark.line + 1, key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_file(path: Path, *, what: str, fix: str, config_file: Path | None = None, key: str | None = None) -> Path:
+    """The resolved path of an existing regular file; a missing file, a directory or a symlink loop is refused by name."""
+    shown = path
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (RuntimeError, OSError) as exc:
+            loop = isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP
+            problem = f"{what} {shown} is a symlink loop (it points back to itself)" if loop else f"{what} {shown} is a broken symlink"
+            raise UserInputError(problem, file=config_file or shown, key=key, fix=fix) from None
+    resolved = _resolve(path, shown)
+    if resolved.is_dir():
+        raise UserInputError(f"{what} {shown} is a directory, not a file", file=config_file or shown, key=key, fix=fix)
+    if not resolved.is_file():
+        raise UserInputError(f"{what} not found: {shown}", file=config_file or shown, key=key, fix=fix)
+    return resolved
 
 
 def _validation_error(exc: ValidationError, path: Path, raw: dict[str, Any]) -> UserInputError:

@@ -8,14 +8,16 @@ raw values (uint8 for 0-255 data) when normalization is inside the model.
 from __future__ import annotations
 
 import hashlib
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hailo_sweep.backends.base import ModelIO, Normalization
-from hailo_sweep.config import SweepConfig
+from hailo_sweep.config import SweepConfig, check_file
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.settings import Placement
 
@@ -26,9 +28,10 @@ UINT8_DOMAIN = (0.0, 255.0)
 class Dataset:
     calibration: np.ndarray  # NCHW, raw domain
     evaluation: np.ndarray  # NCHW, raw domain
-    labels: np.ndarray | None
+    labels: np.ndarray | None  # class indices (N,), for the accuracy metrics; None when the labels are not class ids
     calibration_sha256: str
     evaluation_sha256: str
+    task_labels: np.ndarray | None = None  # the labels array as stored (any shape, first axis = samples), for task metrics
 
     @property
     def digest(self) -> str:
@@ -40,12 +43,13 @@ def load_dataset(config: SweepConfig, model_io: ModelIO) -> Dataset:
     cfg = config.data
     calib = load_array(cfg.calibration, cfg.inputs_key, config_file=config.source, config_key="data.calibration")
     evaluation = load_array(cfg.evaluation, cfg.inputs_key, config_file=config.source, config_key="data.evaluation")
-    labels = None
+    labels = task_labels = None
     if cfg.labels_key is not None:
-        labels = load_labels(cfg.evaluation, cfg.labels_key, config_file=config.source)
-        if len(labels) != len(evaluation):
+        task_labels = load_labels(cfg.evaluation, cfg.labels_key, config_file=config.source, any_array=bool(config.metrics))
+        labels = task_labels.astype(np.int64) if is_class_ids(task_labels) else None
+        if len(task_labels) != len(evaluation):
             raise UserInputError(
-                f"{len(labels)} labels for {len(evaluation)} evaluation samples",
+                f"{len(task_labels)} labels for {len(evaluation)} evaluation samples",
                 file=config.source,
                 key="data.labels_key",
                 fix=f"store one label per sample in '{cfg.labels_key}' of {cfg.evaluation}",
@@ -59,8 +63,13 @@ def load_dataset(config: SweepConfig, model_io: ModelIO) -> Dataset:
         evaluation=eval_nchw,
         labels=labels,
         calibration_sha256=array_sha256(calib_nchw),
-        evaluation_sha256=array_sha256(eval_nchw) if labels is None else _sha_pair(eval_nchw, labels),
+        evaluation_sha256=array_sha256(eval_nchw) if task_labels is None else _sha_pair(eval_nchw, task_labels),
+        task_labels=task_labels,
     )
+
+
+def is_class_ids(labels: np.ndarray) -> bool:
+    return labels.ndim == 1 and labels.dtype.kind in "iu"
 
 
 def array_sha256(arr: np.ndarray) -> str:
@@ -74,16 +83,77 @@ def _sha_pair(x: np.ndarray, y: np.ndarray) -> str:
 
 
 def _open_npy_or_npz(path: Path, *, config_file: Path | None, config_key: str) -> np.ndarray | np.lib.npyio.NpzFile:
-    if not path.is_file():
-        raise UserInputError(f"data file not found: {path}", file=config_file, key=config_key, fix="point it at an existing .npy or .npz file")
+    check_file(path, what="data file", fix="point it at an existing .npy or .npz file", config_file=config_file, key=config_key)
     if path.suffix not in (".npy", ".npz"):
         raise UserInputError(
             f"{path.name}: unsupported data format '{path.suffix}'", file=config_file, key=config_key, fix="save the data with numpy.save (.npy) or numpy.savez (.npz)"
         )
+    check_headers(path, config_file=config_file, config_key=config_key)
     try:
         return np.load(path, allow_pickle=False)  # never unpickle: a pickled file can run code
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise _refusal(path, exc, config_file, config_key) from None
+
+
+def open_data_file(path: Path, *, config_file: Path | None, config_key: str) -> np.ndarray | np.lib.npyio.NpzFile:
+    """A .npy array or an open .npz, after every header was checked against the file (see ``check_headers``)."""
+    return _open_npy_or_npz(path, config_file=config_file, config_key=config_key)
+
+
+#: the most one byte of DEFLATE data can expand to (RFC 1951's longest match, 258 bytes, in about 2 bits): a zip member
+#: that claims more is forged, whatever its ZipInfo says
+_DEFLATE_MAX_RATIO = 1032
+
+
+def check_headers(path: Path, *, config_file: Path | None, config_key: str) -> None:
+    """Refuse a .npy (or each array of a .npz) whose header claims more data than the file holds, before anything is
+    allocated: numpy allocates the whole claimed array first, so a 100-byte file claiming a petabyte raised MemoryError.
+    Object (pickled) arrays are refused here too, from the header alone."""
+    try:
+        if path.suffix == ".npy":
+            with path.open("rb") as fh:
+                _check_npy_header(fh, path.stat().st_size, path.name)
+            return
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = f"{path.name} (array '{info.filename.removesuffix('.npy')}')"
+                limit = info.compress_size * (_DEFLATE_MAX_RATIO if info.compress_type != zipfile.ZIP_STORED else 1) + 1024
+                if info.file_size > limit:
+                    raise _HeaderLies(f"{name}: the archive claims {info.file_size} bytes for {info.compress_size} stored bytes")
+                with zf.open(info) as fh:
+                    _check_npy_header(fh, info.file_size, name)
+    except _HeaderLies as exc:
+        raise UserInputError(str(exc), file=config_file, key=config_key, fix="the file is truncated or forged: re-save the data with numpy.save / numpy.savez") from None
+    except _Pickled as exc:
+        raise _refusal(path, ValueError(f"{exc}: pickle"), config_file, config_key) from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise _refusal(path, exc, config_file, config_key) from None
+
+
+class _HeaderLies(Exception):
+    pass
+
+
+class _Pickled(Exception):
+    pass
+
+
+def _check_npy_header(fh: Any, size: int, name: str) -> None:
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f"{name}: .npy format version {version[0]}.{version[1]} is not read here")
+    if dtype.hasobject:
+        raise _Pickled(name)
+    claimed = math.prod(int(d) for d in shape) * dtype.itemsize  # Python ints: no overflow for any claim
+    held = size - fh.tell()
+    if claimed > held:
+        raise _HeaderLies(f"{name}: the header claims an array of shape {tuple(shape)} {dtype} ({claimed} bytes), but the file holds {max(held, 0)} bytes of data")
 
 
 def _refusal(path: Path, exc: Exception, config_file: Path | None, config_key: str) -> UserInputError:
@@ -122,7 +192,8 @@ def load_array(path: Path, key: str, *, config_file: Path | None, config_key: st
     return arr
 
 
-def load_labels(path: Path, key: str, *, config_file: Path | None) -> np.ndarray:
+def load_labels(path: Path, key: str, *, config_file: Path | None, any_array: bool = False) -> np.ndarray:
+    """The labels array; class indices (1-D integers) unless ``any_array`` (task metrics read them as they are)."""
     if path.suffix != ".npz":
         raise UserInputError(
             f"labels were requested (data.labels_key: {key}) but {path.name} is a .npy file and holds no labels",
@@ -143,20 +214,31 @@ def load_labels(path: Path, key: str, *, config_file: Path | None) -> np.ndarray
             labels = loaded[key]
         except ValueError as exc:
             raise _refusal(path, exc, config_file, "data.evaluation") from None
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+    if any_array:
+        if labels.ndim == 0 or labels.dtype.kind not in "biuf":
+            raise UserInputError(
+                f"labels '{key}' must be a numeric array with one entry per sample on axis 0, got {labels.dtype} {labels.shape}",
+                file=config_file,
+                key="data.labels_key",
+            )
+        return labels
+    if not is_class_ids(labels):
         raise UserInputError(
             f"labels '{key}' must be a 1-D integer array of class indices, got {labels.dtype} {labels.shape}",
             file=config_file,
             key="data.labels_key",
+            fix="store class indices, or name a task metric (metrics: in the config) that reads labels of any shape",
         )
     return labels.astype(np.int64)
 
 
 def to_model_layout(arr: np.ndarray, layout: str, model_io: ModelIO, *, source: Path, config_file: Path | None) -> np.ndarray:
     """Check the sample shape against the model input and return NCHW; name NCHW/NHWC mix-ups explicitly."""
-    c, h, w = (int(d) for d in model_io.input_shape[1:])
-    nchw, nhwc = (c, h, w), (h, w, c)
+    c = int(model_io.input_shape[1])
     sample = tuple(arr.shape[1:])
+    # a dynamic height/width of the model takes the data's (the sample's own size in the declared layout)
+    h, w = (_fixed_or(model_io.input_shape[a], sample, layout, a) for a in (2, 3))
+    nchw, nhwc = (c, h, w), (h, w, c)
     expected = nchw if layout == "NCHW" else nhwc
     if arr.ndim == 4 and sample == expected:
         return np.ascontiguousarray(arr if layout == "NCHW" else arr.transpose(0, 3, 1, 2))
@@ -178,6 +260,13 @@ def to_model_layout(arr: np.ndarray, layout: str, model_io: ModelIO, *, source: 
     )
 
 
+def _fixed_or(dim: int | str, sample: tuple[int, ...], layout: str, axis: int) -> int:
+    if isinstance(dim, int):
+        return dim
+    index = axis - 1 if layout == "NCHW" else axis - 2  # sample axes: (C, H, W) or (H, W, C)
+    return int(sample[index]) if len(sample) == 3 else -1
+
+
 def check_values(arr: np.ndarray, domain: tuple[float, float], *, source: Path, config_file: Path | None, key: str) -> None:
     if arr.dtype.kind == "f":
         bad = ~np.isfinite(arr)
@@ -197,6 +286,31 @@ def check_values(arr: np.ndarray, domain: tuple[float, float], *, source: Path, 
             key="data.domain",
             fix="set data.domain to the raw value range of the data (e.g. [0, 255] for pixels, [0, 1] for scaled images)",
         )
+    if lo == hi:
+        raise UserInputError(
+            f"{source.name} is constant: every value of its {len(arr)} samples is {lo:g}, so it carries no range to calibrate or measure on",
+            file=config_file, key=key, fix="point it at real samples (a constant array is usually a failed export or a placeholder)",
+        )
+    if len(arr) > 1 and bool(np.all(arr == arr[:1])):
+        raise UserInputError(
+            f"{source.name} holds {len(arr)} copies of one sample", file=config_file, key=key,
+            fix="point it at distinct, representative samples",
+        )
+
+
+def check_label_range(labels: np.ndarray, classes: dict[str, int], *, source: Path, config_file: Path | None, key: str) -> None:
+    """Labels that feed the built-in accuracy metrics of logits outputs must be class indices of every such output."""
+    if not classes or labels.size == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    for name, n in classes.items():
+        if lo < 0 or hi >= n:
+            first = int(np.argwhere((labels < 0) | (labels >= n)).reshape(-1)[0])
+            raise UserInputError(
+                f"labels in {source.name} range over [{lo}, {hi}], but output '{name}' has {n} classes (indices 0-{n - 1}); "
+                f"the first bad label is {int(labels.reshape(-1)[first])} (sample {first})",
+                file=config_file, key=key, fix=f"store class indices in [0, {n - 1}] (e.g. map -1/ignored samples out of the evaluation set)",
+            )
 
 
 def is_uint8_domain(domain: tuple[float, float], arr: np.ndarray) -> bool:

@@ -5,7 +5,10 @@ this module turns pairs of arrays into named scalar metrics. Nothing here knows 
 
 Conventions
 - Axis 0 is the batch (sample) axis of every output.
-- For ``kind="logits"`` the class axis is the last axis; argmax/softmax are taken over it.
+- Outputs arrive batch-first: runners move a declared ``batch_axis`` to the front (``hailo_sweep.onnx_runner``).
+- For ``kind="logits"`` the class axis is the last axis; argmax/softmax are taken over it. ``kind="probabilities"``
+  (the model ends in softmax) gets the same class metrics with the probabilities compared as they are (``prob_mae``,
+  ``prob_label_mae``), never a second softmax.
 - Every returned value is a finite python ``float``; accumulation is done in float64.
 - Metric keys are ``"<output>.<metric>"`` and ``"total.<metric>"``; ``METRIC_DIRECTIONS`` / ``direction_of`` say
   whether lower or higher is better for each metric base name (the part after the last dot, so output names may
@@ -30,7 +33,9 @@ from hailo_sweep.backends.base import QuantParams
 
 SNR_CAP_DB = 200.0
 
-OutputKind = Literal["tensor", "logits"]
+OutputKind = Literal["tensor", "logits", "probabilities"]
+OUTPUT_KINDS: tuple[str, ...] = ("tensor", "logits", "probabilities")
+CLASS_KINDS: tuple[str, ...] = ("logits", "probabilities")
 Direction = Literal["minimize", "maximize"]
 
 METRIC_DIRECTIONS: dict[str, Direction] = {
@@ -48,6 +53,9 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
     "accuracy": "maximize",
     "accuracy_ref": "maximize",
     "accuracy_drop": "minimize",
+    # class probabilities (kind probabilities): compared as given
+    "prob_mae": "minimize",
+    "prob_label_mae": "minimize",
     # emulation vs device, in LSB
     "lsb_max": "minimize",
     "lsb_mean": "minimize",
@@ -57,24 +65,34 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
 
 # Metrics aggregated into "total.<metric>" by stage_metrics: over all weighted outputs, and over logits outputs only.
 _TOTAL_ALL = ("nmae", "snr_db", "cosine")
-_TOTAL_LOGITS = ("top1_agreement", "softmax_mae", "accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae")
+_TOTAL_LOGITS = ("top1_agreement", "softmax_mae", "accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae", "prob_mae", "prob_label_mae")
+
+#: the output kinds that have each class metric (other metrics exist for every output)
+METRIC_KINDS: dict[str, tuple[str, ...]] = {
+    **{base: CLASS_KINDS for base in ("top1_agreement", "accuracy", "accuracy_ref", "accuracy_drop")},
+    "softmax_mae": ("logits",),
+    "softmax_label_mae": ("logits",),
+    "prob_mae": ("probabilities",),
+    "prob_label_mae": ("probabilities",),
+}
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How one model output is compared: its ONNX name, its weight in the totals, and whether it holds logits."""
+    """How one model output is compared: its ONNX name, its weight in the totals, and what it holds."""
 
     name: str
     weight: float = 1.0
     kind: OutputKind = "tensor"
+    batch_axis: int = 0  # the axis of the model's output that holds the samples; runners move it to axis 0
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("output name must not be empty")
         if not np.isfinite(self.weight) or self.weight < 0:
             raise ValueError(f"output {self.name!r}: weight must be a finite number >= 0, got {self.weight}")
-        if self.kind not in ("tensor", "logits"):
-            raise ValueError(f"output {self.name!r}: kind must be 'tensor' or 'logits', got {self.kind!r}")
+        if self.kind not in OUTPUT_KINDS:
+            raise ValueError(f"output {self.name!r}: kind must be one of {OUTPUT_KINDS}, got {self.kind!r}")
 
 
 def direction_of(metric_key: str) -> str:
@@ -213,8 +231,12 @@ def _tensor_metrics(stats: _RowStats) -> dict[str, float]:
     }
 
 
-def _logits_metrics(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+def _logits_metrics(
+    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, probabilities: bool = False
+) -> dict[str, float]:
     """Classification metrics over the last axis; positions (all leading axes) are processed in blocks.
+
+    With ``probabilities`` the values already are class probabilities: they are compared as given (prob_* keys).
 
     Expects inputs already checked by ``_row_stats`` (same shape, finite).
     """
@@ -234,7 +256,7 @@ def _logits_metrics(reference: np.ndarray, candidate: np.ndarray, labels: np.nda
         arg_r = r.argmax(axis=-1)
         arg_c = c.argmax(axis=-1)
         agree += int(np.count_nonzero(arg_r == arg_c))
-        p_c = _softmax_inplace(c)
+        p_c = c if probabilities else _softmax_inplace(c)
         if lab is not None:
             block_lab = lab[rows]
             correct += int(np.count_nonzero(arg_c == block_lab))
@@ -242,14 +264,15 @@ def _logits_metrics(reference: np.ndarray, candidate: np.ndarray, labels: np.nda
             # |p - onehot| = sum|p| - p[label] + (1 - p[label]) per position, without building the one-hot
             p_label = np.take_along_axis(p_c, block_lab[:, None], axis=-1)[:, 0]
             label_err += float(p_c.sum() - 2.0 * p_label.sum() + p_label.size)
-        p_r = _softmax_inplace(r)
+        p_r = r if probabilities else _softmax_inplace(r)
         np.subtract(p_r, p_c, out=p_r)
         np.abs(p_r, out=p_r)
         softmax_err += float(p_r.sum())
+    prefix = "prob" if probabilities else "softmax"
     out = {
         # for (N, C) logits this is the share of samples; for (N, ..., C) the share of positions
         "top1_agreement": agree / positions,
-        "softmax_mae": softmax_err / ref.size,
+        f"{prefix}_mae": softmax_err / ref.size,
     }
     if lab is not None:
         accuracy = correct / positions
@@ -258,8 +281,8 @@ def _logits_metrics(reference: np.ndarray, candidate: np.ndarray, labels: np.nda
             accuracy=accuracy,
             accuracy_ref=accuracy_ref,
             accuracy_drop=accuracy_ref - accuracy,
-            softmax_label_mae=max(label_err, 0.0) / ref.size,
         )
+        out[f"{prefix}_label_mae"] = max(label_err, 0.0) / ref.size
     return out
 
 
@@ -272,11 +295,11 @@ def output_metrics(
     and with integer ``labels`` (shape = logits shape without the class axis) the three-way test: accuracy of the
     candidate, accuracy of the reference, their difference, and the candidate's softmax error against the one-hot label.
     """
-    if kind not in ("tensor", "logits"):
-        raise ValueError(f"kind must be 'tensor' or 'logits', got {kind!r}")
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
     out = _tensor_metrics(_row_stats(reference, candidate))
-    if kind == "logits":
-        out.update(_logits_metrics(reference, candidate, labels))
+    if kind in CLASS_KINDS:
+        out.update(_logits_metrics(reference, candidate, labels, probabilities=kind == "probabilities"))
     return out
 
 
@@ -334,7 +357,7 @@ def stage_metrics(
             _get(reference, spec.name, "reference"),
             _get(candidate, spec.name, "candidate"),
             kind=spec.kind,
-            labels=labels if spec.kind == "logits" else None,
+            labels=labels if spec.kind in CLASS_KINDS else None,
         )
         per_output[spec.name] = metrics
         out.update({f"{spec.name}.{k}": v for k, v in metrics.items()})
@@ -342,12 +365,10 @@ def stage_metrics(
         out[f"total.{metric}"] = _weighted_mean(
             [per_output[o.name][metric] for o in weighted], [o.weight for o in weighted]
         )
-    logits = [o for o in weighted if o.kind == "logits"]
     for metric in _TOTAL_LOGITS:
-        if logits and metric in per_output[logits[0].name]:
-            out[f"total.{metric}"] = _weighted_mean(
-                [per_output[o.name][metric] for o in logits], [o.weight for o in logits]
-            )
+        having = [o for o in weighted if metric in per_output[o.name]]
+        if having:
+            out[f"total.{metric}"] = _weighted_mean([per_output[o.name][metric] for o in having], [o.weight for o in having])
     return out
 
 
@@ -492,6 +513,8 @@ def per_sample_metric(
     if base == "softmax_mae":
         diff = np.abs(_softmax_inplace(ref.astype(np.float64)) - _softmax_inplace(cand.astype(np.float64)))
         return diff.reshape(len(diff), -1).mean(axis=1)
+    if base == "prob_mae":
+        return np.abs(ref.astype(np.float64) - cand.astype(np.float64)).mean(axis=1)
     err = per_sample_error(ref, cand)
     if base == "nmae":
         level = float(np.abs(ref).mean())

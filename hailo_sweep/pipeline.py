@@ -35,11 +35,12 @@ from hailo_sweep.backends.base import (
 from hailo_sweep.config import DiagnosticsConfig, SweepConfig
 from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, check_agreement, check_calibration_coverage, run_all
 from hailo_sweep.diagnose.ladder import ladder_steps
-from hailo_sweep.data import Dataset, feed, load_dataset
+from hailo_sweep.data import Dataset, check_label_range, feed, load_dataset
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.model_io import file_sha256, output_specs, read_model_io
+from hailo_sweep.model_io import batch_axes, class_counts, file_sha256, output_specs, probe_model, read_model_io, softmax_outputs, with_data_size
 from hailo_sweep.reference import reference_outputs
 from hailo_sweep.settings import Settings
+from hailo_sweep.task_metrics import TaskMetric, find, load_task_metrics, stage_task_metrics
 
 #: metric-key prefix of each emulation context and of the device stage
 STAGE_PREFIX = {
@@ -66,9 +67,23 @@ class Prepared:
     prepare_seconds: float
     facts: dict[str, str | float] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)  # sweep-wide findings (e.g. calibration coverage)
+    task_metrics: tuple[TaskMetric, ...] = ()
 
     def backend_context(self) -> BackendContext:
         return backend_context(self.config, self.model_io, self.normalization, self.work_dir)
+
+    def stage_metrics(self, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Built-in and task metrics of one stage's outputs against the float reference (keys without the stage)."""
+        values = m.stage_metrics(self.reference, outputs, self.outputs, self.dataset.labels)
+        values.update(stage_task_metrics(self.task_metrics, self.reference, outputs, self.dataset.task_labels))
+        return values
+
+    def per_sample(self, metric: str, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Per-sample values of ``metric`` (a config metric name such as ``total.nmae`` or ``task.seq_match``)."""
+        task = find(self.task_metrics, metric)
+        if task is not None:
+            return task.per_sample(self.reference, outputs, self.dataset.task_labels)
+        return m.per_sample_metric(metric, self.reference, dict(outputs), self.outputs)
 
 
 def backend_context(config: SweepConfig, model_io: ModelIO, normalization: Normalization | None, work_dir: Path) -> BackendContext:
@@ -81,6 +96,7 @@ def backend_context(config: SweepConfig, model_io: ModelIO, normalization: Norma
         normalization=normalization,
         domain=config.data.domain,
         options=config.hailo.model_dump(),
+        output_batch_axes=batch_axes(output_specs(config, model_io)),
     )
 
 
@@ -89,6 +105,16 @@ def load_inputs(config: SweepConfig) -> tuple[ModelIO, tuple[m.OutputSpec, ...],
     model_io = read_model_io(config.model, config_file=config.source)
     outputs = output_specs(config, model_io)
     dataset = load_dataset(config, model_io)
+    model_io = with_data_size(model_io, dataset.calibration.shape[1:])
+    if dataset.evaluation.shape[2:] != dataset.calibration.shape[2:]:
+        raise UserInputError(
+            f"the model's input size is dynamic and the data sets disagree: calibration samples are "
+            f"{list(dataset.calibration.shape[2:])} (H, W), evaluation samples {list(dataset.evaluation.shape[2:])}",
+            file=config.source,
+            key="data.evaluation",
+            fix="resize both data sets to the one input size the model should be compiled for",
+        )
+    load_task_metrics(config)  # a missing file or function is refused here, before any store is written
     normalization = None
     if config.normalization is not None:
         channels = int(model_io.input_shape[1])
@@ -101,7 +127,29 @@ def load_inputs(config: SweepConfig) -> tuple[ModelIO, tuple[m.OutputSpec, ...],
                 fix=f"give 1 or {channels} values for mean and std",
             )
         normalization = Normalization(mean=tuple(mean) * (channels // len(mean)), std=tuple(std) * (channels // len(std)))
+    probe = feed(dataset.evaluation[:3], "host", normalization, config.data.domain)
+    probe_model(config.model, model_io, outputs, probe, config_file=config.source)
+    if dataset.labels is not None:
+        _check_labels(config, model_io, outputs, dataset, normalization)
     return model_io, outputs, dataset, normalization
+
+
+def _check_labels(config: SweepConfig, model_io: ModelIO, outputs: tuple[m.OutputSpec, ...], dataset: Dataset, normalization: Normalization | None) -> None:
+    """Class-id labels feed the accuracy metrics of logits and probabilities outputs: refuse class indices outside every such output's classes
+    (before any store is written), from the graph's class axis, or from one sample run when that axis is not fixed."""
+    logits = [o.name for o in outputs if o.kind in m.CLASS_KINDS]
+    if not logits:
+        return
+    classes = class_counts(config.model, logits)
+    unknown = [n for n, c in classes.items() if c is None]
+    if unknown:
+        from hailo_sweep import onnx_runner
+
+        sess = onnx_runner.session(config.model, onnx_runner.ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        sample = feed(dataset.evaluation[:1], "host", normalization, config.data.domain).astype(np.float32)
+        probe = onnx_runner.run_chunked(sess, sample, tuple(unknown), batch_axes(outputs))
+        classes.update({n: int(probe[n].shape[-1]) for n in unknown})
+    check_label_range(dataset.labels, {n: c for n, c in classes.items() if c}, source=config.data.evaluation, config_file=config.source, key="data.labels_key")
 
 
 def prepare_sweep(config: SweepConfig, work_dir: Path, backend: Backend | None = None) -> Prepared:
@@ -109,7 +157,9 @@ def prepare_sweep(config: SweepConfig, work_dir: Path, backend: Backend | None =
     start = time.perf_counter()
     model_io, outputs, dataset, normalization = load_inputs(config)
     reference_in = feed(dataset.evaluation, "host", normalization, config.data.domain)
-    reference, hit = reference_outputs(config.model, reference_in, model_io.output_names, work_dir / "reference")
+    reference, hit = reference_outputs(
+        config.model, reference_in, model_io.output_names, work_dir / "reference", batch_axes(outputs)
+    )
     prepared = Prepared(
         config=config,
         model_io=model_io,
@@ -121,7 +171,9 @@ def prepare_sweep(config: SweepConfig, work_dir: Path, backend: Backend | None =
         work_dir=work_dir,
         prepare_seconds=0.0,
         facts={"reference_cache_hit": "true" if hit else "false"},
+        task_metrics=load_task_metrics(config),
     )
+    prepared.findings.extend(softmax_findings(config.model, outputs))
     coverage = check_calibration_coverage(dataset.calibration, dataset.evaluation)
     if coverage is not None:
         prepared.findings.append(coverage)
@@ -313,8 +365,26 @@ def run_trial(
     return result
 
 
+def softmax_findings(model: Path, outputs: tuple[m.OutputSpec, ...]) -> list[Finding]:
+    """A ``kind: logits`` output that the model already computes with a Softmax gets a second softmax: say so."""
+    return [
+        Finding(
+            code="softmax_as_logits",
+            title=f"Output '{name}' is declared logits but is already a softmax",
+            message=(
+                f"the model computes {name!r} with a Softmax, but the config declares it kind: logits, so the class "
+                "metrics apply a second softmax (softmax_mae then understates the probability error)"
+            ),
+            fix=f"declare outputs: {{{name!r}: {{kind: probabilities}}}} (top-1 agreement and prob_mae, no second softmax)",
+            severity="warning",
+            output=name,
+        )
+        for name in softmax_outputs(model, outputs)
+    ]
+
+
 def _measure(result: TrialResult, prefix: str, prepared: Prepared, outputs: dict[str, np.ndarray]) -> None:
-    values = m.stage_metrics(prepared.reference, outputs, prepared.outputs, prepared.dataset.labels)
+    values = prepared.stage_metrics(outputs)
     result.metrics.update({f"{prefix}.{k}": v for k, v in values.items()})
 
 

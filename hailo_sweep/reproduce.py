@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hailo_sweep import __version__
 from hailo_sweep.backends import backend_class
 from hailo_sweep.backends.base import CompiledModel
-from hailo_sweep.config import DiagnosticsConfig, SweepConfig
+from hailo_sweep.config import DiagnosticsConfig, SweepConfig, check_file
 from hailo_sweep.data import feed
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.model_io import file_sha256
@@ -51,38 +53,131 @@ class Verification:
         return self.outputs_match and self.metrics_match
 
 
-def read_lock(export_dir: Path) -> dict[str, Any]:
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _LockPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class InputFile(_LockPart):
+    path: str
+    sha256: Sha256
+
+
+class LockData(_LockPart):
+    calibration: InputFile
+    evaluation: InputFile
+
+
+class ExportedFile(_LockPart):
+    name: str
+    sha256: Sha256
+
+
+class Lock(_LockPart):
+    """What ``verify`` reads from ``lock.json``, nothing else: every value is checked before it is used."""
+
+    format: Literal[1]
+    sweep: str
+    trial: int
+    backend: Literal["onnxruntime", "hailo"]
+    target: str
+    seed: int | None = None
+    settings: dict[str, Any]
+    model: InputFile
+    data: LockData
+    config: dict[str, Any]
+    files: dict[str, ExportedFile]
+    recorded_metrics: dict[str, float]
+    versions: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _has_compiled(self) -> Lock:
+        if "compiled" not in self.files:
+            raise ValueError("files has no 'compiled' entry")
+        return self
+
+
+_FIX = "export again with `hailo-sweep best CONFIG --export DIR`; verify reads only what that command writes"
+
+
+def read_lock(export_dir: Path) -> Lock:
+    """``lock.json`` parsed and validated against ``Lock``; anything else is refused (exit 2) with the reason."""
     path = export_dir / LOCK_FILE
     if not path.is_file():
         raise UserInputError(f"no {LOCK_FILE} in {export_dir}", fix="point verify at a directory written by `hailo-sweep best CONFIG --export DIR`")
-    return json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"not valid JSON: {exc}", file=path, fix=_FIX) from None
+    try:
+        return Lock.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()[:5])
+        first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
+        raise UserInputError(f"not a valid lock file: {problems}", file=path, key=first, fix=_FIX) from None
 
 
-def check_inputs(lock: dict[str, Any]) -> None:
-    """Refuse to verify against a model or data that are not the ones the export was built from."""
-    entries = [("model", lock["model"])] + [(f"data.{k}", lock["data"][k]) for k in ("calibration", "evaluation")]
-    for what, entry in entries:
-        path = Path(entry["path"])
-        if not path.is_file():
-            raise UserInputError(f"{what} file {path} is missing", key=what, fix="restore the file the export was built from")
-        if file_sha256(path) != entry["sha256"]:
+def confined(export_dir: Path, name: str, *, key: str) -> Path:
+    """The export's file ``name``, refused unless it resolves to a regular file inside ``export_dir``."""
+    root = export_dir.resolve()
+    try:
+        path = (root / name).resolve()
+    except (RuntimeError, OSError):
+        path = None
+    if path is None or not path.is_relative_to(root) or path == root:
+        raise UserInputError(f"file name {name!r} points outside the export directory {root}", file=export_dir / LOCK_FILE, key=key, fix=_FIX)
+    if not path.is_file():
+        raise UserInputError(f"{name} is missing from the export directory (or is not a file)", file=export_dir / LOCK_FILE, key=key, fix=_FIX)
+    return path
+
+
+def checked_copy(source: Path, sha256: str, dst: Path, *, what: str, fix: str) -> Path:
+    """Copy ``source`` to ``dst`` and check the copy's hash: what is rebuilt is exactly what was checked (a file
+    swapped after its check is never read again)."""
+    source = check_file(source, what=f"{what} file", fix=fix, key=what)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dst)
+    if file_sha256(dst) != sha256:
+        raise UserInputError(f"{what} file {source} has changed since the export (sha256 differs)", key=what, fix=fix)
+    return dst
+
+
+def checked_inputs(export_dir: Path, lock: Lock, into: Path) -> tuple[SweepConfig, Settings, Path]:
+    """The config to rebuild with, pointing at checked copies of the model and data, the settings, and a checked copy
+    of the exported compiled model. ``config.model`` and ``config.data`` in the lock must name the files whose hashes
+    are recorded (a lock whose config points elsewhere is refused, never rebuilt from)."""
+    lock_path = export_dir / LOCK_FILE
+    fix = "verify needs the exact model and data of the sweep; restore them or export again"
+    try:
+        config = SweepConfig.model_validate(lock.config)
+        settings = Settings.from_params(lock.settings)
+    except (ValidationError, ValueError, KeyError, TypeError) as exc:
+        raise UserInputError(f"config or settings in the lock file are not valid: {str(exc).splitlines()[0][:300]}", file=lock_path, key="config", fix=_FIX) from None
+    entries = (("model", config.model, lock.model), ("data.calibration", config.data.calibration, lock.data.calibration),
+               ("data.evaluation", config.data.evaluation, lock.data.evaluation))
+    copies: dict[str, Path] = {}
+    for what, named, entry in entries:
+        if Path(named) != Path(entry.path):
             raise UserInputError(
-                f"{what} file {path} has changed since the export (sha256 differs)", key=what,
-                fix="verify needs the exact model and data of the sweep; restore them or export again",
+                f"config.{what} names {named}, but the file whose hash is recorded is {entry.path}", file=lock_path, key=f"config.{what}", fix=_FIX,
             )
+        copies[what] = checked_copy(Path(entry.path), entry.sha256, into / "inputs" / what / Path(entry.path).name, what=what, fix=fix)
+    compiled_entry = lock.files["compiled"]
+    compiled_src = confined(export_dir, compiled_entry.name, key="files.compiled.name")
+    compiled = checked_copy(compiled_src, compiled_entry.sha256, into / "exported" / compiled_src.name, what="files.compiled", fix="export again")
+    data = config.data.model_copy(update={"calibration": copies["data.calibration"], "evaluation": copies["data.evaluation"]})
+    return config.model_copy(update={"model": copies["model"], "data": data}), settings, compiled
 
 
 def verify(export_dir: Path) -> Verification:
-    lock = read_lock(export_dir)
-    check_inputs(lock)
-    config = SweepConfig.model_validate(lock["config"])
-    settings = Settings.from_params(lock["settings"])
-    compiled_file = export_dir / lock["files"]["compiled"]["name"]
-    if file_sha256(compiled_file) != lock["files"]["compiled"]["sha256"]:
-        raise UserInputError(f"{compiled_file.name} does not match its recorded sha256", fix="export again")
+    checked = read_lock(export_dir)
+    lock = checked.model_dump()
     cls = backend_class(lock["backend"])
     with tempfile.TemporaryDirectory(prefix="hailo-sweep-verify-") as tmp:
         work = Path(tmp)
+        config, settings, compiled_file = checked_inputs(export_dir, checked, work / "checked")
         prepared = prepare_sweep(config, work)
         backend = cls(prepared.backend_context())
         with backend:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,11 @@ from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.model_io import file_sha256
 from hailo_sweep.stores import Stores, resolve_stores
+from hailo_sweep.study_report import TrialRow, is_feasible, top_trials  # noqa: F401  (re-exported for the commands)
 from hailo_sweep.sweep import chosen_trial, open_storage
 from hailo_sweep.tracking import Tracker, redact_url
 
 ALIAS = "best"
-
-
-@dataclass(frozen=True)
-class TrialRow:
-    number: int
-    value: float
-    feasible: bool
-    params: dict[str, Any]
-    metrics: dict[str, float]
-    run_id: str
-    duplicate_of: int | None
 
 
 def load_study(config: SweepConfig) -> tuple[optuna.Study, Stores]:
@@ -47,38 +36,23 @@ def load_study(config: SweepConfig) -> tuple[optuna.Study, Stores]:
     return study, stores
 
 
-def is_feasible(trial: FrozenTrial) -> bool:
-    return all(v <= 0 for v in (trial.constraints or {}).values())
-
-
-def top_trials(study: optuna.Study, k: int = 10) -> list[TrialRow]:
-    """Completed trials, feasible first, then by the (first) objective in the study's direction."""
-    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
-    # a reused duplicate repeats its original's row: list each evaluated point once
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values and "duplicate_of" not in t.user_attrs]
-    done.sort(key=lambda t: (not is_feasible(t), sign * float(t.values[0]), t.number))
-    return [
-        TrialRow(
-            number=t.number,
-            value=float(t.values[0]),
-            feasible=is_feasible(t),
-            params=dict(t.params),
-            metrics=dict(t.user_attrs.get("metrics", {})),
-            run_id=str(t.user_attrs.get("mlflow_run_id", "")),
-            duplicate_of=t.user_attrs.get("duplicate_of"),
-        )
-        for t in done[:k]
-    ]
-
-
-def best_trial(study: optuna.Study, config: SweepConfig, pick: int | None = None) -> FrozenTrial:
-    """The trial to select: ``pick`` if given (any completed trial, e.g. another point of the Pareto front), else the
-    best feasible one (with two objectives: the front's point with the lowest error)."""
+def best_trial(study: optuna.Study, config: SweepConfig, pick: int | None = None, *, allow_infeasible: bool = False) -> FrozenTrial:
+    """The trial to select: ``pick`` if given (a completed trial, e.g. another point of the Pareto front; one that
+    misses a constraint only with ``allow_infeasible``), else the best feasible one (with two objectives: the front's
+    point with the lowest error)."""
     if pick is not None:
         trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
         if pick not in trials:
             raise UserInputError(f"trial {pick} is not a completed trial of '{config.name}'", file=config.source, fix="pick a trial number from the table")
-        return trials[pick]
+        trial = trials[pick]
+        if not is_feasible(trial) and not allow_infeasible:
+            missed = ", ".join(f"{k} (by {v:.3g})" for k, v in sorted((trial.constraints or {}).items()) if v > 0)
+            raise UserInputError(
+                f"trial {pick} misses the sweep's constraints: {missed}",
+                file=config.source, key="constraints",
+                fix="pick a feasible trial from the table, or add --allow-infeasible to export it anyway (the alias 'best' is not moved to it)",
+            )
+        return trial
     trial = chosen_trial(study)
     if trial is None:
         raise UserInputError(
@@ -89,15 +63,17 @@ def best_trial(study: optuna.Study, config: SweepConfig, pick: int | None = None
     return trial
 
 
-def export_best(config: SweepConfig, out_dir: Path, pick: int | None = None) -> dict[str, Any]:
-    """Register the chosen trial's model under the alias ``best`` and write model, script and manifest to ``out_dir``."""
+def export_best(config: SweepConfig, out_dir: Path, pick: int | None = None, *, allow_infeasible: bool = False) -> dict[str, Any]:
+    """Register the chosen trial's model (alias ``best`` when it is feasible) and write model, script and manifest to
+    ``out_dir``. A trial registered before keeps its version."""
     study, stores = load_study(config)
-    trial = best_trial(study, config, pick)
+    trial = best_trial(study, config, pick, allow_infeasible=allow_infeasible)
     model_id = trial.user_attrs.get("mlflow_model_id")
     if not model_id:
         raise UserInputError(f"trial {trial.number} has no compiled model on record", file=config.source)
     tracker = Tracker(stores.mlflow_uri, config.name, stores.artifact_location)
-    version = _register_once(tracker, model_id, config.name)
+    feasible = is_feasible(trial)
+    version = _register_once(tracker, model_id, config, trial, str(study.user_attrs.get("backend", "")), alias=ALIAS if feasible else None)
     source_run = tracker.client.get_logged_model(model_id).source_run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export.", dir=out_dir) as tmp:
@@ -109,13 +85,16 @@ def export_best(config: SweepConfig, out_dir: Path, pick: int | None = None) -> 
             raise UserInputError(f"the model artifact of trial {trial.number} is missing from the tracking store", file=config.source)
         root_files = {a.path: a for a in tracker.client.list_artifacts(source_run) if not a.is_dir}
         report = json.loads(Path(tracker.download(source_run, "report.json", tmp_dir / "run")).read_text()) if "report.json" in root_files else {}
-        script_name = next((p for p in root_files if p not in ("report.json",)), None)
+        # plain file names only: the export (and `verify`, which reads lock.json's names) stay inside out_dir
+        script_name = next((p for p in root_files if p not in ("report.json",) and Path(p).name == p), None)
         files = {"compiled": compiled.name}
         shutil.copy2(compiled, out_dir / compiled.name)
         if script_name:
             shutil.copy2(tracker.download(source_run, script_name, tmp_dir / "run"), out_dir / script_name)
             files["script"] = script_name
     manifest = _manifest(config, stores, trial, report, out_dir, files, model_id, source_run, version, str(study.user_attrs.get("backend", "")))
+    if not feasible:
+        manifest["mlflow"]["alias"] = None
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True, default=str))
     atomic_write_text(out_dir / LOCK_FILE, json.dumps(lock_of(config, manifest), indent=2, sort_keys=True, default=str))
     return manifest
@@ -148,15 +127,31 @@ def lock_of(config: SweepConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _register_once(tracker: Tracker, model_id: str, name: str) -> str:
-    """Point alias ``best`` at this model; re-running ``best`` does not create another version."""
-    try:
-        current = tracker.client.get_model_version_by_alias(name, ALIAS)
-        if model_id in (current.model_id, current.source.removeprefix("models:/")):
-            return str(current.version)
-    except Exception:  # no registered model or no alias yet
-        pass
-    return tracker.register(model_id, name, ALIAS)
+def _register_once(tracker: Tracker, model_id: str, config: SweepConfig, trial: FrozenTrial, backend: str, alias: str | None = ALIAS) -> str:
+    """The registered version of this trial's model (made once, described and tagged), with ``alias`` pointed at it.
+
+    Exporting or finalizing the same trial again reuses its version; ``alias=None`` (an infeasible pick) leaves the
+    alias where it is.
+    """
+    name = config.name
+    version = tracker.version_of(name, model_id)
+    if version is None:
+        objective = f"{config.objective.stage}.{config.objective.metric}"
+        value = trial.values[0] if trial.values else float("nan")
+        feasible = is_feasible(trial)
+        description = (
+            f"Trial {trial.number} of sweep {name}: {objective} = {value:.6g} ({config.objective.mode}), "
+            f"{'feasible' if feasible else 'INFEASIBLE: misses ' + ', '.join(k for k, v in (trial.constraints or {}).items() if v > 0)}; "
+            f"backend {backend}, target {config.target}."
+        )
+        tags = {
+            "objective": objective, "objective_value": f"{value:.6g}", "feasible": str(feasible), "target": config.target,
+            "backend": backend, "trial": str(trial.number), "mlflow_run_id": str(trial.user_attrs.get("mlflow_run_id", "")),
+        }
+        version = tracker.register(model_id, name, alias, description=description, tags=tags)
+    elif alias is not None:
+        tracker.set_alias(name, alias, version)
+    return version
 
 
 def _manifest(
@@ -210,7 +205,7 @@ def finalize(config: SweepConfig) -> dict[str, Any]:
     model_id = trial.user_attrs.get("mlflow_model_id")
     if not model_id:
         raise UserInputError(f"trial {trial.number} has no compiled model on record", file=config.source)
-    version = _register_once(tracker, model_id, config.name)
+    version = _register_once(tracker, model_id, config, trial, str(study.user_attrs.get("backend", "")))
     run_id = str(trial.user_attrs.get("mlflow_run_id", ""))
     for previous in tracker.client.search_runs(
         [study.user_attrs["mlflow_experiment_id"]], filter_string="tags.`hailo_sweep.best` = 'true'", max_results=100

@@ -16,8 +16,8 @@ import shutil
 import socket
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from hailo_sweep import __version__
 from hailo_sweep import metrics as m
+from hailo_sweep import study_report
 from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
@@ -37,11 +38,16 @@ from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.best_noise import analyse_best, layer_noise_artifacts
+from hailo_sweep.faults import (
+    INTERRUPTED_ATTR, StoresFull, interrupts_end_trials, is_disk_full, reconcile, record_interrupted, record_write_error, requeue_interrupted,
+    resume_line, signame_of,
+)
 from hailo_sweep.recording import ArtifactUploader
 from hailo_sweep.sampling import make_sampler, next_unevaluated, point_key
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
-from hailo_sweep.stores import redact_url, resolve_stores
+from hailo_sweep.stores import check_stores_writable, redact_url, resolve_stores
+from hailo_sweep.task_metrics import PREFIX as TASK_PREFIX
 from hailo_sweep.tracking import LoggedModelRecord, RunRecord, Tracker, TrackingUnavailable
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -49,8 +55,7 @@ DEVICE_ONLY_METRICS = {
     "throughput_fps": "device.throughput_fps", "latency_ms": "device.latency_ms", "size_bytes": "compile.size_bytes", "findings": "findings.count",
 }
 AGREEMENT_BASES = {"lsb_max", "lsb_mean", "lsb_p99", "identical_share"}
-LOGITS_BASES = {"top1_agreement", "softmax_mae", "accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
-LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae"}
+LABEL_BASES = {"accuracy", "accuracy_ref", "accuracy_drop", "softmax_label_mae", "prob_label_mae"}
 
 
 class BudgetSpent(Exception):
@@ -100,7 +105,17 @@ class SweepStorage(optuna.storages.RDBStorage):
         # every transition, not only WAITING -> RUNNING: workers that notice the same dead worker at once would
         # otherwise all fail its trial (sqlite reads the state unlocked) and each enqueue a retry of it
         with self.lock():
+            if state == TrialState.FAIL:
+                self._give_a_reason(trial_id)
             return super().set_trial_state_values(trial_id, state, values)
+
+    def _give_a_reason(self, trial_id: int) -> None:
+        """Every failed trial carries its stage and reason as user attributes; one failed from outside its worker (its
+        heartbeat went stale) gets them here, while it can still be changed (a finished trial cannot)."""
+        trial = self.get_trial(trial_id)
+        if trial.state == TrialState.RUNNING and "error" not in trial.user_attrs:
+            self.set_trial_user_attr(trial_id, "failed_stage", "unknown")
+            self.set_trial_user_attr(trial_id, "error", "worker lost: its heartbeat stopped (the process died or was killed) before it recorded a reason")
 
     def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
         # Optuna's cached storage calls this private hook directly (optuna 5: _CachedStorage.create_new_trial)
@@ -155,8 +170,23 @@ def metric_key(stage: str, metric: str) -> str:
     return f"{'device' if stage == 'device' else 'emulated'}.{metric}"
 
 
-def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, ...], has_labels: bool, *, file: Path | None, key: str) -> None:
+def check_metric(
+    metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, ...], has_labels: bool, *, file: Path | None, key: str,
+    tasks: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a config metric name that no trial would produce; ``tasks``: the config's task metrics and directions."""
     if metric in DEVICE_ONLY_METRICS:
+        return
+    if metric.startswith(TASK_PREFIX) or metric in (tasks or {}):
+        name = metric.removeprefix(TASK_PREFIX)
+        if name not in (tasks or {}):
+            raise UserInputError(
+                f"unknown task metric {name!r}", file=file, key=key,
+                fix="declare it under metrics: {" + name + ": {function: 'file.py:function', direction: maximize}}"
+                + (f", or use one of: {', '.join(TASK_PREFIX + t for t in tasks)}" if tasks else ""),
+            )
+        if not metric.startswith(TASK_PREFIX):
+            raise UserInputError("task metrics are named task.<name> in objectives and constraints", file=file, key=key, fix=f"write {TASK_PREFIX}{name}")
         return
     if metric.startswith("findings."):
         code = metric.removeprefix("findings.")
@@ -176,10 +206,14 @@ def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, 
         raise UserInputError(
             f"unknown metric {base!r}", file=file, key=key, fix=f"use one of: {', '.join(sorted(m.METRIC_DIRECTIONS))}"
         ) from None
-    if base in LOGITS_BASES and output != "total" and names[output].kind != "logits":
-        raise UserInputError(f"{base} needs a logits output, but {output!r} is kind tensor", file=file, key=key, fix=f"set outputs.{output}.kind: logits")
-    if base in LOGITS_BASES and output == "total" and not any(o.kind == "logits" for o in prepared_outputs):
-        raise UserInputError(f"total.{base} needs at least one output of kind logits", file=file, key=key, fix="mark the classification output with kind: logits")
+    kinds = m.METRIC_KINDS.get(base)
+    if kinds and output != "total" and names[output].kind not in kinds:
+        raise UserInputError(
+            f"{base} needs an output of kind {' or '.join(kinds)}, but {output!r} is kind {names[output].kind}",
+            file=file, key=key, fix=f"set outputs.{output}.kind: {kinds[0]}",
+        )
+    if kinds and output == "total" and not any(o.kind in kinds for o in prepared_outputs):
+        raise UserInputError(f"total.{base} needs at least one output of kind {' or '.join(kinds)}", file=file, key=key, fix=f"mark the classification output with kind: {kinds[0]}")
     if base in LABEL_BASES and not has_labels:
         raise UserInputError(f"{base} needs labels", file=file, key=key, fix="set data.labels_key to the labels array of the evaluation .npz")
     if base in AGREEMENT_BASES and stage != "device":
@@ -187,6 +221,11 @@ def check_metric(metric: str, stage: str, prepared_outputs: tuple[m.OutputSpec, 
 
 
 THROUGHPUT_KEY = "device.throughput_fps"
+
+
+def task_directions(config: SweepConfig) -> dict[str, str]:
+    """The config's task metrics (``metrics:``) by name, with their directions."""
+    return {name: spec.direction for name, spec in config.metrics.items()}
 
 
 @dataclass(frozen=True)
@@ -215,9 +254,11 @@ class Objective:
 
 def objective_of(config: SweepConfig, outputs: tuple[m.OutputSpec, ...], has_labels: bool) -> Objective:
     obj = config.objective
-    check_metric(obj.metric, obj.stage, outputs, has_labels, file=config.source, key="objective.metric")
+    tasks = task_directions(config)
+    check_metric(obj.metric, obj.stage, outputs, has_labels, file=config.source, key="objective.metric", tasks=tasks)
     base = obj.metric.rpartition(".")[2]
-    direction = obj.direction or m.direction_of(base)
+    task = tasks.get(obj.metric.removeprefix(TASK_PREFIX)) if obj.metric.startswith(TASK_PREFIX) else None
+    direction = obj.direction or task or m.direction_of(base)
     key = metric_key(obj.stage, obj.metric)
     if obj.mode == "fastest_within":
         assert obj.budget is not None
@@ -265,13 +306,43 @@ def constraint_values(config: SweepConfig, metrics: dict[str, float], objective:
     return values
 
 
+def constraint_metric_names(config: SweepConfig, objective: Objective | None = None) -> dict[str, str]:
+    """The MLflow metric of each constraint: ``<result key>.over_limit`` (negative = within the limit), so that it
+    sorts right after the metric it limits instead of before every real metric."""
+    names: dict[str, str] = {}
+    for name, key, _ in objective.implied_constraints if objective is not None else ():
+        names[name] = f"{key}.over_limit"
+    for c in config.constraints:
+        names[f"{c.stage}.{c.metric}.{'max' if c.max is not None else 'min'}"] = f"{metric_key(c.stage, c.metric)}.over_limit"
+    return names
+
+
+#: the few metrics a user compares, named to sort first in every MLflow table (and linked to each LoggedModel)
+HEADLINE_METRICS = ("_objective", "_feasible", "_device_error", "_fps")
+
+
+def headline_metrics(config: SweepConfig, metrics: dict[str, float], value: float, feasible: bool) -> dict[str, float]:
+    """``_objective`` (the value Optuna optimizes), ``_feasible`` (1/0), ``_device_error`` (the objective's error metric
+    measured on the device) and ``_fps`` (device throughput), where measured."""
+    out = {"_objective": float(value), "_feasible": 1.0 if feasible else 0.0}
+    error = metrics.get(metric_key("device", config.objective.metric))
+    if error is not None and config.objective.metric not in DEVICE_ONLY_METRICS:
+        out["_device_error"] = float(error)
+    if THROUGHPUT_KEY in metrics:
+        out["_fps"] = float(metrics[THROUGHPUT_KEY])
+    return out
+
+
 # -- progress ------------------------------------------------------------------------------------------------
 class SweepObserver(Protocol):
     def sweep_started(self, total: int, remaining: int) -> None: ...
     def message(self, text: str) -> None: ...
     def trial_started(self, number: int, settings: Settings) -> None: ...
     def stage_started(self, name: str) -> None: ...
-    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None) -> None: ...
+    def trial_finished(
+        self, number: int, state: str, value: float | None, feasible: bool | None, *,
+        failed_stage: str | None = None, error: str | None = None, duplicate_of: int | None = None, violated: tuple[str, ...] = (),
+    ) -> None: ...
 
 
 class NullObserver:
@@ -279,7 +350,7 @@ class NullObserver:
     def message(self, text: str) -> None: ...
     def trial_started(self, number: int, settings: Settings) -> None: ...
     def stage_started(self, name: str) -> None: ...
-    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None) -> None: ...
+    def trial_finished(self, number: int, state: str, value: float | None, feasible: bool | None, **details: Any) -> None: ...
 
 
 class TrialFailed(Exception):
@@ -332,6 +403,7 @@ class Sweep:
         self.worker_index = worker_index
         self._opened_storage: SweepStorage | None = None
         self._budget_total: int | None = None  # the budget the sampler's start-up phase is sized to
+        self.requeued: list[optuna.trial.FrozenTrial] = []  # interrupted trials enqueued again by this start
 
     # Everything that can be checked without touching a store is checked here, first.
     def preflight(self) -> tuple[Backend, SearchSpace, Objective]:
@@ -345,13 +417,15 @@ class Sweep:
                 file=cfg.source, key="search.calibset_size", fix=f"use values <= {n_calib}, or provide more calibration data",
             )
         objective = objective_of(cfg, outputs, dataset.labels is not None)
-        if cfg.pruning.enabled and (objective.multi or objective.direction != "minimize" or objective.key == THROUGHPUT_KEY or not objective.key.startswith("device.")):
+        # a task metric's per-sample values are the metric itself, so either direction prunes correctly
+        task_objective = cfg.objective.metric.startswith(TASK_PREFIX)
+        if cfg.pruning.enabled and (objective.multi or (objective.direction != "minimize" and not task_objective) or objective.key == THROUGHPUT_KEY or not objective.key.startswith("device.")):
             raise UserInputError(
                 "pruning compares per-sample errors after emulation; it needs an error metric to minimize at stage device",
                 file=cfg.source, key="pruning.enabled", fix="use an error objective (e.g. logits.softmax_mae, total.nmae) or disable pruning",
             )
         for i, c in enumerate(cfg.constraints):
-            check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric")
+            check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric", tasks=task_directions(cfg))
         backend_cls, note = select_backend(cfg.backend)
         if note:
             self.observer.message(note)
@@ -394,35 +468,50 @@ class Sweep:
         spent = budget.spent(study.get_trials(deepcopy=False), count_running=False)
         remaining = waiting if spent else max(1, total - budget_used(study, count_running=False))
         self.observer.sweep_started(total, remaining)
+        for t in self.requeued:
+            self.observer.message(resume_line(t))
         timings: list[TrialTiming] = []
         prepare_runs = 0
         prepare_seconds = 0.0
         tracker.reopen(parent_run_id)
         uploader = ArtifactUploader(self.stores.mlflow_uri, self.config.name, self.stores.artifact_location)
         remove_dead_scratch(self.stores.work_dir / "uploads")
-        try:
-            with backend:
-                if remaining:
-                    self.observer.stage_started("prepare")
-                    prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
-                    prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
-                    objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings, uploader)
-                    if self._opened_storage is not None:
-                        self._opened_storage.budget = budget
-                    self._optimize_until_spent(study, objective_fn, budget)
-                    diag = self.config.diagnostics
-                    if diag.layer_noise == "best" and diag.layer_noise_best:
-                        self.observer.stage_started("layer noise (best trials)")
-                        analyse_best(study, prepared, backend, space, uploader, k=diag.layer_noise_best,
-                                     samples=diag.layer_noise_samples, message=self.observer.message,
-                                     lock=self._opened_storage.lock if self._opened_storage is not None else contextlib.nullcontext)
-        finally:
-            uploads = uploader.close()  # every file of every trial is in place before the sweep returns
-            for failure in uploads.failures:
-                self.observer.message(f"upload failed for run {failure.run_id} ({failure.what}): {failure.error}")
-            extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
-            extra.update({"uploads_failed": float(len(uploads.failures)), "upload_s": uploads.seconds})
-            self._summarize_parent(study, tracker, parent_run_id, objective, extra)
+        stopping: BaseException | None = None
+        with interrupts_end_trials():  # until the parent run is summarized: a second signal must not cut that short
+            try:
+                with backend:
+                    if remaining:
+                        self.observer.stage_started("prepare")
+                        prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
+                        prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
+                        objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings, uploader)
+                        if self._opened_storage is not None:
+                            self._opened_storage.budget = budget
+                        self._optimize_until_spent(study, objective_fn, budget)
+                        diag = self.config.diagnostics
+                        if diag.layer_noise == "best" and diag.layer_noise_best:
+                            self.observer.stage_started("layer noise (best trials)")
+                            analyse_best(study, prepared, backend, space, uploader, k=diag.layer_noise_best,
+                                         samples=diag.layer_noise_samples, message=self.observer.message,
+                                         lock=self._opened_storage.lock if self._opened_storage is not None else contextlib.nullcontext)
+            except BaseException as exc:
+                stopping = exc
+                if is_disk_full(exc) and not isinstance(exc, StoresFull):  # e.g. the Optuna store on a full disk
+                    raise StoresFull(f"the stores ran out of space: {str(exc).splitlines()[0][:300]}; free some space and run the sweep again") from exc
+                if isinstance(exc, KeyboardInterrupt) and not getattr(exc, "trial_recorded", False):
+                    self.observer.message(f"sweep interrupted ({signame_of(exc)}) outside a trial: nothing was lost; run it again to continue")
+                raise
+            finally:
+                uploads = uploader.close()  # every file of every trial is in place before the sweep returns
+                for failure in uploads.failures:
+                    self.observer.message(f"upload failed for run {failure.run_id} ({failure.what}): {failure.error}")
+                extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
+                extra.update({"uploads_failed": float(len(uploads.failures)), "upload_s": uploads.seconds})
+                try:
+                    self._summarize_parent(study, tracker, parent_run_id, objective, extra)
+                except Exception:
+                    if stopping is None:
+                        raise  # otherwise the reason the sweep stops (a full disk, an outage) is the error to report
         best = chosen_trial(study)
         return SweepSummary(
             study_name=study.study_name,
@@ -491,6 +580,9 @@ class Sweep:
 
     def _create_stores(self, objective: Objective, space: SearchSpace, backend: Backend) -> tuple[optuna.Study, Tracker, str]:
         cfg = self.config
+        check_stores_writable(self.stores, cfg.source)  # both stores writable and reachable before anything is created
+        tracker = self._tracker()
+        tracker.check_reachable()
         study = with_retries(
             lambda: optuna.create_study(
                 study_name=cfg.name, storage=self._storage(), directions=list(objective.directions), sampler=self._sampler(space),
@@ -499,7 +591,6 @@ class Sweep:
             what=f"open the study in {redact_url(self.stores.optuna_url)}",
         )
         self._check_objective(study, objective)
-        tracker = self._tracker()
         assert self._opened_storage is not None
         # under the storage's lock: concurrent `init`s would each see no parent run and no baseline, and each create one
         with self._opened_storage.lock():
@@ -516,8 +607,10 @@ class Sweep:
                 study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
                 study.set_user_attr("objective", objective.record())
                 study.set_user_attr("backend", backend.name)
-            if cfg.sampler.name != "grid" and not study.user_attrs.get("baseline_enqueued"):
-                study.enqueue_trial(space.params_of(self._baseline(space, backend)), user_attrs={"baseline": True}, skip_if_exists=True)
+            self.requeued = requeue_interrupted(study)
+            # enqueued until evaluated: an interrupted baseline was enqueued again just above, whoever ran it
+            if cfg.sampler.name != "grid" and not any(_baseline_pending_or_done(t) for t in study.get_trials(deepcopy=False)):
+                study.enqueue_trial(space.params_of(self._baseline(space, backend)), user_attrs={"baseline": True})
                 study.set_user_attr("baseline_enqueued", True)
         return study, tracker, parent
 
@@ -537,6 +630,9 @@ class Sweep:
                 file=cfg.source, key="name", fix=f"run `hailo-sweep init {cfg.source}` once before starting workers",
             )
         self._check_objective(study, objective)
+        assert self._opened_storage is not None
+        with self._opened_storage.lock():
+            self.requeued = requeue_interrupted(study)
         return study, self._tracker(), parent
 
     def _pruner(self) -> optuna.pruners.BasePruner:
@@ -594,11 +690,18 @@ class Sweep:
                 metrics["pareto_front_size"] = float(len(study.best_trials))
             except ValueError:
                 pass
-            tags["hailo_sweep.best_run_id"] = str(best.user_attrs.get("mlflow_run_id", ""))
+        if best is not None:
+            tags.update({"hailo_sweep.best_run_id": str(best.user_attrs.get("mlflow_run_id", "")), "hailo_sweep.best_trial": str(best.number)})
         tracker.log_to(parent, RunRecord(name="", metrics=metrics, tags=tags))
+        study_report.log_summary(study, tracker, parent, self.stores.work_dir / "summary", self.observer.message)
         running = any(t.state == TrialState.RUNNING for t in trials)
         if not running:  # other workers are still at it: the last one to stop closes the parent
             tracker.finish(parent)
+
+
+def _baseline_pending_or_done(t: optuna.trial.FrozenTrial) -> bool:
+    """A baseline trial that is enqueued, running or evaluated (an interrupted one is not: it is enqueued again)."""
+    return bool(t.user_attrs.get("baseline")) and not (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR))
 
 
 def _waiting(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -677,18 +780,6 @@ def remove_dead_scratch(trials_dir: Path) -> int:
     return removed
 
 
-def reconcile(study: optuna.Study, tracker: Tracker) -> int:
-    """End as FAILED every MLflow run whose Optuna trial has failed but whose run was left RUNNING (e.g. tracking was down)."""
-    fixed = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and tracker.run_status(run_id) == "RUNNING":
-            tracker.set_tags(run_id, {"hailo_sweep.state": "FAIL", "hailo_sweep.reconciled": "true"})
-            tracker.finish(run_id, failed=True)
-            fixed += 1
-    return fixed
-
-
 def with_retries(fn: Callable[[], Any], *, what: str, attempts: int = 5, first_delay: float = 0.5) -> Any:
     """Call ``fn``; on a transient storage error (e.g. concurrent first-time schema creation) retry with backoff."""
     from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -733,6 +824,19 @@ class _TrialRunner:
         self.versions = {"hailo_sweep": __version__, "optuna": optuna.__version__, **_lib_versions(), **backend.versions()}
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        self.stage, self.run_id = "suggest", None
+        try:
+            return self._trial(trial)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (see faults.py): on record, then the process stops
+            self._record_interrupted(trial, signame_of(exc))
+            exc.trial_recorded = True  # type: ignore[attr-defined]
+            raise
+
+    def _on_stage(self, name: str) -> None:
+        self.stage = name
+        self.sweep.observer.stage_started(name)
+
+    def _trial(self, trial: optuna.Trial) -> float | list[float]:
         start = time.perf_counter()
         settings = self.space.suggest(trial)
         obs = self.sweep.observer
@@ -742,6 +846,7 @@ class _TrialRunner:
             return self._reuse(trial, settings, duplicate, start)
         record_s = 0.0
         t0 = time.perf_counter()
+        self.stage = "start"
         try:
             run_id = self.tracker.start_child(
                 self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), tags=self._tags(trial, settings))
@@ -751,6 +856,7 @@ class _TrialRunner:
             trial.set_user_attr("failed_stage", "record")
             trial.set_user_attr("error", str(exc)[:2000])
             raise
+        self.run_id = run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         record_s += time.perf_counter() - t0
         work_dir = self.sweep.stores.work_dir / "trials" / f"{trial.number:04d}-{socket.gethostname()}-{os.getpid()}"
@@ -758,27 +864,36 @@ class _TrialRunner:
         try:
             try:
                 result = run_trial(
-                    self.prepared, self.backend, settings, work_dir, on_stage=obs.stage_started,
+                    self.prepared, self.backend, settings, work_dir, on_stage=self._on_stage,
                     timeouts=self.config.timeouts.model_dump(), diagnostics=self.config.diagnostics,
                     checkpoint=self._checkpoint(trial) if self.config.pruning.enabled else None,
                 )
             except StopTrial as stop:
                 assert stop.result is not None
-                self._record_pruned(trial, run_id, stop.result, work_dir)
+                self.stage = "record"
+                self._record_pruned(trial, run_id, stop.result, work_dir, str(stop))
                 obs.trial_finished(trial.number, "PRUNED (before compile)", None, None)
                 raise optuna.TrialPruned() from None
-            obs.stage_started("record")
+            self._on_stage("record")
             t0 = time.perf_counter()
             value, feasible = self._record(trial, run_id, result, work_dir, start, record_s)
             record_s += time.perf_counter() - t0
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except OSError as exc:  # a write error while recording (a full disk, an I/O error): this trial fails
+            self._record_write_error(trial, run_id, exc)
             raise
         except BaseException as exc:
+            if is_disk_full(exc):  # e.g. sqlite's "database or disk is full", wrapped by the tracking client
+                self._record_write_error(trial, run_id, exc)
             if isinstance(exc, TrackingUnavailable):
                 trial.set_user_attr("failed_stage", "record")
                 trial.set_user_attr("error", str(exc)[:2000])
+            elif not isinstance(exc, TrialFailed):  # any other error: the trial still says where and why
+                trial.set_user_attr("failed_stage", self.stage)
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
             try:
-                self.tracker.finish(run_id, failed=True)  # interrupted: never leave the run RUNNING
+                self.tracker.finish(run_id, failed=True)  # never leave the run RUNNING
             except TrackingUnavailable:
                 pass  # the Optuna trial fails too; `reconcile` ends the run once the store is back
             raise
@@ -791,10 +906,25 @@ class _TrialRunner:
         timing_attr.update({f"{t.name}_s": t.seconds for t in result.timings})  # every stage, compile_s included
         trial.set_user_attr("timing", timing_attr)
         if value is None:
-            obs.trial_finished(trial.number, "FAIL", None, None)
+            obs.trial_finished(trial.number, "FAIL", None, None, failed_stage=result.failed_stage, error=result.error)
             raise TrialFailed(f"trial {trial.number} failed in stage {result.failed_stage}: {result.error}")
-        obs.trial_finished(trial.number, "COMPLETE", value[0], feasible)
+        violated = tuple(k for k, v in (trial.constraints or {}).items() if v > 0)
+        obs.trial_finished(trial.number, "COMPLETE", value[0], feasible, violated=violated)
         return value if self.objective.multi else value[0]  # type: ignore[return-value]
+
+    # -- trials that did not complete ----------------------------------------------------------------------
+    def _record_interrupted(self, trial: optuna.Trial, signame: str) -> None:
+        record_interrupted(trial, self.tracker, self.run_id, self.stage, signame)
+        self.sweep.observer.message(f"trial {trial.number} interrupted ({signame}) in stage {self.stage}: the next `hailo-sweep run` retries it")
+
+    def _record_write_error(self, trial: optuna.Trial, run_id: str, exc: BaseException) -> None:
+        """A write failed while recording: the trial fails; a full disk stops the sweep (see faults.py)."""
+        reason = record_write_error(trial, self.tracker, run_id, exc)
+        self.sweep.observer.trial_finished(trial.number, "FAIL", None, None, failed_stage="record", error=reason)
+        if is_disk_full(exc):
+            where = f"{exc.strerror} ({exc.filename or 'the stores'})" if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:300]
+            raise StoresFull(f"trial {trial.number} could not be recorded: {where}; the sweep stopped, free some space and run it again") from exc
+        raise TrialFailed(reason) from exc
 
     # -- pruning -------------------------------------------------------------------------------------------
     def _checkpoint(self, trial: optuna.Trial) -> Callable[[str, TrialResult, dict[str, np.ndarray]], None]:
@@ -802,7 +932,7 @@ class _TrialRunner:
 
         def check(stage: str, result: TrialResult, emulated: dict[str, np.ndarray]) -> None:
             metric = self.objective.key.removeprefix("device.")
-            per_sample = m.per_sample_metric(metric, self.prepared.reference, emulated, self.prepared.outputs)
+            per_sample = self.prepared.per_sample(metric, emulated)
             groups = np.array_split(per_sample, min(self.config.pruning.groups, len(per_sample)))
             for step, group in enumerate(groups):
                 trial.report(float(group.mean()), step)
@@ -811,10 +941,11 @@ class _TrialRunner:
 
         return check
 
-    def _record_pruned(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path) -> None:
-        """A pruned trial keeps the emulated metrics it reached, in both stores."""
+    def _record_pruned(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, reason: str) -> None:
+        """A pruned trial keeps the emulated metrics it reached, and its stage and reason, in both stores."""
         metrics = dict(result.metrics)
         trial.set_user_attr("pruned_at", "emulate")
+        trial.set_user_attr("reason", reason)
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k.startswith("emulated.total.") or k.startswith("time.")})
         artifacts: list[tuple[Path, str]] = []
         if result.script:
@@ -824,7 +955,7 @@ class _TrialRunner:
         self.tracker.end_child(
             run_id,
             RunRecord(name="", params=result.params, metrics=metrics, artifacts=artifacts,
-                      tags={"hailo_sweep.state": "PRUNED", "hailo_sweep.pruned_at": "emulate"}),
+                      tags={"hailo_sweep.state": "PRUNED", "hailo_sweep.pruned_at": "emulate", "hailo_sweep.reason": reason}),
         )
 
     # -- record --------------------------------------------------------------------------------------------
@@ -846,11 +977,12 @@ class _TrialRunner:
             if "optimization_level_lowered" in result.flags:
                 # the toolchain measured another level than the one asked for: never count it as that level
                 constraints["optimization_level_honoured"] = 1.0
+            metric_names = constraint_metric_names(self.config, self.objective)
             for name, v in constraints.items():
                 trial.set_constraint(name, v)
-                metrics[f"constraint.{name}"] = v
+                metrics[metric_names.get(name, f"constraint.{name}")] = v
             feasible = all(v <= 0 for v in constraints.values())
-            metrics["objective"] = value[0]
+            metrics.update(headline_metrics(self.config, metrics, value[0], feasible))
             tags.update({"hailo_sweep.state": "COMPLETE", "hailo_sweep.feasible": str(feasible)})
             if result.findings:
                 tags["hailo_sweep.findings"] = ",".join(sorted({f.code for f in result.findings}))
@@ -860,26 +992,27 @@ class _TrialRunner:
             trial.set_user_attr("error", (result.error or "")[:2000])
         staging = self._stage_files(work_dir)
         compiled = None
+        model_id = None
         if value is not None and result.compiled is not None:
             compiled = staging / result.compiled.path.relative_to(work_dir) if result.compiled.path.is_relative_to(work_dir) else result.compiled.path
             # the id is needed now (trial attrs are read-only once the trial ends); the file is uploaded later
             model_id = self.tracker.create_model(
                 run_id,
                 LoggedModelRecord(
-                    name=self.config.name, path=compiled, model_type=result.compiled.kind,
-                    params={k: v for k, v in result.settings.as_params().items()},
-                    tags={"optuna.trial_number": str(trial.number)},
+                    name=f"{self.config.name}-trial-{trial.number:04d}", path=compiled, model_type=result.compiled.kind,
+                    params=self.space.params_of(result.settings),
+                    tags={"optuna.trial_number": str(trial.number), "hailo_sweep.feasible": str(feasible)},
                 ),
             )
             trial.set_user_attr("mlflow_model_id", model_id)
             trial.set_user_attr("compiled_name", result.compiled.path.name)
-        else:
-            model_id = None
         report = self._report(trial, result, metrics, value, feasible)
         metrics["time.trial_s"] = time.perf_counter() - start
         metrics["time.record_s"] = record_s + (time.perf_counter() - t0)  # the synchronous part; uploads: time.upload_s
         report["metrics"] = metrics
-        self.tracker.log_to(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags))
+        linked = [k for k in metrics if k in HEADLINE_METRICS or k in self.objective.keys or k.endswith(".over_limit")
+                  or k in ("compile.size_bytes", "device.latency_ms")] if model_id else []  # the Models tab's columns
+        self.tracker.log_to(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, model_id=model_id, model_metrics=tuple(linked)))
         trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.keys)})
         outputs = [o.name for o in self.prepared.outputs]
         self.uploader.submit(
@@ -927,7 +1060,7 @@ class _TrialRunner:
 
     def _params(self, settings: Settings) -> dict[str, Any]:
         return {
-            **settings.as_params(),
+            **self.space.params_of(settings),  # spelled as in the config and in Optuna: output_16bit=all, not featmap,logits
             "target": self.config.target,
             "backend": self.backend.name,
             "calib.n": settings.calibset_size,
@@ -988,9 +1121,13 @@ class _TrialRunner:
             trial.report(v, step)
         source_run = original.user_attrs.get("mlflow_run_id", "")
         metrics = dict(original.user_attrs.get("metrics", {}))
-        tags = {**self._tags(trial, settings), "hailo_sweep.state": "COMPLETE", "hailo_sweep.duplicate_of": str(source_run)}
+        tags = {
+            **self._tags(trial, settings), "hailo_sweep.state": "COMPLETE",
+            "hailo_sweep.duplicate_of": str(original.number), "hailo_sweep.duplicate_of_run_id": str(source_run),
+        }
         feasible = all(v <= 0 for v in (original.constraints or {}).values())
         tags["hailo_sweep.feasible"] = str(feasible)
+        metrics.update(headline_metrics(self.config, metrics, original.values[0], feasible))
         run_id = self.tracker.start_child(self.parent_run_id, RunRecord(name=f"trial-{trial.number:04d}", params=self._params(settings), metrics=metrics, tags=tags))
         self.tracker.finish(run_id)
         for key in ("mlflow_model_id", "compiled_name", "metrics"):
@@ -999,7 +1136,8 @@ class _TrialRunner:
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("duplicate_of", original.number)
         self.timings.append(TrialTiming(trial.number, time.perf_counter() - start, 0.0))
-        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible)
+        violated = tuple(k for k, v in (original.constraints or {}).items() if v > 0)
+        self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible, duplicate_of=original.number, violated=violated)
         self._replace_repeat(trial, original)
         return original.values if self.objective.multi else original.values[0]  # type: ignore[return-value]
 
@@ -1046,7 +1184,8 @@ def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> l
     """The metrics kept in Optuna's user attrs (the full set lives in MLflow)."""
     keep = set(objective_keys)
     for k in metrics:
-        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "findings.")) or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
+        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "findings.", "_")) or k.endswith(".over_limit") \
+                or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)
         if k.startswith(("device.", "emulated.")) and k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae")):
             keep.add(k)

@@ -7,6 +7,7 @@ manual and batched (one ``log_batch`` call per run) because per-call logging is 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -18,13 +19,17 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID
 
 from hailo_sweep.stores import redact_url  # noqa: F401  (re-exported: the tracking store's URLs are redacted too)
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
 ROLE_TAG = "hailo_sweep.role"
+#: the experiment tag the MLflow UI reads for the kind of experiment; ours are model training, not GenAI
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+NOTE_TAG = "mlflow.note.content"  # a run's (or experiment's) description, rendered as Markdown by the UI
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved runs-table view, opened with ?viewStateShareKey=<key>
 
 
 def quiet_mlflow_env() -> None:
@@ -46,6 +51,8 @@ class RunRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
     artifacts: Sequence[tuple[Path, str]] = field(default_factory=list)  # (local file, artifact directory)
     failed: bool = False
+    model_id: str | None = None  # metrics named in ``model_metrics`` are also the LoggedModel's (the Models tab)
+    model_metrics: Sequence[str] = ()
 
 
 @dataclass
@@ -124,7 +131,9 @@ class Tracker:
             exp = self.client.get_experiment_by_name(self.experiment_name)
             if exp is None:
                 try:
-                    self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+                    self._experiment_id = self.client.create_experiment(
+                        self.experiment_name, artifact_location=self.artifact_location, tags=dict([EXPERIMENT_KIND])
+                    )
                 except mlflow.exceptions.MlflowException:  # created concurrently by another process
                     exp = self.client.get_experiment_by_name(self.experiment_name)
                     if exp is None:
@@ -133,6 +142,8 @@ class Tracker:
             else:
                 if exp.lifecycle_stage == "deleted":
                     self.client.restore_experiment(exp.experiment_id)
+                if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # created by an older version
+                    self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 
@@ -147,9 +158,25 @@ class Tracker:
     def finish(self, run_id: str, *, failed: bool = False) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
+    def end_as(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        """End a trial run that did not complete (``FAILED``, or ``KILLED`` when interrupted) with its state and reason
+        tags, so that no ended run still says ``RUNNING`` or ``COMPLETE``."""
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status=status)
+
+    def check_reachable(self) -> None:
+        """One cheap read, so that an unreachable store is found before anything is created anywhere."""
+        self.client.search_experiments(max_results=1)
+
     def run_status(self, run_id: str) -> str | None:
         try:
             return str(self.client.get_run(run_id).info.status)
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    def get_run(self, run_id: str) -> Any:
+        try:
+            return self.client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
             return None
 
@@ -208,8 +235,9 @@ class Tracker:
         self.client.log_model_artifact(model_id, str(path))
         self.client.finalize_logged_model(model_id, "READY")
 
-    def register(self, model_id: str, name: str, alias: str) -> str:
-        """Register a LoggedModel under ``name`` and point ``alias`` at the new version; returns the version."""
+    def register(self, model_id: str, name: str, alias: str | None, *, description: str = "", tags: Mapping[str, str] | None = None) -> str:
+        """Register a LoggedModel under ``name`` (described and tagged) and point ``alias`` at the new version (unless
+        ``alias`` is None); returns the version."""
         try:
             self.client.create_registered_model(name)
         except mlflow.exceptions.MlflowException as exc:
@@ -217,9 +245,40 @@ class Tracker:
                 raise
         source_run = self.client.get_logged_model(model_id).source_run_id
         with _global_tracking_uri(self.tracking_uri):  # the registry resolves models:/ through the global URI
-            version = self.client.create_model_version(name, source=f"models:/{model_id}", run_id=source_run, model_id=model_id)
-        self.client.set_registered_model_alias(name, alias, version.version)
+            version = self.client.create_model_version(
+                name, source=f"models:/{model_id}", run_id=source_run, model_id=model_id,
+                description=description or None, tags={k: _text(v, MAX_TAG_LEN) for k, v in (tags or {}).items()},
+            )
+        # what mlflow.register_model() also does: the Models tab's "Registered models" column reads this tag
+        links = json.loads(self.client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        links.append({"name": name, "version": version.version})
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
+        if alias is not None:
+            self.client.set_registered_model_alias(name, alias, version.version)
         return str(version.version)
+
+    def version_of(self, name: str, model_id: str) -> str | None:
+        """The registered version of ``name`` made from LoggedModel ``model_id``, if there is one."""
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except mlflow.exceptions.MlflowException:
+            return None
+        for v in versions:
+            if model_id in (getattr(v, "model_id", None), str(v.source).removeprefix("models:/")):
+                return str(v.version)
+        return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def set_experiment_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_experiment_tag(self.experiment_id, k, v)
+
+    def save_view(self, key: str, state: Mapping[str, Any]) -> None:
+        """A saved view of the experiment's runs table (filter, order, columns, expanded rows), as the UI's "Share"
+        button writes it; opened with ``#/experiments/<id>/runs?viewStateShareKey=<key>``."""
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + key, json.dumps(dict(state)))
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, _text(v, MAX_TAG_LEN)) for k, v in tags.items()])
@@ -237,7 +296,10 @@ class Tracker:
     # -- internals -----------------------------------------------------------------------------------------
     def _log_batch(self, run_id: str, record: RunRecord) -> None:
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in record.metrics.items() if _finite(v)]
+        linked = set(record.model_metrics) if record.model_id else set()
+        # the UI lists a run's metrics in the order they were logged: the headline ones ("_objective", ...) first
+        ordered = sorted(record.metrics.items(), key=lambda kv: not kv[0].startswith("_"))
+        metrics = [Metric(k, float(v), now, 0, model_id=record.model_id if k in linked else None) for k, v in ordered if _finite(v)]
         params = [Param(k, _text(v, MAX_PARAM_LEN)) for k, v in record.params.items()]
         tags = [RunTag(k, _text(v, MAX_TAG_LEN)) for k, v in record.tags.items()]
         # MLflow caps one batch at 1000 metrics, 100 params and 100 tags

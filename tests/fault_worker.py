@@ -131,10 +131,10 @@ class Processes:
 
 
 # -- run as a script -----------------------------------------------------------------------------------------------
-def hang_compile(marker: Path, cli_args: list[str]) -> None:
-    """Run ``hailo-sweep <cli_args>`` with a compile stage that announces itself and never returns."""
+def install_hanging_compile(marker: Path) -> None:
+    """From now on, this process's first compile writes ``marker`` (its trial work dir's name) and never returns
+    (a signal handler that raises still ends the wait: lock waits are interruptible on POSIX)."""
     from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
-    from hailo_sweep.cli import app
 
     def hanging_compile(self, model, work_dir):  # type: ignore[no-untyped-def]
         tmp = marker.with_name(marker.name + ".tmp")
@@ -143,7 +143,31 @@ def hang_compile(marker: Path, cli_args: list[str]) -> None:
         threading.Event().wait()  # forever: the heartbeat thread keeps the trial alive until the process is killed
 
     OnnxRuntimeBackend.compile = hanging_compile  # type: ignore[method-assign]
+
+
+def hang_compile(marker: Path, cli_args: list[str]) -> None:
+    """Run ``hailo-sweep <cli_args>`` with a compile stage that announces itself and never returns."""
+    from hailo_sweep.cli import app
+
+    install_hanging_compile(marker)
     app(args=cli_args, prog_name="hailo-sweep")
+
+
+def hanging_workers_env(site_dir: Path, marker_dir: Path) -> dict[str, str]:
+    """The environment under which every Python process started (e.g. the workers of ``run --jobs N``, which the test
+    cannot start itself) hangs in its first compile, writing ``marker_dir/<pid>``: a ``sitecustomize`` in ``site_dir``."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    (site_dir / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "if sys.argv[1:2] == ['worker'] or 'hailo_sweep.cli' in ' '.join(sys.orig_argv):\n"
+        "    from pathlib import Path\n"
+        "    from tests.fault_worker import install_hanging_compile\n"
+        f"    install_hanging_compile(Path({str(marker_dir)!r}) / str(os.getpid()))\n",
+        encoding="utf-8",
+    )
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(site_dir), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def fail_stale(ready: Path, go: Path, optuna_url: str, mlflow_uri: str, study_name: str) -> None:

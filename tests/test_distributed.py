@@ -162,7 +162,7 @@ def test_workers_on_postgresql_and_a_tracking_server(workers: int, budget: int, 
     version = client.get_model_version_by_alias(name, "best")
     model_id = version.source.removeprefix("models:/")
     source_run = client.get_run(client.get_logged_model(model_id).source_run_id)
-    assert source_run.data.metrics["objective"] == pytest.approx(best_value, rel=1e-9)
+    assert source_run.data.metrics["_objective"] == pytest.approx(best_value, rel=1e-9)
     assert source_run.data.tags["hailo_sweep.best"] == "true"
 
     # the Optuna URL is on record with its password redacted, and no output printed the password

@@ -110,6 +110,8 @@ def test_a_worker_killed_mid_trial_is_detected_failed_and_retried_once(write_con
 
     # the killed trial: failed by a surviving worker after its heartbeat stopped, its run ended FAILED with the reason
     assert by_number[killed.number].state == TrialState.FAIL
+    assert "worker lost" in by_number[killed.number].user_attrs["error"], "the Optuna trial carries the reason too"
+    assert by_number[killed.number].user_attrs["failed_stage"] == "unknown"
     run = client.get_run(killed_run)
     assert run.info.status == "FAILED"
     assert "worker lost" in run.data.tags["hailo_sweep.error"]

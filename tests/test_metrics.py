@@ -238,7 +238,7 @@ def test_other_input_errors() -> None:
     with pytest.raises(ValueError):
         output_metrics(np.float64(1.0), np.float64(1.0))  # no batch axis
     with pytest.raises(ValueError, match="kind"):
-        output_metrics(REF_T, CAND_T, kind="probabilities")
+        output_metrics(REF_T, CAND_T, kind="boxes")  # probabilities is a kind now (tests/test_structural.py)
     with pytest.raises(ValueError, match="weight"):
         OutputSpec("x", weight=-1.0)
     with pytest.raises(ValueError, match="kind"):

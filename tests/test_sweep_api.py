@@ -104,7 +104,9 @@ def test_identical_settings_are_not_recomputed_and_cost_no_budget(write_config, 
         assert t.user_attrs["duplicate_of"] == 0
         assert t.value == first.value
         run = client.get_run(t.user_attrs["mlflow_run_id"])
-        assert run.data.tags["hailo_sweep.duplicate_of"] == first.user_attrs["mlflow_run_id"]
+        assert run.data.tags["hailo_sweep.duplicate_of"] == str(first.number)  # a trial number, as the CLI shows it
+        assert run.data.tags["hailo_sweep.duplicate_of_run_id"] == first.user_attrs["mlflow_run_id"]
+        assert run.data.metrics["_objective"] == pytest.approx(first.value)  # a reused result is on record in MLflow too
         assert run.data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
     assert budget_used(study, count_running=False) == 1  # reused results cost no budget
 
@@ -158,6 +160,7 @@ def test_pruning_stops_hopeless_trials_before_the_compile(write_config, monkeypa
     for t in pruned:
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.data.tags["hailo_sweep.state"] == "PRUNED"
+        assert t.user_attrs["pruned_at"] == "emulate" and t.user_attrs["reason"] == run.data.tags["hailo_sweep.reason"] == "pruned after emulate"
         assert run.data.metrics["emulated.logits.softmax_mae"] > 0  # the emulated metrics it did reach
         assert "device.logits.softmax_mae" not in run.data.metrics
         assert "compiled" not in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -48,7 +48,9 @@ def test_every_trial_has_its_child_run_under_the_parent(sweep) -> None:
             assert run.data.metrics["device.logits.softmax_mae"] == pytest.approx(t.value)
             assert run.data.tags["hailo_sweep.feasible"] == str(all(v <= 0 for v in t.constraints.values()))
             if "duplicate_of" in t.user_attrs:  # same params as an earlier trial: its result was reused, not recomputed
-                assert run.data.tags["hailo_sweep.duplicate_of"] == trials[t.user_attrs["duplicate_of"]].user_attrs["mlflow_run_id"]
+                assert run.data.tags["hailo_sweep.duplicate_of"] == str(t.user_attrs["duplicate_of"])
+                assert run.data.tags["hailo_sweep.duplicate_of_run_id"] == trials[t.user_attrs["duplicate_of"]].user_attrs["mlflow_run_id"]
+                assert run.data.metrics["_objective"] == pytest.approx(t.value)
                 continue
             for stage in ("optimize", "emulate", "compile", "device", "record", "upload"):  # record: its synchronous part
                 assert run.data.metrics[f"time.{stage}_s"] > 0

@@ -68,6 +68,8 @@ class BackendContext:
     normalization: Normalization | None
     domain: tuple[float, float]  # value range of the raw data
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific options from the config
+    # outputs whose samples are not on axis 0 (time-major (T, N, C)): stages return them batch-first all the same
+    output_batch_axes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ Two modes:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ import onnx
 from hailo_sweep import metrics as m
 from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import CompiledModel, QuantParams
-from hailo_sweep.config import SweepConfig
-from hailo_sweep.data import feed, load_array
+from hailo_sweep.config import SweepConfig, check_file
+from hailo_sweep.data import feed, load_array, open_data_file
 from hailo_sweep.diagnose.findings import Evidence, Finding, run_all
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.diagnose.report import render_report, write_report
@@ -108,11 +109,19 @@ def diagnose_files(
         evidence.model_input_shape = prepared.model_io.input_shape
         evidence.declared_layout = "NCHW"
     if compiled is not None:
+        compiled = check_file(compiled, what="compiled model", key="--compiled", fix="pass a compiled model file (a .hef, or the int8 .onnx of the onnxruntime backend)")
         backend_cls, _ = select_backend(config.backend)
         backend = backend_cls(prepared.backend_context())
         artifact = CompiledModel(path=compiled, size_bytes=compiled.stat().st_size, kind=backend_cls.compiled_kind)
-        with backend, backend.device(artifact) as runner:
-            dev = runner.run(fed)
+        with backend, contextlib.ExitStack() as stack:
+            try:  # loading and a first run: a file this backend cannot run is bad input, refused with the reason
+                runner = stack.enter_context(backend.device(artifact))
+                dev = runner.run(fed)
+            except Exception as exc:  # noqa: BLE001  (onnxruntime, HailoRT and protobuf each raise their own types)
+                raise UserInputError(
+                    f"{compiled.name} cannot be run by the {backend_cls.name} backend ({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})",
+                    key="--compiled", fix=f"pass a {backend_cls.compiled_kind} file compiled by hailo-sweep (e.g. from `hailo-sweep best CONFIG --export DIR`) for this model",
+                ) from None
             again = runner.run(fed[: max(1, config.diagnostics.determinism_samples)])
         quant = dict(dev.quant)
         notes.extend(dev.notes)
@@ -154,13 +163,21 @@ def _onnx_input_dtype(path: Path) -> str:
 
 def _load_outputs(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     """The user's outputs: an .npz with one array per ONNX output name (never unpickled)."""
+    check_file(path, what="outputs file", key="--outputs", fix=f"pass an .npz written with np.savez(path, {'=..., '.join(names)}=...)")
     if path.suffix != ".npz":
         raise UserInputError(f"{path.name}: outputs must be an .npz with one array per output", key="--outputs", fix=f"np.savez(path, {'=..., '.join(names)}=...)")
-    with np.load(path, allow_pickle=False) as data:
+    with open_data_file(path, config_file=None, config_key="--outputs") as data:  # headers checked, never unpickled
         missing = [n for n in names if n not in data.files]
         if missing:
             raise UserInputError(
                 f"{path.name} has no array for output(s) {', '.join(missing)} (it has: {', '.join(data.files)})", key="--outputs",
                 fix="name the arrays after the model's ONNX outputs",
             )
-        return {n: data[n] for n in names}
+        try:
+            outputs = {n: data[n] for n in names}
+        except (ValueError, OSError, EOFError) as exc:
+            raise UserInputError(f"cannot read {path.name}: {exc}", key="--outputs", fix="re-save the outputs with numpy.savez") from None
+    bad = [n for n, v in outputs.items() if v.dtype.kind not in "uifb"]
+    if bad:
+        raise UserInputError(f"{path.name}: output(s) {', '.join(bad)} are not numeric arrays", key="--outputs", fix="save the raw numeric outputs")
+    return outputs

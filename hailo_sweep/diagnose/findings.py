@@ -44,6 +44,7 @@ FINDING_CODES: tuple[str, ...] = (
     "calibration_range",
     "device_disagrees",
     "nondeterministic",
+    "softmax_as_logits",
 )
 
 # Output comparisons: an output is "far" from the reference when its nmae exceeds FAR, and a transformation

@@ -262,7 +262,7 @@ class HailoBackend(Backend):
             output_layers=prepared.graph.script_names(),
             extra_lines=self.options.extra_model_script,
             noisy_layers=[short_name(layer) for layer in noisy_layers],
-            clipping_layers=_clipping_layers(settings, prepared.graph),
+            clipping_layers=prepared.graph.clipping_layers(settings.clipping_scope or "all"),
         )
         check_layer_names(script, prepared.graph.has_layer, [o.script_name for o in prepared.graph.outputs])
         return script
@@ -418,13 +418,3 @@ class HailoBackend(Backend):
 
 
 __all__ = ["HailoBackend", "HailoOptimized", "HailoOptions", "default_net_name"]
-
-
-def _clipping_layers(settings: Settings, graph: HnGraph) -> list[str] | None:
-    """HN layers (short names) a percentile clipping applies to: None = all, or the first / output-producing layers."""
-    scope = settings.clipping_scope or "all"
-    if scope == "first":
-        return [short_name(layer) for layer in graph.first_layers]
-    if scope == "outputs":
-        return [short_name(o.producer) for o in graph.outputs]
-    return None

@@ -99,6 +99,14 @@ class HnGraph:
         """ONNX output name -> the HN output layer name used in model scripts."""
         return {o.onnx_name: o.script_name for o in self.outputs}
 
+    def clipping_layers(self, scope: str) -> list[str] | None:
+        """Short names of the layers a clipping scope names: None = every layer, else the first / output-producing ones."""
+        if scope == "first":
+            return [short_name(layer) for layer in self.first_layers]
+        if scope == "outputs":
+            return [short_name(o.producer) for o in self.outputs]
+        return None
+
     def vstream_to_onnx(self) -> dict[str, str]:
         return {o.producer: o.onnx_name for o in self.outputs}
 

@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import platform
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,8 @@ from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
 from hailo_sweep.backends.onnxruntime.recipe import Recipe, check
 from hailo_sweep.data import is_uint8_domain
 from hailo_sweep.errors import UnsupportedSetting
-from hailo_sweep.onnx_runner import run_chunked, session
+from hailo_sweep.onnx_runner import batches, declared_batch, run_chunked, session
+from hailo_sweep.reference import model_digest
 from hailo_sweep.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,17 +107,12 @@ class OnnxRuntimeBackend(Backend):
 
     # -- prepare -------------------------------------------------------------------------------------------
     def prepare(self) -> dict[str, str | float]:
-        source = self.context.model_path.read_bytes()
-        key = _sha(source + b"|pre-process-v1")[:16]
+        key = _sha((model_digest(self.context.model_path) + "|pre-process-v2").encode())[:16]
         cache = self.context.work_dir / "prepared" / key
         float_path = cache / "float.pre.onnx"
         hit = float_path.is_file()
         if not hit:
-            model = onnx.load_from_string(source)
-            opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET_MIN)
-            if opset < OPSET_MIN:
-                model = onnx.version_converter.convert_version(model, OPSET_MIN)
-            atomic_write(float_path, lambda tmp: _pre_process(model, tmp))
+            atomic_write(float_path, lambda tmp: _pre_process(self.context.model_path, tmp))
         self._float_path = float_path
         if self.context.normalization is not None:
             # keyed on mean/std too: the same model with another normalization must not reuse a stale variant
@@ -173,7 +172,7 @@ class OnnxRuntimeBackend(Backend):
         for out in settings.output_16bit:
             details.append(f"output_16bit: {out} activation QUInt16, producer weights QInt16")
 
-        calibrator = Calibrator(model, calibration, input_name, self.context.work_dir / "calibration-cache")
+        calibrator = Calibrator(model, calibration, input_name, self.context.work_dir / "calibration-cache", self.fixed_batch)
         table = quantize.ranges(model, calibrator, recipe)
         qdq = quantize.quantize(model, table, recipe, overrides, work_dir / "q1.onnx")
         if recipe.bias_correction:
@@ -212,7 +211,7 @@ class OnnxRuntimeBackend(Backend):
                 overrides = quantize.uint8_input_override(input_name) if uint8 else {}
                 scratch = work_dir / "noise-ranking"
                 base = onnx.load(str(base_path))
-                table = Calibrator(base, calibration, input_name, self.context.work_dir / "calibration-cache").minmax()
+                table = Calibrator(base, calibration, input_name, self.context.work_dir / "calibration-cache", self.fixed_batch).minmax()
                 qdq = quantize.quantize(base, table, probe, overrides, scratch / "q.onnx")
                 if uint8:
                     qdq = graph.make_input_uint8(qdq, input_name)
@@ -230,21 +229,28 @@ class OnnxRuntimeBackend(Backend):
     # -- emulate / compile / device ------------------------------------------------------------------------
     def emulate(self, model: OptimizedModel, inputs: np.ndarray, context: EmulationContext) -> dict[str, np.ndarray]:
         outputs = self.context.model_io.output_names
+        axes = self.context.output_batch_axes
         if context is EmulationContext.FP_OPTIMIZED:
             sess = session(model.handle["fp"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-            return run_chunked(sess, inputs.astype(np.float32), outputs)
+            return run_chunked(sess, inputs.astype(np.float32), outputs, axes)
         if context is EmulationContext.QUANTIZED:
             sess = session(model.handle["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-            return run_chunked(sess, inputs if model.handle["uint8_input"] else inputs.astype(np.float32), outputs)
+            return run_chunked(sess, inputs if model.handle["uint8_input"] else inputs.astype(np.float32), outputs, axes)
         raise UnsupportedSetting(f"emulation context {context.value} is not available on the onnxruntime backend")
 
     def compile(self, model: OptimizedModel, work_dir: Path) -> CompiledModel:
-        stripped, _ = graph.strip_output_dequantize(onnx.load(str(model.handle["qdq"])))
+        qdq = graph.dequantize_pass_through_outputs(onnx.load(str(model.handle["qdq"])))
+        stripped, _ = graph.strip_output_dequantize(qdq)
         path = atomic_write(work_dir / "model.int8.onnx", lambda tmp: onnx.save(stripped, str(tmp)))
         return CompiledModel(path=path, size_bytes=path.stat().st_size, kind=self.compiled_kind)
 
     def device(self, compiled: CompiledModel) -> DeviceRunner:
-        return OrtDeviceRunner(compiled.path, self.context.model_io.output_names)
+        return OrtDeviceRunner(compiled.path, self.context.model_io.output_names, self.context.output_batch_axes)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The model's fixed batch size (every run and calibration batch has exactly this many samples), or None."""
+        return declared_batch(self.context.model_io.input_shape)
 
 
 class OrtDeviceRunner(DeviceRunner):
@@ -252,9 +258,10 @@ class OrtDeviceRunner(DeviceRunner):
 
     LATENCY_RUNS = 20
 
-    def __init__(self, path: Path, output_names: tuple[str, ...]):
+    def __init__(self, path: Path, output_names: tuple[str, ...], batch_axes: Mapping[str, int] | None = None):
         self.path = path
         self.output_names = output_names
+        self.batch_axes = dict(batch_axes or {})
         self._session: ort.InferenceSession | None = None
         self._quant: dict[str, QuantParams] = {}
 
@@ -273,16 +280,21 @@ class OrtDeviceRunner(DeviceRunner):
             raise RuntimeError("device runner used outside its 'with' block")
         expected = self._session.get_inputs()[0].type
         feed = inputs if expected == "tensor(uint8)" else inputs.astype(np.float32)
-        self._session.run(None, {self._session.get_inputs()[0].name: feed[:8]})  # warm-up: the first call allocates
+        input_name = self._session.get_inputs()[0].name
+        fixed = declared_batch(self._session.get_inputs()[0].shape)
+        warm, _ = next(batches(feed[:8], fixed))
+        self._session.run(None, {input_name: warm})  # warm-up: the first call allocates
         start = time.perf_counter()
-        raw = run_chunked(self._session, feed, self.output_names)
+        outs = run_chunked(self._session, feed, self.output_names, self.batch_axes)
         elapsed = time.perf_counter() - start
         latencies = []
-        input_name = self._session.get_inputs()[0].name
         for i in range(min(self.LATENCY_RUNS, len(feed))):
+            single, _ = next(batches(feed[i : i + 1], fixed))
             t0 = time.perf_counter()
-            self._session.run(None, {input_name: feed[i : i + 1]})
+            self._session.run(None, {input_name: single})
             latencies.append(time.perf_counter() - t0)
+        # an output the integer model returns as float (no quantization recorded) is compared as float only
+        raw = {name: arr for name, arr in outs.items() if name in self._quant}
         notes = []
         for name, q in self._quant.items():
             if q.bits > 8:
@@ -290,19 +302,38 @@ class OrtDeviceRunner(DeviceRunner):
         return DeviceOutputs(
             raw=raw,
             quant=dict(self._quant),
-            outputs={name: self._quant[name].dequantize(arr) for name, arr in raw.items()},
+            outputs={name: self._quant[name].dequantize(arr) if name in self._quant else arr for name, arr in outs.items()},
             metrics={"throughput_fps": len(feed) / elapsed if elapsed > 0 else 0.0, "latency_ms": float(np.median(latencies) * 1e3)},
             notes=notes,
         )
 
 
-def _pre_process(model: onnx.ModelProto, out: Path) -> None:
-    with quiet_quantizer():
-        try:
-            quant_pre_process(model, str(out))
-        except Exception as exc:  # symbolic shape inference fails on some models (pitfalls P6/P16): retry without it
-            log.warning("quant_pre_process failed (%s); retrying with skip_symbolic_shape=True", exc)
-            quant_pre_process(model, str(out), skip_symbolic_shape=True)
+def _pre_process(model_path: Path, out: Path) -> None:
+    """``quant_pre_process`` of a working copy (opset raised to ``OPSET_MIN``, external data inlined), from a file.
+
+    Always from a file path: given a ``ModelProto`` with external data, ``quant_pre_process`` fails. It runs in a
+    scratch directory next to ``out`` as the working directory, because ONNX Runtime's symbolic shape inference saves
+    ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` file into the current directory when it gives up; the
+    scratch directory is removed afterwards. The user's model file is only read.
+    """
+    model_path, out = model_path.resolve(), out.resolve()  # the working directory changes below
+    scratch = Path(tempfile.mkdtemp(prefix="pre-process-", dir=out.parent))
+    try:
+        model = onnx.load(str(model_path))  # with its external data, read from beside the model
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET_MIN)
+        if opset < OPSET_MIN:
+            model = onnx.version_converter.convert_version(model, OPSET_MIN)
+        working = scratch / "working.onnx"
+        onnx.save(model, str(working))
+        del model
+        with quiet_quantizer(), contextlib.chdir(scratch):
+            try:
+                quant_pre_process(str(working), str(out))
+            except Exception as exc:  # symbolic shape inference fails on some models (pitfalls P6/P16): retry without it
+                log.warning("quant_pre_process failed (%s); retrying with skip_symbolic_shape=True", exc)
+                quant_pre_process(str(working), str(out), skip_symbolic_shape=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _cpu_description() -> str:

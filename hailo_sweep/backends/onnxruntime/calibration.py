@@ -6,7 +6,7 @@ the installed ``onnxruntime/quantization/calibrate.py``):
 - MinMax: ``create_calibrator(MinMax)`` as ``quantize_static`` itself uses it; its augmented model outputs one
   ReduceMin/ReduceMax pair per tensor, so memory stays small. ``CalibMaxIntermediateOutputs`` is *not* used: in this
   version ``MinMaxCalibrater.collect_data`` clears the collected outputs every N runs without merging them, so the
-  ranges would come from the last partial chunk only (``tests/test_calibration.py`` shows it).
+  ranges would come from the last partial chunk only (``tests/test_ort_knobs.py`` shows it).
 - Percentile / Entropy: ORT's ``HistogramCalibrater.collect_data`` keeps every run's full intermediate outputs until
   the reader ends (pitfall P17: 9.9 GB on a 1.7 M-parameter 224x224 classifier with 256 samples), and when fed in
   chunks its histograms are re-binned against an edge array (``np.histogram(bins=array)`` sorts every block: about
@@ -42,12 +42,15 @@ from onnxruntime.quantization.calibrate import (
 
 from hailo_sweep.atomic import atomic_write
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
+from hailo_sweep.onnx_runner import batches
 
 #: histogram bins: ORT's Percentile default (2048); for Entropy ORT's default 128/128 equals MinMax exactly (pitfall
-#: P3), so the entropy search gets 512 bins and 255 quantized bins (the best pair measured in the doc's table)
+#: P3: the KL search then has one candidate), so the histogram gets 256 bins for 128 quantized bins: 65 candidate
+#: thresholds from half to the full range. ORT's search is a Python loop over bins per candidate and tensor, so its
+#: cost grows with both (512/255 took 4x longer for the same candidate ratio).
 PERCENTILE_BINS = 2048
-ENTROPY_BINS = 512
-ENTROPY_QUANTIZED_BINS = 255
+ENTROPY_BINS = 256
+ENTROPY_QUANTIZED_BINS = 128
 BATCH_BYTES = 192 * 2**20  # intermediate outputs of one histogram run at most this large
 MAX_BATCH = 32
 MINMAX_BATCH = 8  # rows per MinMax run: the session's own intermediate buffers grow with the batch
@@ -59,10 +62,11 @@ def sha(data: bytes) -> str:
 
 
 class _Reader(CalibrationDataReader):
-    """Feeds ``data`` in batches of ``batch`` rows (the last one may be smaller: MinMax copes)."""
+    """Feeds ``data`` in batches of ``batch`` rows, or of the model's fixed batch (the last one padded by repeating a
+    sample: duplicates change no min/max)."""
 
-    def __init__(self, data: np.ndarray, input_name: str, batch: int):
-        self.data, self.input_name, self.batch = data, input_name, batch
+    def __init__(self, data: np.ndarray, input_name: str, batch: int, fixed: int | None):
+        self.data, self.input_name, self.batch, self.fixed = data, input_name, batch, fixed
         self._it: Iterator[dict[str, np.ndarray]] = iter(())
         self.rewind()
 
@@ -70,30 +74,20 @@ class _Reader(CalibrationDataReader):
         return next(self._it, None)
 
     def rewind(self) -> None:
-        self._it = ({self.input_name: self.data[i : i + self.batch]} for i in range(0, len(self.data), self.batch))
-
-
-def fixed_batch(model: onnx.ModelProto, input_name: str) -> int | None:
-    """The input's batch dimension when the model fixes it (most real exports: 1, pitfall P19), else None."""
-    for value in model.graph.input:
-        if value.name == input_name:
-            dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-                return int(dims[0].dim_value)
-    return None
+        self._it = ({self.input_name: part} for part, _ in batches(self.data, self.fixed, self.batch))
 
 
 class Calibrator:
     """Calibration tables of one model + calibration set, computed once per method and cached under ``cache_dir``."""
 
-    def __init__(self, model: onnx.ModelProto, data: np.ndarray, input_name: str, cache_dir: Path):
+    def __init__(self, model: onnx.ModelProto, data: np.ndarray, input_name: str, cache_dir: Path, fixed_batch: int | None = None):
         self.model = model
         self.model_bytes = model.SerializeToString()
         self.data = np.ascontiguousarray(data, dtype=np.float32)
         self.input_name = input_name
         self.cache_dir = cache_dir
         self.key = sha(b"|".join([CACHE_VERSION, sha(self.model_bytes).encode(), sha(self.data.tobytes()).encode(), input_name.encode()]))[:24]
-        self.fixed = fixed_batch(model, input_name)
+        self.fixed = fixed_batch  # the model's fixed batch size (every run has exactly that many rows), or None
         self.passes: list[str] = []  # calibration passes this object actually ran (not served from the cache)
 
     # -- tables ----------------------------------------------------------------------------------------------
@@ -102,7 +96,7 @@ class Calibrator:
         if not path.is_file():
             with self._scratch() as (model_path, tmp):
                 calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax)
-                calibrator.collect_data(_Reader(self.data, self.input_name, self.fixed or MINMAX_BATCH))
+                calibrator.collect_data(_Reader(self.data, self.input_name, MINMAX_BATCH, self.fixed))
                 table = calibrator.compute_data()
                 del calibrator
             self.passes.append("minmax")
@@ -175,9 +169,11 @@ class Calibrator:
             counts: dict[str, np.ndarray] = {}
             edges: dict[str, np.ndarray] = {}
             batch = self.fixed or self._batch(session, fetch)
-            for start in range(0, len(self.data), batch):
-                outputs = session.run(fetch, {self.input_name: self.data[start : start + batch]})
+            for part, valid in batches(self.data, self.fixed, batch):
+                outputs = session.run(fetch, {self.input_name: part})
                 for name, value in zip(fetch, outputs, strict=True):
+                    if valid < len(part) and value.ndim and value.shape[0] == len(part):
+                        value = value[:valid]  # a padded fixed batch: the repeated rows are not counted twice
                     flat = value.reshape(-1)
                     if kind == "percentile":  # ORT's symmetric percentile bins |x| over [0, max|x|]
                         h, e = np.histogram(np.abs(flat), bins=bins, range=(0.0, tops[name] or 1.0))
@@ -198,7 +194,7 @@ class Calibrator:
 
     def _batch(self, session: object, fetch: list[str]) -> int:
         """Rows per histogram run so that one run's intermediate outputs stay under ``BATCH_BYTES``."""
-        probe = session.run(fetch, {self.input_name: self.data[:1]})  # type: ignore[attr-defined]
+        probe = session.run(fetch, {self.input_name: next(batches(self.data[:1], self.fixed))[0]})  # type: ignore[attr-defined]
         per_sample = max(1, sum(int(p.nbytes) for p in probe))
         return int(max(1, min(MAX_BATCH, BATCH_BYTES // per_sample)))
 

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hailo_sweep.onnx_runner import batches, declared_batch
+
 # Ops between two convolutions that commute with a positive per-channel scale: f(x / s) = f(x) / s for s > 0.
 _POSITIVE_HOMOGENEOUS = ("Relu", "MaxPool")
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -328,12 +330,15 @@ def _channel_means(
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed_type = helper.tensor_dtype_to_np_dtype(input_value.type.tensor_type.elem_type)
-    batch = _batch_size(input_value, len(calibration))
+    if len(calibration) == 0:
+        raise ValueError("bias correction needs at least one calibration sample")
+    fixed = declared_batch([d.dim_value if d.HasField("dim_value") else None for d in input_value.type.tensor_type.shape.dim])
 
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = {}
-    for start in range(0, len(calibration), batch):
-        chunk = np.ascontiguousarray(calibration[start : start + batch], dtype=feed_type)
+    # a fixed batch gets exactly that many samples per run, the last batch padded by repeating a sample
+    for part, _ in batches(calibration, fixed, _MEANS_BATCH):
+        chunk = np.ascontiguousarray(part, dtype=feed_type)
         values = dict(zip(fetch, session.run(fetch, {input_name: chunk}), strict=True)) if fetch else {}
         values[input_name] = chunk
         for name, axis in requests:
@@ -351,18 +356,6 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     except Exception:  # noqa: BLE001 - inference is best effort; FLOAT is the fallback
         return {}
     return {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info if v.type.tensor_type.elem_type}
-
-
-def _batch_size(input_value: onnx.ValueInfoProto, n: int) -> int:
-    dims = input_value.type.tensor_type.shape.dim
-    if n == 0:
-        raise ValueError("bias correction needs at least one calibration sample")
-    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-        fixed = dims[0].dim_value
-        if n % fixed:
-            raise ValueError(f"the model's batch size is fixed at {fixed}; {n} calibration samples do not divide")
-        return fixed
-    return _MEANS_BATCH
 
 
 def _correct_bias(graph: onnx.GraphProto, node: onnx.NodeProto, target: _Target, mean: np.ndarray) -> bool:

@@ -392,6 +392,40 @@ def strip_output_dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, di
     return out, quant
 
 
+def dequantize_pass_through_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give each graph output that is an ``Identity`` of a dequantized tensor a DequantizeLinear of its own.
+
+    Paddle exports end in ``Identity`` (``save_infer_model/scale_0.tmp_0``); when it survives pre-processing the
+    quantizer leaves it after the last DequantizeLinear, so ``strip_output_dequantize`` would find no quantized
+    tensor under the output's name. Replacing the Identity by a copy of the DequantizeLinear it passes through keeps
+    the output's name and value and lets the output be returned as raw integers like any other.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    producers = {name: node for node in graph.node for name in node.output}
+    replacements: dict[str, onnx.NodeProto] = {}
+    for value in graph.output:
+        node = producers.get(value.name)
+        if node is None or node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            continue
+        source = producers.get(node.input[0])
+        while source is not None and source.op_type == "Identity" and source.domain in ("", "ai.onnx"):
+            source = producers.get(source.input[0])
+        if source is None or not _is_op(source, "DequantizeLinear"):
+            continue
+        dq = _copy_node(source)
+        dq.output[0] = value.name
+        dq.name = _unique_name(graph, f"{value.name}_dequantize")
+        replacements[value.name] = dq
+    if replacements:
+        nodes = [replacements.get(node.output[0], node) if node.output else node for node in graph.node]
+        nodes = [_copy_node(node) for node in nodes]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return out
+
+
 def _output_quant(graph: onnx.GraphProto, dq: onnx.NodeProto) -> OutputQuant:
     name = dq.output[0]
     scale = _constant_array(graph, dq.input[1])

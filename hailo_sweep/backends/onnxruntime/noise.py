@@ -33,6 +33,7 @@ from onnxruntime.quantization.qdq_loss_debug import (
 
 from hailo_sweep.backends.base import LayerNoise
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
+from hailo_sweep.onnx_runner import batches, declared_batch
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,10 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(in
 
 
 class _BatchReader(CalibrationDataReader):
-    """Feeds one array to the named input in batches of ``batch`` samples."""
+    """Feeds one array to the named input: in one batch, or in batches of the model's fixed batch size."""
 
-    def __init__(self, input_name: str, data: np.ndarray, batch: int):
-        self._batches = iter([{input_name: data[i : i + batch]} for i in range(0, len(data), batch)])
+    def __init__(self, input_name: str, data: np.ndarray, fixed_batch: int | None):
+        self._batches = iter([{input_name: batch} for batch, _ in batches(data, fixed_batch, chunk=len(data))])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -60,8 +61,7 @@ def _input_spec(path: Path) -> tuple[str, type, int | None]:
     inp = sess.get_inputs()[0]
     if inp.type not in _ORT_TYPES:
         raise ValueError(f"{path.name}: input {inp.name!r} has unsupported type {inp.type}")
-    batch = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
-    return inp.name, _ORT_TYPES[inp.type], batch
+    return inp.name, _ORT_TYPES[inp.type], declared_batch(inp.shape)
 
 
 def _as_input(inputs: np.ndarray, dtype: type, model: str) -> np.ndarray:
@@ -119,7 +119,7 @@ def _activations(model_path: Path, augmented_path: Path, inputs: np.ndarray, rol
     data = _as_input(inputs, dtype, role)
     model_path = _typed_dequantize_outputs(model_path, augmented_path.with_suffix(".typed.onnx"))
     modify_model_output_intermediate_tensors(str(model_path), str(augmented_path))
-    return collect_activations(str(augmented_path), _BatchReader(input_name, data, batch or len(data)))
+    return collect_activations(str(augmented_path), _BatchReader(input_name, data, batch))
 
 
 def layer_noise(

@@ -5,7 +5,7 @@ Optimization levels are cumulative, like the Dataflow Compiler's:
 =====  =======================================================================================================
 level  recipe
 =====  =======================================================================================================
-0      MinMax calibration, per-channel int8 weights, uint8 activations (QDQ), activations kept (no ReLU folding)
+0      plain quantize_static: MinMax calibration, per-channel int8 weights, uint8 activations (QDQ)
 1      level 0 + cross-layer equalization of Conv -> (Relu|MaxPool)* -> Conv chains
 2      level 1 + empirical bias correction (quantize, measure the weight error's mean effect, correct, re-quantize)
 3      level 2 + activation clipping: Percentile calibration (99.999th percentile) instead of MinMax

@@ -1,0 +1,153 @@
+"""The command line's own behaviour: version, help, declared choices, errors before heavy imports, progress lines,
+the end-of-run table at 80 columns, and hints that work as printed."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from hailo_sweep import __version__, console as console_mod
+from hailo_sweep.cli import app
+from hailo_sweep.progress import LADDER, RichObserver, SweepClock
+from hailo_sweep.settings import Settings
+from hailo_sweep.study_report import TrialRow
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+HEAVY = ("mlflow", "optuna", "onnxruntime", "matplotlib")
+PROBE = """
+import sys
+sys.argv = ["hailo-sweep", *sys.argv[1:]]
+from hailo_sweep.cli import app
+try:
+    app()
+finally:
+    sys.stderr.write("HEAVY:" + ",".join(m for m in {heavy!r} if m in sys.modules) + "\\n")
+"""
+
+
+def probe(*args: str, cwd: Path) -> tuple[int, str, list[str]]:
+    """Run the CLI in a fresh interpreter; return its exit code, its output, and the heavy modules it imported."""
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("HEAVY:"))
+    return proc.returncode, proc.stdout + proc.stderr, [m for m in line.removeprefix("HEAVY:").split(",") if m]
+
+
+def test_version_and_short_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"hailo-sweep {__version__}"
+    result = runner.invoke(app, ["-h"])
+    assert result.exit_code == 0 and "run" in result.output and "--install-completion" in result.output
+    result = runner.invoke(app, ["best", "-h"])
+    assert result.exit_code == 0 and "--allow-infeasible" in result.output
+
+
+def test_diagnose_declares_its_required_options_and_choices(tmp_path: Path) -> None:
+    config = REPO / "configs" / "digits.yaml"
+    result = runner.invoke(app, ["diagnose", "-h"], env={"COLUMNS": "200"})
+    assert "--trial" in result.output and "--compiled is required" in result.output and "host|model" in result.output
+    result = runner.invoke(app, ["diagnose", str(config)])
+    assert result.exit_code == 2 and "--trial" in result.output and "--compiled" in result.output
+    result = runner.invoke(app, ["diagnose", str(config), "--compiled", "x.onnx", "--placement", "device"])
+    assert result.exit_code == 2 and "host" in result.output and "model" in result.output
+
+
+def test_a_config_error_is_reported_before_any_heavy_import(tmp_path: Path) -> None:
+    good = (REPO / "configs" / "digits.yaml").read_text()
+    (tmp_path / "bad.yaml").write_text(good.replace("\ntarget:", "\ntarged:"))
+    code, out, heavy = probe("run", "bad.yaml", cwd=tmp_path)
+    assert code == 2, out
+    assert "targed" in out and "did you mean 'target'" in out
+    assert heavy == []
+    code, out, heavy = probe("--help", cwd=tmp_path)
+    assert code == 0 and heavy == []
+    assert not list(tmp_path.glob("**/*.db")), "a config error wrote a store"
+
+
+def test_hints_name_the_command_as_it_was_started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    script = tmp_path / ".venv" / "bin" / "hailo-sweep"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script), "run"])
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert console_mod.self_command() == ".venv/bin/hailo-sweep"
+    monkeypatch.setenv("PATH", str(script.parent))
+    script.chmod(0o755)
+    assert console_mod.self_command() == "hailo-sweep"
+    monkeypatch.setattr(sys, "argv", ["/x/hailo_sweep/cli.py"])
+    assert console_mod.self_command().endswith(" -m hailo_sweep.cli")
+
+
+def _observer(width: int = 80) -> tuple[RichObserver, io.StringIO]:
+    out = io.StringIO()
+    return RichObserver(Console(file=out, width=width, force_terminal=False, color_system=None)), out
+
+
+SETTINGS = Settings(optimization_level=2, compression_level=1, calibset_size=256, normalization_placement="model", output_16bit=("featmap", "logits"))
+
+
+def test_the_status_line_keeps_count_stage_time_eta_and_best_at_80_columns() -> None:
+    obs, _ = _observer()
+    obs.set_direction("minimize")
+    obs.sweep_started(30, 30)
+    obs.trial_started(0, SETTINGS)
+    obs.stage_started("compile")
+    text = obs.status_text().plain
+    assert "trials 0/30" in text and f"compile {LADDER.index('compile') + 1}/{len(LADDER)}" in text and "ETA ?" in text
+    obs.trial_finished(0, "COMPLETE", 0.000331416, True)
+    obs.trial_finished(1, "COMPLETE", 0.0001, False)  # infeasible: never the best so far
+    obs.trial_started(2, SETTINGS)
+    obs.stage_started("optimize")
+    text = obs.status_text().plain
+    assert "trials 2/30" in text and "optimize 1/6" in text and "best 0.000331416 (#0)" in text
+    assert "ETA ?" not in text and "ETA 0:" in text
+    assert len(text) <= 78  # fits next to the spinner at 80 columns
+
+
+def test_eta_comes_from_the_stage_times_so_far() -> None:
+    clock = SweepClock(total=10, done=2, trial_seconds=[10.0, 12.0])
+    for stage, seconds in (("optimize", 2.0), ("emulate", 1.0), ("compile", 6.0), ("device", 2.0)):
+        clock.add_stage(stage, seconds)
+    # in compile for 1 s of its 6: 5 + 2 (device) left in this trial, then 7 more trials of 11 s on average
+    assert clock.eta("compile", 1.0) == pytest.approx(5.0 + 2.0 + 7 * 11.0)
+
+
+def test_trial_lines_say_state_value_feasibility_and_why_a_trial_failed() -> None:
+    obs, out = _observer()
+    obs.sweep_started(5, 5)
+    obs.trial_finished(0, "COMPLETE", 0.000331416, True)
+    obs.trial_finished(1, "FAIL", None, None, failed_stage="compile", error="RuntimeError: out of memory\nTraceback ...")
+    obs.trial_finished(2, "COMPLETE", 0.0198, False, violated=("device.logits.accuracy_drop.max",))
+    obs.trial_finished(3, "COMPLETE (reused)", 0.000331416, True, duplicate_of=0)
+    obs.trial_finished(4, "COMPLETE (reused)", 0.000331416, True, duplicate_of=0)
+    lines = out.getvalue().splitlines()
+    assert "0.000331416" in lines[0] and "feasible" in lines[0]
+    assert "FAIL" in lines[1] and "in compile: RuntimeError: out of memory" in lines[1] and "Traceback" not in out.getvalue()
+    assert "infeasible (accuracy_drop)" in lines[2]
+    assert "(reused #0)" in lines[3]
+    assert lines[4].startswith("(reused #N): trial N already evaluated these settings")  # explained once, after the first
+    assert out.getvalue().count("without recomputing") == 1 and "(reused #0)" in lines[-1]
+
+
+def test_the_trials_table_fits_80_columns_without_cutting_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(console_mod, "console", Console(file=out, width=80, color_system=None))
+    params = {"optimization_level": 3, "compression_level": 2, "calibset_size": 1024, "normalization_placement": "model", "output_16bit": "featmap+logits"}
+    rows = [
+        TrialRow(12, 0.000331416, True, params, {"device.throughput_fps": 12345.6}, "r1", None),
+        TrialRow(7, 0.0198352123, False, params, {"device.throughput_fps": 481.0}, "r2", None, {"device.logits.accuracy_drop.max": 0.0133}),
+    ]
+    console_mod.print_trials(rows, "device.logits.softmax_mae")
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for value in ("0.000331416", "0.0198352", "12346", "1024"):
+        assert value in text
+    assert "no: accuracy_drop" in " ".join(text.split())
