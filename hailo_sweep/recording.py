@@ -3,13 +3,15 @@ uploaded by one background thread while the next trial runs.
 
 What the sweep and the sampler read is written before a trial returns: params, metrics, tags, the Optuna user attrs and
 the LoggedModel's id. What only a person or ``best --export`` reads later (files) goes through this queue. Each job runs
-in submission order; a job that fails is recorded on its run (tag ``hailo_sweep.upload_error``, run FAILED) and counted,
-never raised into the sweep. ``flush`` waits for every job and is called before a sweep returns, so a finished sweep has
-every file in place.
+in submission order; a job that fails is recorded on its run (tag ``hailo_sweep.upload_error``; the run ends as its trial
+did: the measurements are on record, the tag says which files are missing) and counted, never raised into the sweep.
+``flush`` waits for every job and is called before a sweep returns, so a finished sweep has every file in place. A run
+whose upload was lost with the tracking store (left RUNNING) is ended by ``reconcile_uploads`` at the next start.
 """
 
 from __future__ import annotations
 
+import datetime
 import queue
 import shutil
 import threading
@@ -17,6 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
 
 from hailo_sweep.tracking import Tracker
 
@@ -36,6 +41,7 @@ class _Item:
     what: str
     job: Job
     staging: Path | None  # removed after the job, whatever its outcome
+    run_failed: bool = False  # how the run ends if the job fails
 
 
 @dataclass
@@ -57,8 +63,8 @@ class ArtifactUploader:
         self.stats = UploadStats()
         self._lock = threading.Lock()
 
-    def submit(self, run_id: str, what: str, job: Job, staging: Path | None = None) -> None:
-        item = _Item(run_id, what, job, staging)
+    def submit(self, run_id: str, what: str, job: Job, staging: Path | None = None, *, run_failed: bool = False) -> None:
+        item = _Item(run_id, what, job, staging, run_failed)
         if not self.background:
             self._run(item)
             return
@@ -108,7 +114,7 @@ class ArtifactUploader:
             try:
                 tracker = self._client()
                 tracker.set_tags(item.run_id, {"hailo_sweep.upload_error": f"{item.what}: {error}"})
-                tracker.finish(item.run_id, failed=True)
+                tracker.finish(item.run_id, failed=item.run_failed)
             except Exception:  # the store itself is gone: the failure stays in the stats (and the parent's count)
                 pass
         finally:
@@ -117,3 +123,22 @@ class ArtifactUploader:
                 self.stats.seconds += time.perf_counter() - start
             if item.staging is not None:
                 shutil.rmtree(item.staging, ignore_errors=True)
+
+
+UPLOAD_LOST = "upload lost: the tracking store was unreachable when the files were sent"
+
+
+def reconcile_uploads(study: optuna.Study, tracker: Tracker, *, older_than_s: float) -> int:
+    """End every run of a finished (non-duplicate) trial still RUNNING because its upload was lost; returns the count.
+
+    Only trials finished more than ``older_than_s`` ago: another worker may still be uploading a recent one."""
+    fixed = 0
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        recent = t.datetime_complete is None or (now - t.datetime_complete.replace(tzinfo=None)).total_seconds() < older_than_s
+        if run_id and not recent and "duplicate_of" not in t.user_attrs and tracker.run_status(run_id) == "RUNNING":
+            tracker.set_tags(run_id, {"hailo_sweep.upload_error": UPLOAD_LOST, "hailo_sweep.reconciled": "true"})
+            tracker.finish(run_id)
+            fixed += 1
+    return fixed

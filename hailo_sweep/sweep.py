@@ -42,7 +42,7 @@ from hailo_sweep.faults import (
     INTERRUPTED_ATTR, StoresFull, interrupts_end_trials, is_disk_full, reconcile, record_interrupted, record_write_error, requeue_interrupted,
     resume_line, signame_of,
 )
-from hailo_sweep.recording import ArtifactUploader
+from hailo_sweep.recording import ArtifactUploader, reconcile_uploads
 from hailo_sweep.sampling import make_sampler, next_unevaluated, point_key
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
@@ -463,6 +463,7 @@ class Sweep:
         total = n_trials or self.config.trials
         budget = Budget(total=total, points=space.point_count(), canonical=space.canonical_params)
         reconcile(study, tracker)
+        reconcile_uploads(study, tracker, older_than_s=float(self.config.workers.grace_period))
         remove_dead_scratch(self.stores.work_dir / "trials")
         waiting = len(_waiting(study))  # enqueued points (the baseline, retries, the user's) run even when the budget is spent
         spent = budget.spent(study.get_trials(deepcopy=False), count_running=False)
@@ -1019,7 +1020,7 @@ class _TrialRunner:
             run_id, f"trial {trial.number} artifacts",
             partial(_upload_trial, run_id=run_id, staging=staging, result=result, metrics=metrics, report=report,
                     outputs=outputs, compiled=compiled, model_id=model_id, failed=value is None),
-            staging,
+            staging, run_failed=value is None,
         )
         return value, feasible
 

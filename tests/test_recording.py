@@ -61,6 +61,7 @@ def test_a_failed_upload_is_recorded_on_its_run_and_the_next_job_still_runs(tmp_
     assert [f.run_id for f in stats.failures] == [bad] and stats.jobs == 2
     client = MlflowClient(uri)
     run = client.get_run(bad)
-    assert run.info.status == "FAILED" and run.data.tags["hailo_sweep.upload_error"].startswith("trial 0 artifacts: ")
+    # the run's measurements are on record: it ends as its trial did, the tag says which files are missing
+    assert run.info.status == "FINISHED" and run.data.tags["hailo_sweep.upload_error"].startswith("trial 0 artifacts: ")
     assert client.get_run(good).info.status == "FINISHED"
     assert not staging.exists()
