@@ -6,24 +6,38 @@ CONFIG ?= configs/digits.yaml
 
 .PHONY: demo test install data ui clean
 
+# setuptools warns about every editable install; the warning is about folders named like the package, not ours
+QUIET_BUILD := PYTHONWARNINGS="ignore:Editable installation"
+
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	@echo "==> creating the virtual environment $(VENV) with $(PYTHON)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $@
+	@echo "==> installing hailo-sweep (editable) and its dependencies into $(VENV): MLflow with its UI, Optuna,"
+	@echo "    ONNX Runtime, onnx, NumPy, scikit-learn, matplotlib, and the test tools (about 1 GB;"
+	@echo "    3-10 minutes the first time, seconds when pip's cache has them)"
+	@start=$$(date +%s); $(QUIET_BUILD) $(BIN)/python -m pip install -q -e '.[test]' && \
+		echo "    installed in $$(( $$(date +%s) - start )) s"
+	@touch $@
 
 install: $(VENV)/.installed
 
 data: install
-	$(BIN)/python -m hailo_sweep.examples.digits sweeps/data/digits
+	@echo "==> building the example data in sweeps/data/digits (scikit-learn's digits on 96x128 frames; seconds)"
+	@$(BIN)/python -m hailo_sweep.examples.digits sweeps/data/digits
 
 demo: data
+	@echo "==> running the example sweep $(CONFIG): 30 trials on the embedded onnxruntime backend (1-3 minutes)"
 	$(BIN)/hailo-sweep run $(CONFIG)
+	@echo "==> exporting the best trial to out/digits/"
 	$(BIN)/hailo-sweep best $(CONFIG) --export out/digits
 	@echo
-	@echo "Open the MLflow UI on these runs:  $(BIN)/hailo-sweep ui $(CONFIG)"
+	@echo "Next, copy and paste (or first '. $(BIN)/activate' and drop the $(BIN)/ prefix):"
+	@echo "  $(BIN)/hailo-sweep ui $(CONFIG)                  # the MLflow UI: trial runs sorted by the objective"
+	@echo "  $(BIN)/hailo-sweep diagnose $(CONFIG) --trial 3  # where trial 3's error comes from"
+	@echo "  $(BIN)/hailo-sweep verify out/digits                       # rebuild the exported model and compare"
 
 ui: install
 	$(BIN)/hailo-sweep ui $(CONFIG)

@@ -100,9 +100,15 @@ def _run_jobs(cfg: Any, config: Path, total: int, jobs: int) -> tuple[int | None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from hailo_sweep.selection import load_study
-    from hailo_sweep.sweep import Sweep, budget_used, chosen_trial
+    from hailo_sweep.sweep import NullObserver, Sweep, budget_used, chosen_trial
 
-    sweep = Sweep(cfg)
+    from rich.markup import escape
+
+    class Messages(NullObserver):  # the pre-flight's messages (calibration, device), once, before the workers start
+        def message(self, text: str) -> None:
+            console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True)
+
+    sweep = Sweep(cfg, Messages())
     sweep.init()
     from hailo_sweep.faults import interrupts_end_trials, not_yet_retried, resume_line, signals_held, signame_of
 
@@ -370,7 +376,7 @@ def dashboard(
     host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless you mean to share it")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port (0, or a port that is taken: a free one is picked)")] = 8080,
 ) -> None:
-    """Start optuna-dashboard on the sweep's study (install it with: pip install 'hailo-sweep[dashboard]').
+    r"""Start optuna-dashboard on the sweep's study (install it with: pip install 'hailo-sweep\[dashboard]').
 
     The dashboard does not read Optuna 5's constraints: feasibility is in MLflow (`_feasible`) and in `best`.
     """
@@ -386,7 +392,7 @@ def dashboard(
         port = ui_mod.free_port(host)
     server = ui_mod.start_dashboard(url, host=host, port=port)
     console.print(f"optuna-dashboard on {redact_url(url)}, study [bold]{cfg.name}[/]", highlight=False, soft_wrap=True)
-    ui_mod.wait_and_stop(server, f"{server.base_url}/dashboard", console, err_console, health_path="/api/meta")
+    ui_mod.wait_and_stop(server, f"dashboard: {server.base_url}/dashboard", console, err_console, health_path="/api/meta")
 
 
 def main() -> None:  # pragma: no cover

@@ -307,6 +307,7 @@ class HailoConfig(_Strict):
     end_node_names: list[str] | None = None
     net_name: str | None = None
     device_timeout_ms: int = Field(default=10000, gt=0)
+    device_retries: int = Field(default=2, ge=0)  # further attempts of the device stage after a HailoRT timeout
 
 
 class SweepConfig(_Strict):

@@ -29,3 +29,7 @@ class UnsupportedSetting(UserInputError):
 
 class BackendUnavailable(UserInputError):
     """The backend's packages are not installed (e.g. the Hailo SDK outside Hailo's Developer Zone)."""
+
+
+class RunFailed(RuntimeError):
+    """A run-time failure (a stage of a trial failed on this machine), not bad input: the CLI prints it and exits 1."""

@@ -1,7 +1,8 @@
 """Comparing outputs: float reference vs a stage's outputs, and emulation vs device in units of the quantization step.
 
 Kept apart from execution (as Polygraphy keeps its comparators apart from its runners): backends produce arrays,
-this module turns pairs of arrays into named scalar metrics. Nothing here knows about Optuna, MLflow or a toolchain.
+this module turns pairs of arrays into named scalar metrics (``hailo_sweep.lsb_metrics``: emulation vs device in LSB).
+Nothing here knows about Optuna, MLflow or a toolchain.
 
 Conventions
 - Axis 0 is the batch (sample) axis of every output.
@@ -28,8 +29,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
-from hailo_sweep.backends.base import QuantParams
 
 SNR_CAP_DB = 200.0
 
@@ -124,7 +123,7 @@ def _check_pair(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarra
     return ref.reshape(n, -1), cand.reshape(n, -1)
 
 
-def _blocks(n_rows: int, row_size: int) -> list[slice]:
+def block_rows(n_rows: int, row_size: int) -> list[slice]:
     step = max(1, _BLOCK_ELEMENTS // max(1, row_size))
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
@@ -159,7 +158,7 @@ def _row_stats(reference: np.ndarray, candidate: np.ndarray) -> _RowStats:
     n, size = ref.shape
     names = ("abs_err", "max_err", "sq_err", "abs_ref", "sq_ref", "sq_cand", "dot")
     acc = {k: np.empty(n, np.float64) for k in names}
-    for rows in _blocks(n, size):
+    for rows in block_rows(n, size):
         r, c = _finite_block(ref, cand, rows)
         acc["sq_ref"][rows] = np.einsum("ij,ij->i", r, r)
         acc["sq_cand"][rows] = np.einsum("ij,ij->i", c, c)
@@ -250,7 +249,7 @@ def _logits_metrics(
     positions = ref.shape[0]
     agree = correct = correct_ref = 0
     softmax_err = label_err = 0.0
-    for rows in _blocks(positions, num_classes):
+    for rows in block_rows(positions, num_classes):
         r = ref[rows].astype(np.float64)  # finiteness was checked by _row_stats
         c = cand[rows].astype(np.float64)
         arg_r = r.argmax(axis=-1)
@@ -312,7 +311,7 @@ def per_sample_error(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray
 # -- several outputs -------------------------------------------------------------------------------------------------
 
 
-def _weighted_specs(outputs: Sequence[OutputSpec]) -> list[OutputSpec]:
+def weighted_specs(outputs: Sequence[OutputSpec]) -> list[OutputSpec]:
     """The outputs that count in totals; refuses duplicate names and a set without any positive weight."""
     names = [o.name for o in outputs]
     if len(set(names)) != len(names):
@@ -324,14 +323,14 @@ def _weighted_specs(outputs: Sequence[OutputSpec]) -> list[OutputSpec]:
     return weighted
 
 
-def _get(arrays: Mapping[str, np.ndarray], name: str, what: str) -> np.ndarray:
+def get_output(arrays: Mapping[str, np.ndarray], name: str, what: str) -> np.ndarray:
     try:
         return arrays[name]
     except KeyError:
         raise KeyError(f"output {name!r} missing from {what} (has {sorted(arrays)})") from None
 
 
-def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     w = np.asarray(weights, np.float64)
     return float((np.asarray(values, np.float64) * w).sum() / w.sum())
 
@@ -349,26 +348,26 @@ def stage_metrics(
     labels, accuracy, accuracy_ref, accuracy_drop, softmax_label_mae) get totals over the weighted logits outputs
     only, and only when there are such outputs. ``labels`` apply to every logits output.
     """
-    weighted = _weighted_specs(outputs)
+    weighted = weighted_specs(outputs)
     per_output: dict[str, dict[str, float]] = {}
     out: dict[str, float] = {}
     for spec in outputs:
         metrics = output_metrics(
-            _get(reference, spec.name, "reference"),
-            _get(candidate, spec.name, "candidate"),
+            get_output(reference, spec.name, "reference"),
+            get_output(candidate, spec.name, "candidate"),
             kind=spec.kind,
             labels=labels if spec.kind in CLASS_KINDS else None,
         )
         per_output[spec.name] = metrics
         out.update({f"{spec.name}.{k}": v for k, v in metrics.items()})
     for metric in _TOTAL_ALL:
-        out[f"total.{metric}"] = _weighted_mean(
+        out[f"total.{metric}"] = weighted_mean(
             [per_output[o.name][metric] for o in weighted], [o.weight for o in weighted]
         )
     for metric in _TOTAL_LOGITS:
         having = [o for o in weighted if metric in per_output[o.name]]
         if having:
-            out[f"total.{metric}"] = _weighted_mean([per_output[o.name][metric] for o in having], [o.weight for o in having])
+            out[f"total.{metric}"] = weighted_mean([per_output[o.name][metric] for o in having], [o.weight for o in having])
     return out
 
 
@@ -380,10 +379,10 @@ def sample_weighted_error(
     For each output: ``per_sample_error / mean(|reference|)`` (divisor 1 for an all-zero reference); then the weighted
     mean over outputs with weight > 0. Useful to find the evaluation samples a setting hurts most.
     """
-    weighted = _weighted_specs(outputs)
+    weighted = weighted_specs(outputs)
     rows = []
     for spec in weighted:
-        stats = _row_stats(_get(reference, spec.name, "reference"), _get(candidate, spec.name, "candidate"))
+        stats = _row_stats(get_output(reference, spec.name, "reference"), get_output(candidate, spec.name, "candidate"))
         level = float(stats.abs_ref.sum()) / (stats.abs_ref.size * stats.row_size)
         rows.append(stats.abs_err / stats.row_size / (level if level > 0 else 1.0))
     sizes = {r.shape[0] for r in rows}
@@ -392,108 +391,6 @@ def sample_weighted_error(
         raise ValueError(f"outputs disagree on the number of samples: {counts}")
     w = np.asarray([o.weight for o in weighted], np.float64)
     return np.einsum("k,kn->n", w / w.sum(), np.stack(rows))
-
-
-# -- emulation vs device ---------------------------------------------------------------------------------------------
-
-
-def lsb_difference(emulated: np.ndarray, device_raw: np.ndarray, quant: QuantParams) -> np.ndarray:
-    """Signed difference in quantization steps: device integers minus the emulated floats quantized the device's way.
-
-    Quantizing the emulation (rather than dequantizing the device) compares on the device's own integer grid, so
-    0 means bit-identical and 1 means one step apart, whatever the output's scale.
-    """
-    emu = np.asarray(emulated)
-    raw = np.asarray(device_raw)
-    if emu.shape != raw.shape:
-        raise ValueError(f"shape mismatch: emulated {emu.shape} vs device_raw {raw.shape}")
-    if not np.issubdtype(raw.dtype, np.integer):
-        raise ValueError(f"device_raw must hold raw integers, got dtype {raw.dtype}")
-    if not np.isfinite(emu).all():
-        raise ValueError("emulated contains NaN/inf")
-    return raw.astype(np.int64) - quant.quantize(emu).astype(np.int64)
-
-
-# Histogram bins for |LSB difference|: covers any 16-bit output (differences up to 65535); wider spreads (32-bit raw
-# outputs, or a badly broken device) fall back to computing on the values directly.
-_MAX_HISTOGRAM_BINS = 1 << 17
-
-
-def _percentile_from_counts(counts: np.ndarray, q: float) -> float:
-    """Same value as ``np.percentile(values, q)`` (linear interpolation), read off the counts of each integer value."""
-    cumulative = np.cumsum(counts)
-    n = int(cumulative[-1])
-    position = (n - 1) * q / 100.0
-    lower = int(np.floor(position))
-    upper = min(lower + 1, n - 1)
-    # the k-th smallest value (0-based) is the first bin whose cumulative count exceeds k
-    v_lower, v_upper = np.searchsorted(cumulative, [lower, upper], side="right")
-    return float(v_lower + (position - lower) * (v_upper - v_lower))
-
-
-def _lsb_metrics(emulated: np.ndarray, device_raw: np.ndarray, quant: QuantParams) -> dict[str, float]:
-    """lsb_max, lsb_mean, lsb_p99 and identical_share of |lsb_difference|, from a histogram built block by block.
-
-    Small integer differences make a histogram far cheaper than the partial sort of ``np.percentile``, and blocks keep
-    large temporaries from piling up.
-    """
-    emu = np.asarray(emulated)
-    raw = np.asarray(device_raw)
-    if emu.shape != raw.shape:
-        raise ValueError(f"shape mismatch: emulated {emu.shape} vs device_raw {raw.shape}")
-    if emu.ndim == 0 or emu.size == 0:
-        raise ValueError(f"need a non-empty batch with axis 0 = samples, got shape {emu.shape}")
-    n = emu.shape[0]
-    emu2d = emu.reshape(n, -1)
-    raw2d = raw.reshape(n, -1)
-    blocks = [np.abs(lsb_difference(emu2d[rows], raw2d[rows], quant)).ravel() for rows in _blocks(n, emu2d.shape[1])]
-    top = max(int(b.max()) for b in blocks)
-    if top >= _MAX_HISTOGRAM_BINS:
-        values = np.concatenate(blocks)
-        return {
-            "lsb_max": float(top),
-            "lsb_mean": float(values.mean()),
-            "lsb_p99": float(np.percentile(values, 99.0)),
-            "identical_share": float(np.count_nonzero(values == 0) / values.size),
-        }
-    counts = sum(np.bincount(b, minlength=top + 1) for b in blocks)
-    total = int(counts.sum())
-    return {
-        "lsb_max": float(top),
-        "lsb_mean": float((np.arange(top + 1, dtype=np.float64) * counts).sum() / total),
-        "lsb_p99": _percentile_from_counts(counts, 99.0),
-        "identical_share": float(counts[0] / total),
-    }
-
-
-def agreement_metrics(
-    emulated: Mapping[str, np.ndarray],
-    device_raw: Mapping[str, np.ndarray],
-    quant: Mapping[str, QuantParams],
-    outputs: Sequence[OutputSpec],
-) -> dict[str, float]:
-    """How closely the device reproduces the emulation, in LSB, per output and in total.
-
-    Per output: lsb_max, lsb_mean, lsb_p99 (99th percentile, linear interpolation) of |difference| and
-    identical_share (share of elements with difference 0). Totals over outputs with weight > 0: lsb_max (the maximum)
-    and identical_share (weighted mean).
-    """
-    weighted = _weighted_specs(outputs)
-    per_output: dict[str, dict[str, float]] = {}
-    out: dict[str, float] = {}
-    for spec in outputs:
-        metrics = _lsb_metrics(
-            _get(emulated, spec.name, "emulated"),
-            _get(device_raw, spec.name, "device_raw"),
-            _get(quant, spec.name, "quant"),
-        )
-        per_output[spec.name] = metrics
-        out.update({f"{spec.name}.{k}": v for k, v in metrics.items()})
-    out["total.lsb_max"] = max(per_output[o.name]["lsb_max"] for o in weighted)
-    out["total.identical_share"] = _weighted_mean(
-        [per_output[o.name]["identical_share"] for o in weighted], [o.weight for o in weighted]
-    )
-    return out
 
 
 def per_sample_metric(
@@ -509,7 +406,7 @@ def per_sample_metric(
     output, _, base = metric.rpartition(".")
     if output == "total" or output not in {o.name for o in outputs}:
         return sample_weighted_error(reference, candidate, outputs)
-    ref, cand = _check_pair(_get(reference, output, "reference"), _get(candidate, output, "candidate"))
+    ref, cand = _check_pair(get_output(reference, output, "reference"), get_output(candidate, output, "candidate"))
     if base == "softmax_mae":
         diff = np.abs(_softmax_inplace(ref.astype(np.float64)) - _softmax_inplace(cand.astype(np.float64)))
         return diff.reshape(len(diff), -1).mean(axis=1)

@@ -2,7 +2,9 @@
 
 Batching lives here, once, for every runner and calibration reader: a model whose batch dimension is fixed (exports
 of batch 1 are common) is fed exactly that many samples per call, the last call padded by repeating its last sample
-and the padding dropped from the outputs; a dynamic batch is fed ``CHUNK`` samples per call. Outputs leave this
+and the padding dropped from the outputs; a dynamic batch is fed up to ``CHUNK`` samples per call, fewer for large
+inputs (about ``CALL_ELEMENTS`` input values per call), because ONNX Runtime's memory grows with the batch's
+activations (a 480x640 detector fed 16 frames at once peaks at gigabytes). Outputs leave this
 module batch-first: an output whose samples lie on another axis (time-major ``(T, N, C)``) is concatenated along
 that axis and the axis moved to the front, so every comparison downstream reads axis 0 as the sample axis.
 """
@@ -16,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 CHUNK = 64  # samples per inference call when the batch is dynamic: bounds memory on large models
+CALL_ELEMENTS = 1 << 20  # input values per call when the batch is dynamic (6 samples of 3x224x224, 1 of 3x480x640)
 
 
 class BatchAxisError(ValueError):
@@ -50,9 +53,16 @@ def session_batch(sess: ort.InferenceSession) -> int | None:
     return declared_batch(sess.get_inputs()[0].shape)
 
 
-def batches(inputs: np.ndarray, fixed: int | None, chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, int]]:
-    """``(batch, valid)`` pairs covering ``inputs``: ``fixed`` samples per batch (the last padded), else ``chunk``."""
-    size = fixed or chunk
+def chunk_size(inputs: np.ndarray, largest: int = CHUNK) -> int:
+    """Samples per call for a dynamic batch: at most ``largest``, and about ``CALL_ELEMENTS`` input values."""
+    per_sample = max(1, int(np.prod(inputs.shape[1:], dtype=np.int64)))
+    return max(1, min(largest, CALL_ELEMENTS // per_sample))
+
+
+def batches(inputs: np.ndarray, fixed: int | None, chunk: int | None = None) -> Iterator[tuple[np.ndarray, int]]:
+    """``(batch, valid)`` pairs covering ``inputs``: ``fixed`` samples per batch (the last padded), else ``chunk``
+    (default: ``chunk_size(inputs)``)."""
+    size = fixed or chunk or chunk_size(inputs)
     for start in range(0, len(inputs), size):
         part = inputs[start : start + size]
         valid = len(part)
@@ -61,14 +71,15 @@ def batches(inputs: np.ndarray, fixed: int | None, chunk: int = CHUNK) -> Iterat
         yield part, valid
 
 
-def equal_batch(n: int, fixed: int | None, largest: int = 32) -> int:
+def equal_batch(inputs: np.ndarray, fixed: int | None, largest: int = 32) -> int:
     """Batch size for a calibration reader whose batches must all have one shape (histogram calibrators).
 
-    A fixed batch is the model's; otherwise the largest divisor of ``n`` up to ``largest``.
+    A fixed batch is the model's; otherwise the largest divisor of ``len(inputs)`` up to ``chunk_size(inputs, largest)``.
     """
     if fixed:
         return fixed
-    return max(b for b in range(1, min(largest, n) + 1) if n % b == 0)
+    n = len(inputs)
+    return max(b for b in range(1, min(chunk_size(inputs, largest), n) + 1) if n % b == 0)
 
 
 def run_chunked(

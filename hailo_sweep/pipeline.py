@@ -36,6 +36,7 @@ from hailo_sweep.config import DiagnosticsConfig, SweepConfig
 from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, check_agreement, check_calibration_coverage, run_all
 from hailo_sweep.diagnose.ladder import ladder_steps
 from hailo_sweep.data import Dataset, check_label_range, feed, load_dataset
+from hailo_sweep.device_stage import CONTEXT_NAMES, DEVICE_PREFIX, compare_with_emulation, run_device
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.model_io import batch_axes, class_counts, file_sha256, output_specs, probe_model, read_model_io, softmax_outputs, with_data_size
 from hailo_sweep.reference import reference_outputs
@@ -48,8 +49,6 @@ STAGE_PREFIX = {
     EmulationContext.QUANTIZED: "emulated",
     EmulationContext.BIT_EXACT: "bit_exact",
 }
-DEVICE_PREFIX = "device"
-AGREEMENT_PREFIX = "agreement"
 
 
 @dataclass
@@ -95,7 +94,8 @@ def backend_context(config: SweepConfig, model_io: ModelIO, normalization: Norma
         model_io=model_io,
         normalization=normalization,
         domain=config.data.domain,
-        options=config.hailo.model_dump(),
+        # the device stage's time limit bounds how long a worker waits for a busy device
+        options={**config.hailo.model_dump(), "device_stage_timeout_s": config.timeouts.device},
         output_batch_axes=batch_axes(output_specs(config, model_io)),
     )
 
@@ -208,6 +208,7 @@ class TrialResult:
     lsb_histograms: dict[str, dict[int, int]] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     layer_noise: list[LayerNoise] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)  # the toolchain's own logs (``*.log`` in the trial's work dir)
 
     @property
     def ok(self) -> bool:
@@ -232,6 +233,18 @@ Checkpoint = Callable[[str, TrialResult, dict[str, np.ndarray]], None]
 
 class StageTimeout(Exception):
     """A stage ran past its configured time limit."""
+
+
+def _stage_timeout(exc: BaseException) -> StageTimeout | None:
+    """The ``StageTimeout`` behind ``exc``, also when a backend wrapped it in its own error (e.g. a DFC call failed)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StageTimeout):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextmanager
@@ -297,7 +310,8 @@ def run_trial(
     ladder = _Ladder(result, on_stage, timeouts or {})
     cfg = prepared.config
     ds = prepared.dataset
-    calib = feed(ds.calibration[: settings.calibset_size], settings.normalization_placement, prepared.normalization, cfg.data.domain)
+    # the whole calibration set: settings.calibset_size says how many entries to calibrate on (Backend.optimize)
+    calib = feed(ds.calibration, settings.normalization_placement, prepared.normalization, cfg.data.domain)
     evaluation = feed(ds.evaluation, settings.normalization_placement, prepared.normalization, cfg.data.domain)
     stage = "optimize"
     try:
@@ -309,13 +323,12 @@ def run_trial(
         result.flags.extend(optimized.flags)
 
         stage = "emulate"
-        emulated: dict[str, np.ndarray] | None = None
+        emulations: dict[EmulationContext, dict[str, np.ndarray]] = {}
         with ladder.stage("emulate"):
             for context in backend.emulation_contexts():
-                outs = backend.emulate(optimized, evaluation, context)
-                _measure(result, STAGE_PREFIX[context], prepared, outs)
-                if context is EmulationContext.QUANTIZED:
-                    emulated = outs
+                emulations[context] = backend.emulate(optimized, evaluation, context)
+                _measure(result, STAGE_PREFIX[context], prepared, emulations[context])
+        emulated = emulations.get(EmulationContext.QUANTIZED)
         if checkpoint is not None and emulated is not None:
             checkpoint("emulate", result, emulated)
 
@@ -328,28 +341,15 @@ def run_trial(
 
         stage = "device"
         diag = diagnostics or DiagnosticsConfig()
-        repeat = None
-        with ladder.stage("device"), backend.device(compiled) as runner:
-            dev = runner.run(evaluation)
-            if diag.determinism_samples:
-                # the same inputs again: a device must return the same bytes
-                again = runner.run(evaluation[: diag.determinism_samples])
-                repeat = ({k: v[: diag.determinism_samples] for k, v in dev.raw.items()}, again.raw)
+        with ladder.stage("device"):
+            dev, repeat = run_device(backend, compiled, evaluation, diag.determinism_samples, result.notes, result.metrics)
         _measure(result, DEVICE_PREFIX, prepared, dev.outputs)
         result.metrics.update({f"{DEVICE_PREFIX}.{k}": float(v) for k, v in dev.metrics.items()})
         result.notes.extend(dev.notes)
-        # outputs the device could only return as float (e.g. several quantization parameters) have no raw integers
-        comparable = tuple(spec for spec in prepared.outputs if spec.name in dev.raw and spec.name in dev.quant)
-        if emulated is not None and comparable and any(spec.weight > 0 for spec in comparable):
-            agreement = m.agreement_metrics(emulated, dev.raw, dev.quant, comparable)
-            result.metrics.update({f"{AGREEMENT_PREFIX}.{k}": v for k, v in agreement.items()})
-            for spec in comparable:
-                diff = m.lsb_difference(emulated[spec.name], dev.raw[spec.name], dev.quant[spec.name])
-                values, counts = np.unique(diff, return_counts=True)
-                result.lsb_histograms[spec.name] = {int(v): int(c) for v, c in zip(values, counts)}
+        reference = compare_with_emulation(prepared.outputs, emulations, dev, result.metrics, result.params, result.lsb_histograms)
         with ladder.stage("diagnose"):
             try:
-                _diagnose(result, prepared, backend, optimized, settings, evaluation, dev, repeat, diag)
+                _diagnose(result, prepared, backend, optimized, settings, evaluation, dev, repeat, diag, reference)
             except Exception as exc:  # the trial's measurements stand; only the explanation is missing
                 result.notes.append(f"diagnosis incomplete: {type(exc).__name__}: {exc}")
     except StopTrial as stop:
@@ -357,11 +357,13 @@ def run_trial(
         raise
     except Exception as exc:  # a stage failure ends this trial only, with the reason on record
         result.failed_stage = stage
-        result.error = f"{type(exc).__name__}: {exc}"
+        timeout = _stage_timeout(exc)
+        result.error = f"StageTimeout: {timeout}" if timeout is not None else f"{type(exc).__name__}: {exc}"
         result.traceback = traceback.format_exc()
     finally:  # also for a stopped (pruned) trial: the stages it ran are on record
         for timing in result.timings:
             result.metrics[f"time.{timing.name}_s"] = timing.seconds
+        result.logs = sorted(Path(work_dir).glob("*.log")) if Path(work_dir).is_dir() else []
     return result
 
 
@@ -398,6 +400,7 @@ def _diagnose(
     dev: DeviceOutputs,
     repeat: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None,
     diag: DiagnosticsConfig,
+    reference: EmulationContext | None = None,
 ) -> None:
     """Where the error comes from: ladder steps, per-layer noise, and the findings of every check with evidence."""
     names = [o.name for o in prepared.outputs]
@@ -431,7 +434,12 @@ def _diagnose(
         quant = dev.quant.get(spec.name)
         wide = quant is not None and quant.bits > 8
         tolerance = diag.lsb_tolerance * (256 if wide else 1)
-        found.extend(check_agreement(result.metrics, [spec.name], tolerance, 0.0 if wide else diag.identical_min))
+        found.extend(
+            check_agreement(
+                result.metrics, [spec.name], tolerance, 0.0 if wide else diag.identical_min,
+                reference=CONTEXT_NAMES[reference] if reference is not None else "emulation",
+            )
+        )
     found.extend(prepared.findings)
     result.findings = found
     result.metrics["findings.count"] = float(len(found))

@@ -49,7 +49,8 @@ class SweepClock:
     """Stage times measured so far, and the ETA they give for the rest of the sweep."""
 
     total: int = 0
-    done: int = 0
+    done: int = 0  # evaluations that count against the budget (a reused result does not)
+    reused: int = 0
     stage_means: dict[str, tuple[float, int]] = field(default_factory=dict)  # stage -> (sum of seconds, count)
     trial_seconds: list[float] = field(default_factory=list)
 
@@ -116,7 +117,7 @@ class RichObserver:
     def status_text(self) -> Text:
         c = self.clock
         now = time.monotonic()
-        parts = [f"trials {c.done}/{c.total}" if c.total else "trials"]
+        parts = [(f"trials {c.done}/{c.total}" + (f" +{c.reused} reused" if c.reused else "")) if c.total else "trials"]
         if self.stage is not None:
             where = f"{LADDER.index(self.stage) + 1}/{len(LADDER)}" if self.stage in LADDER else "once"
             parts.append(("" if self.trial is None else f"#{self.trial} ") + f"{self.stage} {where}")
@@ -158,10 +159,13 @@ class RichObserver:
             self._end_stage()
             self.clock.trial_seconds.append(time.monotonic() - self.trial_started_at)
         self.stage = None
-        self.clock.done += 1
+        if reused:
+            self.clock.reused += 1
+        else:
+            self.clock.done += 1
         if value is not None and feasible:
             if self.best is None or self.direction_sign * value < self.direction_sign * self.best[1]:
-                self.best = (number, value)
+                self.best = (number if duplicate_of is None else duplicate_of, value)
         self.console.print(self.trial_line(number, state, value, feasible, failed_stage, error, duplicate_of, violated), highlight=False, soft_wrap=True)
         if reused and not self.reused_explained:
             self.reused_explained = True

@@ -24,13 +24,27 @@ from hailo_sweep.backends import backend_class
 from hailo_sweep.backends.base import CompiledModel
 from hailo_sweep.config import DiagnosticsConfig, SweepConfig, check_file
 from hailo_sweep.data import feed
-from hailo_sweep.errors import UserInputError
+from hailo_sweep.errors import RunFailed, UserInputError
 from hailo_sweep.model_io import file_sha256
 from hailo_sweep.pipeline import prepare_sweep, run_trial
 from hailo_sweep.selection import LOCK_FILE
 from hailo_sweep.settings import Settings
 
 METRIC_RTOL = 1e-6
+#: metrics of the run rather than of the model: timings (they vary from run to run on any machine) and how many
+#: attempts the device stage needed; none of them takes part in the reproduction verdict
+_TIMING_PREFIXES = ("time.",)
+_TIMING_SUFFIXES = ("_ms", "_s", "_fps")
+_TIMING_WORDS = ("latency", "throughput")
+_RUN_FACTS = ("device.retries",)
+
+
+def is_reproducible(metric: str) -> bool:
+    """False for timing metrics (``time.*``, ``*_ms``, ``*_s``, ``*_fps``, anything about latency or throughput) and
+    for facts of the run (``device.retries``): a rebuild is not expected to reproduce them."""
+    if metric in _RUN_FACTS or metric.startswith(_TIMING_PREFIXES) or metric.endswith(_TIMING_SUFFIXES):
+        return False
+    return not any(word in part for part in metric.split(".") for word in _TIMING_WORDS)
 
 
 @dataclass
@@ -184,7 +198,7 @@ def verify(export_dir: Path) -> Verification:
             prepared.facts.update(backend.prepare())
             result = run_trial(prepared, backend, settings, work / "trial", diagnostics=DiagnosticsConfig(layer_noise=False, determinism_samples=0))
             if not result.ok or result.compiled is None:
-                raise UserInputError(f"the rebuild failed in stage {result.failed_stage}: {result.error}")
+                raise RunFailed(f"the rebuild failed at run time, in stage {result.failed_stage}: {result.error}")
             rebuilt_bytes = result.compiled.path.read_bytes()
             fed = feed(prepared.dataset.evaluation, settings.normalization_placement, prepared.normalization, config.data.domain)
             exported = CompiledModel(path=compiled_file, size_bytes=compiled_file.stat().st_size, kind=cls.compiled_kind)
@@ -194,7 +208,7 @@ def verify(export_dir: Path) -> Verification:
                 rebuilt = runner.run(fed).outputs
     diffs = {name: float(np.max(np.abs(original[name] - rebuilt[name]))) for name in original}
     recorded = lock["recorded_metrics"]
-    compared = {k: (float(recorded[k]), float(result.metrics[k])) for k in recorded if k in result.metrics and ".time" not in k and not k.endswith(("throughput_fps", "latency_ms"))}
+    compared = {k: (float(recorded[k]), float(result.metrics[k])) for k in recorded if k in result.metrics and is_reproducible(k)}
     versions = {"hailo_sweep": __version__, **backend.versions()}
     changes = {k: (str(lock["versions"].get(k)), v) for k, v in versions.items() if k in lock["versions"] and str(lock["versions"][k]) != v}
     return Verification(

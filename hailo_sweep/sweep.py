@@ -33,7 +33,7 @@ from hailo_sweep.backends import select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_context, load_inputs, prepare_sweep, run_trial
+from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_context, load_inputs, prepare_sweep, run_trial, softmax_findings
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
@@ -429,8 +429,19 @@ class Sweep:
         backend_cls, note = select_backend(cfg.backend)
         if note:
             self.observer.message(note)
+        for finding in softmax_findings(cfg.model, outputs):
+            self.observer.message(f"note: {finding.message}; {finding.fix}")
         backend = backend_cls(backend_context(cfg, model_io, normalization, self.stores.work_dir))
         space.check_supported(self._baseline(space, backend), backend.validate)
+        advice = backend.calibration_advice(n_calib, space.choices()["optimization_level"])
+        if advice:
+            self.observer.message(advice)
+        try:
+            device_notes = backend.check_device()  # before the first trial: a device that cannot run the target refuses the sweep
+        except UserInputError as exc:
+            raise UserInputError(exc.problem, file=exc.file or cfg.source, key=exc.key, fix=exc.fix) from None
+        for note in device_notes:
+            self.observer.message(note)
         return backend, space, objective
 
     def _baseline(self, space: SearchSpace, backend: Backend) -> Settings:
@@ -953,6 +964,7 @@ class _TrialRunner:
             script = work_dir / result.script_name
             script.write_text(result.script, encoding="utf-8")
             artifacts.append((script, ""))
+        artifacts.extend((log, "logs") for log in result.logs if log.is_file())
         self.tracker.end_child(
             run_id,
             RunRecord(name="", params=result.params, metrics=metrics, artifacts=artifacts,
@@ -992,6 +1004,7 @@ class _TrialRunner:
             trial.set_user_attr("failed_stage", result.failed_stage)
             trial.set_user_attr("error", (result.error or "")[:2000])
         staging = self._stage_files(work_dir)
+        logs = [staging / log.relative_to(work_dir) if log.is_relative_to(work_dir) else log for log in result.logs]  # the toolchain's own words
         compiled = None
         model_id = None
         if value is not None and result.compiled is not None:
@@ -1019,7 +1032,7 @@ class _TrialRunner:
         self.uploader.submit(
             run_id, f"trial {trial.number} artifacts",
             partial(_upload_trial, run_id=run_id, staging=staging, result=result, metrics=metrics, report=report,
-                    outputs=outputs, compiled=compiled, model_id=model_id, failed=value is None),
+                    outputs=outputs, compiled=compiled, model_id=model_id, failed=value is None, logs=logs),
             staging, run_failed=value is None,
         )
         return value, feasible
@@ -1145,7 +1158,7 @@ class _TrialRunner:
 
 def _upload_trial(
     tracker: Tracker, *, run_id: str, staging: Path, result: TrialResult, metrics: dict[str, float], report: dict[str, Any],
-    outputs: list[str], compiled: Path | None, model_id: str | None, failed: bool,
+    outputs: list[str], compiled: Path | None, model_id: str | None, failed: bool, logs: Sequence[Path] = (),
 ) -> None:
     """The background half of recording a trial: plots, tables, report, the compiled model; then the run ends."""
     start = time.perf_counter()
@@ -1154,6 +1167,7 @@ def _upload_trial(
         script = staging / result.script_name
         script.write_text(result.script, encoding="utf-8")
         artifacts.append((script, ""))
+    artifacts.extend((log, "logs") for log in logs if log.is_file())
     if compiled is not None:
         artifacts.append((compiled, "compiled"))
         artifacts.extend(_diagnosis_artifacts(result, metrics, outputs, staging))
@@ -1188,7 +1202,7 @@ def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> l
         if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "findings.", "_")) or k.endswith(".over_limit") \
                 or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)
-        if k.startswith(("device.", "emulated.")) and k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae")):
+        if k.startswith(("device.", "emulated.")) and (k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae", ".prob_mae")) or ".task." in k):
             keep.add(k)
     return sorted(k for k in keep if k in metrics)
 

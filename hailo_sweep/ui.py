@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,25 @@ def run_url(base_url: str, experiment: str, run_id: str) -> str:
     return f"{base_url}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
 
 
+def compare_url(base_url: str, experiment: str, run_ids: list[str]) -> str:
+    query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment]), "workflowType": "machine_learning"})
+    return f"{base_url}/#/compare-runs?{query}"
+
+
+def top_runs(base_url: str, experiment: str, ascending: bool, k: int = 5) -> list[str]:
+    """The ``k`` best feasible trial runs by ``_objective`` (each evaluated point once), from the REST API."""
+    body = json.dumps({
+        "experiment_ids": [experiment], "max_results": 4 * k,
+        "filter": "tags.`hailo_sweep.role` = 'trial' and tags.`hailo_sweep.feasible` = 'True'",
+        "order_by": [f"metrics.`_objective` {'ASC' if ascending else 'DESC'}"],
+    }).encode()
+    req = urllib.request.Request(f"{base_url}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        runs = json.loads(resp.read()).get("runs", [])
+    own = [r for r in runs if not any(t["key"] == "hailo_sweep.duplicate_of" for t in r.get("data", {}).get("tags", []))]
+    return [str(r["info"]["run_id"]) for r in own[:k]]
+
+
 def models_url(base_url: str, experiment: str) -> str:
     return f"{base_url}/#/experiments/{experiment}/models?workflowType=machine_learning"
 
@@ -190,6 +210,13 @@ def serve(server: UiServer, tracking_uri: str, experiment_name: str | None, out:
         best_run = tags.get("hailo_sweep.best_run_id")
         if best_run:
             out_lines.append(f"best trial's run: {run_url(s.base_url, exp_id, best_run)}")
+        try:
+            ascending = bool(json.loads(tags.get(SHARED_VIEW_TAG + TRIALS_VIEW, "{}")).get("orderByAsc", True))
+        except ValueError:
+            ascending = True
+        top = top_runs(s.base_url, exp_id, ascending)
+        if len(top) >= 2:
+            out_lines.append(f"compare the top {len(top)} feasible trials: {compare_url(s.base_url, exp_id, top)}")
         out_lines.append(WORKSPACE_NOTE)
         return out_lines
 

@@ -133,6 +133,7 @@ def test_trial_lines_say_state_value_feasibility_and_why_a_trial_failed() -> Non
     assert "FAIL" in lines[1] and "in compile: RuntimeError: out of memory" in lines[1] and "Traceback" not in out.getvalue()
     assert "infeasible (accuracy_drop)" in lines[2]
     assert "(reused #0)" in lines[3]
+    assert "trials 3/5 +2 reused" in obs.status_text().plain  # a reused result spends no budget
     assert lines[4].startswith("(reused #N): trial N already evaluated these settings")  # explained once, after the first
     assert out.getvalue().count("without recomputing") == 1 and "(reused #0)" in lines[-1]
 

@@ -197,10 +197,11 @@ def test_emulate_in_every_context(hailo_fakes: FakeHailo, tiny_model: TinyModel,
         }
     quant = hef_quant(hailo_fakes, backend.compile(model, tmp_path / "trial").path)
     for name in ("feat", "logits"):
-        lsb = np.abs(outs[EmulationContext.QUANTIZED][name] - outs[EmulationContext.FP_OPTIMIZED][name]) / quant[name].qp_scale
+        lsb = np.abs(outs[EmulationContext.BIT_EXACT][name] - outs[EmulationContext.FP_OPTIMIZED][name]) / quant[name].qp_scale
         assert lsb.max() <= 2.0  # rounding (0.5) plus the fake's level-0 error (1.0)
         assert lsb.max() > 0.1  # quantized emulation is not the float model
-    np.testing.assert_array_equal(outs[EmulationContext.BIT_EXACT]["feat"], outs[EmulationContext.QUANTIZED]["feat"])
+        drift = np.rint((outs[EmulationContext.QUANTIZED][name] - outs[EmulationContext.BIT_EXACT][name]) / quant[name].qp_scale)
+        assert set(np.unique(drift)) <= {-1.0, 0.0, 1.0}  # SDK_QUANTIZED: one rounding step off here and there
 
 
 def test_bit_exact_only_where_the_sdk_has_it(hailo_fakes: FakeHailo, tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,7 +259,7 @@ def test_device_returns_raw_integers_and_dequantizes_with_the_hef_quant_info(
         expected = (out.raw[name].astype(np.float64) - info.qp_zp) * info.qp_scale
         np.testing.assert_allclose(out.outputs[name], expected, rtol=1e-6, atol=1e-7)
         assert (out.quant[name].scale, out.quant[name].zero_point) == (info.qp_scale, info.qp_zp)
-    emulated = backend.emulate(model, x, EmulationContext.QUANTIZED)
+    emulated = backend.emulate(model, x, EmulationContext.BIT_EXACT)
     for name in ("feat", "logits"):
         np.testing.assert_array_equal(out.outputs[name], emulated[name])  # the fake chip is bit-exact
     assert out.metrics["frames"] == 6 and out.metrics["throughput_fps"] > 0 and out.metrics["latency_ms"] > 0
@@ -273,7 +274,7 @@ def test_device_quantizes_normalized_inputs_like_hailort(hailo_fakes: FakeHailo,
     with backend.device(compiled) as runner:
         out = runner.run(x)
     assert any("input quantized on the host" in n for n in out.notes)
-    emulated = backend.emulate(model, x, EmulationContext.QUANTIZED)
+    emulated = backend.emulate(model, x, EmulationContext.BIT_EXACT)
     for name in ("feat", "logits"):
         np.testing.assert_array_equal(out.outputs[name], emulated[name])
 
@@ -289,7 +290,7 @@ def test_multiple_quant_infos_fall_back_to_float32(hailo_fakes: FakeHailo, tiny_
     assert out.raw == {} and out.quant == {}
     fallbacks = [n for n in out.notes if n.startswith("float32 fallback")]
     assert len(fallbacks) == 2 and "2 quant infos" in " ".join(fallbacks) and "3 quant infos" in " ".join(fallbacks)
-    emulated = backend.emulate(model, x, EmulationContext.QUANTIZED)
+    emulated = backend.emulate(model, x, EmulationContext.BIT_EXACT)
     for name in ("feat", "logits"):
         np.testing.assert_allclose(out.outputs[name], emulated[name], atol=1e-6)
 
@@ -353,7 +354,7 @@ def test_hailo8l_hef_runs_on_a_hailo8_with_a_note(hailo_fakes: FakeHailo, tiny_m
 
 
 def test_device_locked_by_another_process_gives_a_clear_error(hailo_fakes: FakeHailo, tiny_model: TinyModel, tmp_path: Path) -> None:
-    backend = make_backend(tiny_model, tmp_path)
+    backend = make_backend(tiny_model, tmp_path, device_stage_timeout_s=0.5)  # waits 80 % of it, then says why
     _, compiled = compiled_model(backend, tiny_model, tmp_path, Settings(2, 1, 32, "model"))
     lock_path = DeviceLock(tmp_path / "sweep" / "locks", DEVICE).path
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +376,7 @@ def test_device_locked_by_another_process_gives_a_clear_error(hailo_fakes: FakeH
             with backend.device(compiled):
                 pass
         message = str(info.value)
-        assert DEVICE in message and "in use by another process" in message and f"pid {proc.pid}" in message
+        assert DEVICE in message and "still in use by another process after waiting 0.4 s" in message and f"pid {proc.pid}" in message
         assert hailo_fakes.system.vdevices_opened == 0
     finally:
         assert proc.stdin is not None
@@ -389,7 +390,7 @@ def test_one_device_per_runner_and_selection_order(
     hailo_fakes: FakeHailo, tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hailo_fakes.system.devices = {"0000:01:00.0": "HAILO8", "0000:02:00.0": "HAILO8"}
-    backend = make_backend(tiny_model, tmp_path)
+    backend = make_backend(tiny_model, tmp_path, device_stage_timeout_s=0.5)
     _, compiled = compiled_model(backend, tiny_model, tmp_path, Settings(2, 1, 32, "model"))
     with backend.device(compiled) as first, backend.device(compiled) as second:
         assert (first.device_id, second.device_id) == ("0000:01:00.0", "0000:02:00.0")  # scan order, first free
@@ -518,11 +519,21 @@ def test_whole_sweep_runs_on_the_hailo_backend(hailo_fakes: FakeHailo, write_con
         assert run.data.tags["hailo_sweep.backend"] == "hailo"
         level = t.params["optimization_level"]
         seen.add((level, t.params["normalization_placement"]))
-        effective = int(run.data.params["effective_optimization_level"])
-        assert effective == (0 if level >= 2 else level)  # 64 calibration frames: the fake DFC lowers level 2 to 0
-        assert ("optimization_level_lowered" in run.data.tags.get("hailo_sweep.flags", "")) == (effective != level)
-        assert run.data.metrics["device.throughput_fps"] > 0
+        # the whole 1024-entry calibration file reaches optimize(); calibset_size=64 is in the script: level 2 is honoured
+        assert int(run.data.params["effective_optimization_level"]) == level
+        assert "optimization_level_lowered" not in run.data.tags.get("hailo_sweep.flags", "")
+        assert (run.data.params["calibration_entries_given"], run.data.params["calibration_entries_used"]) == ("1024", "64")
+        assert "model_optimization_config(calibration, calibset_size=64)" in script_artifact(client, run.info.run_id, tmp_path / f"s-{run.info.run_id}")
+        # the device is compared with bit-exact emulation (equal to the HEF); the quantized emulation's drift apart
+        assert run.data.params["agreement_reference"] == "bit_exact"
+        assert run.data.metrics["agreement.total.identical_share"] == 1.0 and run.data.metrics["findings.device_disagrees"] == 0
+        assert 0.9 < run.data.metrics["emulation_drift.total.identical_share"] < 1.0
+        assert run.data.metrics["device.throughput_fps"] > 0 and run.data.metrics["device.retries"] == 0
         assert "model_script.alls" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        logs = {a.path for a in client.list_artifacts(run.info.run_id, "logs")}
+        assert logs == {"logs/compile.log", "logs/optimize.log"}  # the DFC's own words, kept with the trial
+        optimize_log = Path(client.download_artifacts(run.info.run_id, "logs/optimize.log", str(tmp_path / f"l-{run.info.run_id}"))).read_text()
+        assert "Using dataset with 64 entries for calibration" in optimize_log
         assert run.data.metrics["device.logits.snr_db"] > 20  # a sweep on the fakes measures real, small errors
         promoted = run.data.params["hailo.noisy_layers"]  # one hidden layer of the digits CNN, never an output's
         assert len(promoted.split(",")) == 1 and f"quantization_param({promoted}, precision_mode=a16_w16)" in script_artifact(client, run.info.run_id, tmp_path / run.info.run_id)

@@ -144,7 +144,7 @@ def test_layer_noise_returns_sorted_finite_snrs_named_by_the_hn(hailo_fakes: Fak
     assert by_name["deep/input_layer1"] == 200.0  # uint8 frames through the identity input QP: no noise (capped)
 
     # an output's SNR is the emulator's output against the float ONNX model, measured here through public APIs
-    emulated = backend.emulate(model, x, EmulationContext.QUANTIZED)
+    emulated = backend.emulate(model, x, EmulationContext.BIT_EXACT)
     sess = ort.InferenceSession(str(deep_model.path), providers=["CPUExecutionProvider"])
     reference = dict(zip(("feat", "logits"), sess.run(["feat", "logits"], {"image": deep_model.normalization.apply(deep_model.evaluation)}), strict=True))
     for name in ("feat", "logits"):

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from hailo_sweep.backends.base import QuantParams
+from hailo_sweep.lsb_metrics import agreement_metrics, lsb_difference
 from hailo_sweep.metrics import (
     METRIC_DIRECTIONS,
     SNR_CAP_DB,
     OutputSpec,
-    agreement_metrics,
     direction_of,
-    lsb_difference,
     output_metrics,
     per_sample_error,
     sample_weighted_error,

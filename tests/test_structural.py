@@ -209,6 +209,8 @@ def test_a_softmax_head_declared_logits_gets_a_finding_and_probabilities_run(tmp
     prepared, _ = prepare(declared_logits)
     assert [(f.code, f.output) for f in prepared.findings if f.code == "softmax_as_logits"] == [("softmax_as_logits", "logits")]
     assert "kind: probabilities" in prepared.findings[-1].fix
+    code, out = run_cli(declared_logits)
+    assert code == 0 and "note: the model computes 'logits' with a Softmax" in out, out
 
     config = project(
         tmp_path / "probs", sm.Spec(softmax=True), outputs={"logits": {"kind": "probabilities"}},
@@ -305,6 +307,7 @@ def test_task_metrics_are_the_objective_and_a_constraint_at_every_stage(tmp_path
     for t in done:
         metrics = t.user_attrs["metrics"]
         assert metrics["device.task.seq_match"] == t.value
+        assert metrics["emulated.task.ref_match"] == pytest.approx(10 / 12)  # the constraint's metric, on record
         assert 0.0 <= t.value <= 10 / 12  # two of twelve label rows never match the float model's decoding
     # the reference's own match is known by construction: 10 of 12 rows
     prepared, backend = prepare(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -135,6 +136,12 @@ class LayerNoise:
     kind: str = "activation"  # "activation" | "weight" | "output"
 
 
+class TransientDeviceError(RuntimeError):
+    """A device failure worth another attempt (e.g. a runtime timeout): the pipeline retries the device stage a
+    bounded number of times (``Backend.device_retries``) before failing the trial. Backends raise it only for errors
+    their runtime documents as transient; everything else fails the trial at once."""
+
+
 class DeviceRunner(abc.ABC):
     """Runs one compiled model on one device; a context manager that owns the device while active."""
 
@@ -162,6 +169,8 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: file kind of the compiled model, e.g. "hef" or "onnx-int8"
     compiled_kind: ClassVar[str]
+    #: further attempts of the device stage after a ``TransientDeviceError`` (0: none)
+    device_retries: int = 0
 
     def __init__(self, context: BackendContext):
         self.context = context
@@ -202,6 +211,20 @@ class Backend(abc.ABC):
     def validate(self, settings: Settings) -> None:
         """Raise ``UnsupportedSetting`` for any knob value this backend cannot honour."""
 
+    def check_device(self) -> list[str]:
+        """Once per sweep, before the first trial: is the device there, free, and able to run the target?
+
+        Raise ``UserInputError`` (with the fix) when the device can certainly not run what the sweep compiles; return
+        notes for what could not be checked or is worth saying (busy, unidentified). A backend without a device
+        (the embedded one) has nothing to check.
+        """
+        return []
+
+    def calibration_advice(self, entries: int, optimization_levels: Sequence[int]) -> str | None:
+        """Once per sweep: what the toolchain will do differently with ``entries`` calibration entries at these levels
+        (e.g. lower them), or None when nothing needs saying."""
+        return None
+
     # -- stages --------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def prepare(self) -> dict[str, str | float]:
@@ -212,7 +235,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def optimize(self, settings: Settings, calibration: np.ndarray, work_dir: Path) -> OptimizedModel:
-        """Quantize with ``settings``; ``calibration`` holds exactly ``settings.calibset_size`` samples."""
+        """Quantize with ``settings``.
+
+        ``calibration`` is the WHOLE calibration set the pipeline fed; ``settings.calibset_size`` says how many entries
+        to calibrate on. A backend that calibrates on a slice takes it itself; a toolchain that uses the dataset for more
+        than statistics (the DFC: fine-tuning, AdaRound, its own level decisions) gets all of it.
+        Log files a stage writes directly under ``work_dir`` as ``*.log`` are kept as the trial's logs.
+        """
 
     @abc.abstractmethod
     def emulate(self, model: OptimizedModel, inputs: np.ndarray, context: EmulationContext) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from hailo_sweep.data import feed, load_array, open_data_file
 from hailo_sweep.diagnose.findings import Evidence, Finding, run_all
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.diagnose.report import render_report, write_report
-from hailo_sweep.errors import UserInputError
+from hailo_sweep.errors import RunFailed, UserInputError
 from hailo_sweep.pipeline import DEVICE_PREFIX, prepare_sweep, run_trial
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.stores import resolve_stores
@@ -67,7 +67,8 @@ def diagnose_trial(config: SweepConfig, number: int, report: Path | None = None)
             on_demand = config.diagnostics.model_copy(update={"layer_noise": "per_trial"})  # asked for: every diagnostic runs
             result = run_trial(prepared, backend, settings, work, diagnostics=on_demand, timeouts=config.timeouts.model_dump())
         if not result.ok:
-            raise UserInputError(f"trial {number} failed again in stage {result.failed_stage}: {result.error}", file=config.source)
+            reason = (result.error or "no reason given").splitlines()[0]
+            raise RunFailed(f"trial {number} failed again at run time, in stage {result.failed_stage}: {reason}")
         outputs = [o.name for o in prepared.outputs]
         title = f"{config.name}: trial {number}"
         html = render_report(

@@ -475,18 +475,28 @@ def check_optimization_level(requested: int, params: Mapping[str, object], flags
     if effective is not None:
         evidence["effective"] = float(effective)
         used = f"level {effective}"
-    entries = params.get("calibration_entries_used")
     extra = ""
+    given = params.get("calibration_entries_given")
+    if isinstance(given, (int, float)):
+        evidence["calibration_entries_given"] = float(given)
+        extra += f" The optimizer was given {int(given)} calibration entries."
+    entries = params.get("calibration_entries_used")
     if isinstance(entries, (int, float)):
         evidence["calibration_entries_used"] = float(entries)
-        extra = f" It used {int(entries)} calibration images."
+        extra += f" It used {int(entries)} calibration images."
+    reason = params.get("optimization_level_reason")
+    if isinstance(reason, str) and reason:
+        evidence["compiler_message"] = reason
+        extra += f' The compiler said: "{reason}".'
     return Finding(
         code="optimization_level_lowered",
         title=f"The compiler lowered the optimization level (requested {requested}, ran {used})",
         message=f"Optimization level {requested} was requested, but the optimizer ran {used}.{extra}",
         fix=(
-            "Give at least 1024 calibration images and run the optimization on a machine with a GPU, or request the "
-            "level the compiler can honour so the trial records what actually ran."
+            "Optimization levels 2-4 need a calibration file of at least 1024 entries (the whole file is given to the "
+            "optimizer; calibset_size only sets how many it calibrates on) and a machine with a GPU; the compiler's "
+            "message above says which one was missing. Otherwise request the level the compiler can honour, so the "
+            "trial records what actually ran."
         ),
         severity="warning",
         evidence=evidence,
@@ -576,9 +586,17 @@ def check_calibration_coverage(
 
 
 def check_agreement(
-    metrics: Mapping[str, float], outputs: Sequence[str], lsb_tolerance: float = 1.0, identical_min: float = 0.99
+    metrics: Mapping[str, float],
+    outputs: Sequence[str],
+    lsb_tolerance: float = 1.0,
+    identical_min: float = 0.99,
+    reference: str = "quantized emulation",
 ) -> list[Finding]:
-    """The device disagrees with the quantized emulation by more than the configured tolerances, per output.
+    """The device disagrees with the emulation it is compared with by more than the configured tolerances, per output.
+
+    ``reference`` names that emulation: the pipeline compares the device with the most hardware-faithful one the
+    backend offers (bit-exact where present; the quantized emulation differs from the hardware by normal rounding,
+    which ``emulation_drift.*`` reports apart and no finding flags).
 
     Reads ``agreement.<output>.lsb_max`` / ``lsb_mean`` / ``lsb_p99`` / ``identical_share`` (differences in units
     of the output's quantization step). Flagged when lsb_max > ``lsb_tolerance`` or identical_share <
@@ -607,9 +625,9 @@ def check_agreement(
         found.append(
             Finding(
                 code="device_disagrees",
-                title=f"'{name}': the device disagrees with the quantized emulation",
+                title=f"'{name}': the device disagrees with the {reference}",
                 message=(
-                    f"Device vs emulation in LSB of '{name}': {', '.join(parts)} (tolerance: max {lsb_tolerance:g} LSB, "
+                    f"Device vs {reference} in LSB of '{name}': {', '.join(parts)} (tolerance: max {lsb_tolerance:g} LSB, "
                     f"at least {identical_min:.2%} bit-identical)."
                 ),
                 fix=(

@@ -691,9 +691,28 @@ def run_quantized(onnx_bytes: bytes, graph: Graph, q: Quantization, raw_input: n
     return _output_integers(outs, q)
 
 
-def emulate_quantized(onnx_bytes: bytes, graph: Graph, q: Quantization, x_nhwc: np.ndarray) -> list[np.ndarray]:
+#: share of output elements on which the fake's quantized (not bit-exact) emulation rounds one step off the chip
+DRIFT_SHARE = 0.06
+
+
+def _drift(raw: np.ndarray, bits: int) -> np.ndarray:
+    """The chip's integers moved one step up or down on a fixed ~``DRIFT_SHARE`` of the elements: the fake's stand-in
+    for the normal rounding differences between SDK_QUANTIZED and the hardware (issue 11 measured 92-95 % identical at
+    8 bit); where and in which direction is this fake's own deterministic pattern."""
+    index = np.arange(raw.size, dtype=np.int64).reshape(raw.shape)
+    hashed = (index * 2654435761) % 1000
+    step = np.where(hashed < DRIFT_SHARE * 500, 1, np.where(hashed >= 1000 - DRIFT_SHARE * 500, -1, 0))
+    return np.clip(raw.astype(np.int64) + step, 0, (1 << bits) - 1).astype(raw.dtype)
+
+
+def emulate_quantized(onnx_bytes: bytes, graph: Graph, q: Quantization, x_nhwc: np.ndarray, rounding_drift: bool = False) -> list[np.ndarray]:
+    """Dequantized outputs of the fake chip on ``x_nhwc`` (bit-exact); with ``rounding_drift``, the quantized
+    emulation's few one-step differences from it (see ``_drift``)."""
     raw_in = quantize(x_nhwc, [q.input_qp], q.input_bits, clip_limvals=True)
-    return [dequantize(r, oq.qps) for r, oq in zip(run_quantized(onnx_bytes, graph, q, raw_in), q.outputs, strict=True)]
+    raws = run_quantized(onnx_bytes, graph, q, raw_in)
+    if rounding_drift:
+        raws = [_drift(r, oq.bits) for r, oq in zip(raws, q.outputs, strict=True)]
+    return [dequantize(r, oq.qps) for r, oq in zip(raws, q.outputs, strict=True)]
 
 
 # -- layer noise analysis ------------------------------------------------------------------------------------------------

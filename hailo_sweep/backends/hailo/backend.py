@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -35,11 +36,13 @@ from hailo_sweep.backends.base import (
 )
 from hailo_sweep.backends.hailo import compiler, noise
 from hailo_sweep.backends.hailo._imports import DFC, HAILORT, import_dfc, import_hailort, importable, version_of
+from hailo_sweep.backends.hailo.device import check_before_sweep
 from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
 from hailo_sweep.backends.hailo.naming import HnGraph, OnnxOutput, parse_hn, read_onnx_outputs, short_name
+from hailo_sweep.backends.hailo.options import RECOMMENDED_CALIBSET, HailoOptions
 from hailo_sweep.backends.hailo.runtime import DeviceOptions, HailoDeviceRunner, OutputNaming
 from hailo_sweep.backends.hailo.script import SCRIPT_NAME, check_extra_lines, check_layer_names, model_script
-from hailo_sweep.errors import UnsupportedSetting, UserInputError
+from hailo_sweep.errors import UnsupportedSetting
 from hailo_sweep.settings import COMPRESSION_LEVELS, OPTIMIZATION_LEVELS, Settings
 
 TARGETS = ("hailo8", "hailo8l", "hailo10h")
@@ -51,54 +54,9 @@ TARGETS = ("hailo8", "hailo8l", "hailo10h")
 DEFAULT_OPTIMIZATION_LEVEL = 2
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_CALIBSET_SIZE = 64
-DEFAULT_TIMEOUT_MS = 10000
 #: calibration samples the once-per-sweep noise ranking analyses (the DFC's default calibset_size, hailo-api.md §2)
 RANKING_SAMPLES = 64
 _RANKING_FORMAT = "hailo-sweep-noise-ranking-v1"
-
-_OPTION_KEYS = (
-    "extra_model_script",
-    "device_id",
-    "start_node_names",
-    "end_node_names",
-    "net_name",
-    "device_timeout_ms",
-    "lock_dir",
-)
-
-
-@dataclass(frozen=True)
-class HailoOptions:
-    """``BackendContext.options`` of the hailo backend (validated by the config; re-checked cheaply here)."""
-
-    extra_model_script: tuple[str, ...] = ()
-    device_id: str | None = None
-    start_node_names: tuple[str, ...] | None = None
-    end_node_names: tuple[str, ...] | None = None
-    net_name: str | None = None
-    device_timeout_ms: int = DEFAULT_TIMEOUT_MS
-    lock_dir: Path | None = None
-
-    @classmethod
-    def from_context(cls, context: BackendContext) -> HailoOptions:
-        opts = dict(context.options)
-        unknown = sorted(set(opts) - set(_OPTION_KEYS))
-        if unknown:
-            raise UserInputError(
-                f"unknown hailo backend option(s) {', '.join(unknown)}; known: {', '.join(_OPTION_KEYS)}", key="hailo"
-            )
-        nodes = {k: tuple(opts[k]) if opts.get(k) is not None else None for k in ("start_node_names", "end_node_names")}
-        timeout = DEFAULT_TIMEOUT_MS if opts.get("device_timeout_ms") is None else int(opts["device_timeout_ms"])
-        if timeout <= 0:
-            raise UserInputError(f"device_timeout_ms must be > 0, got {timeout}", key="hailo.device_timeout_ms")
-        return cls(
-            extra_model_script=tuple(opts.get("extra_model_script") or ()),
-            device_id=opts.get("device_id") or None,
-            net_name=opts.get("net_name") or None,
-            device_timeout_ms=timeout,
-            lock_dir=Path(opts["lock_dir"]) if opts.get("lock_dir") else None,
-            **nodes,
-        )
 
 
 def default_net_name(model_path: Path) -> str:
@@ -135,6 +93,7 @@ class HailoBackend(Backend):
     def __init__(self, context: BackendContext):
         super().__init__(context)
         self.options = HailoOptions.from_context(context)
+        self.device_retries = self.options.device_retries
         check_extra_lines(self.options.extra_model_script)
         self._dfc: ModuleType | None = None
         self._prepared: _Prepared | None = None
@@ -216,6 +175,35 @@ class HailoBackend(Backend):
                 key="search.output_16bit",
             )
 
+    def check_device(self) -> list[str]:
+        """Before the first trial: the device is reachable, free, and runs the target (``device.check_before_sweep``).
+        Without HailoRT on this machine nothing can be checked: a note says so and the device stage will say why."""
+        if not importable(HAILORT):
+            return [f"HailoRT ({HAILORT}) does not import here: the device was not checked before the sweep"]
+        return check_before_sweep(import_hailort(), self._device_options(), self.context.target)
+
+    def calibration_advice(self, entries: int, optimization_levels: Sequence[int]) -> str | None:
+        """The DFC lowers optimization levels 2-4 by itself when given fewer than 1024 entries (hailo-api.md §2)."""
+        lowered = sorted({level for level in optimization_levels if level >= 2})
+        if entries >= RECOMMENDED_CALIBSET or not lowered:
+            return None
+        levels = ", ".join(map(str, lowered))
+        return (
+            f"the calibration file holds {entries} entries, fewer than the {RECOMMENDED_CALIBSET} the Dataflow Compiler "
+            f"needs for optimization levels 2-4: it will lower level(s) {levels} of this sweep to 1 (to 0 without a GPU), "
+            f"and those trials are recorded as not honoured. Give at least {RECOMMENDED_CALIBSET} calibration entries "
+            "(and run on a machine with a GPU) to measure them"
+        )
+
+    def _device_options(self) -> DeviceOptions:
+        lock_dir = self.options.lock_dir or Path(self.context.work_dir) / "locks"
+        return DeviceOptions(
+            device_id=self.options.device_id,
+            timeout_ms=self.options.device_timeout_ms,
+            lock_dir=lock_dir,
+            wait_s=self.options.device_wait_s,
+        )
+
     # -- stages ------------------------------------------------------------------------------------------------
     def _request(self) -> compiler.TranslateRequest:
         io = self.context.model_io
@@ -295,7 +283,10 @@ class HailoBackend(Backend):
             "effective_optimization_level": facts.effective_optimization_level,
             "effective_compression_level": facts.effective_compression_level,
             "hailo_net_name": prepared.graph.net_name,
+            "calibration_entries_given": len(calib),
         }
+        if facts.reduce_message:
+            params["optimization_level_reason"] = facts.reduce_message
         if facts.calibration_entries is not None:
             params["calibration_entries_used"] = facts.calibration_entries
         if settings.noisy_layers_16bit:
@@ -395,7 +386,7 @@ class HailoBackend(Backend):
 
     def compile(self, model: OptimizedModel, work_dir: Path) -> CompiledModel:
         handle: HailoOptimized = model.handle
-        hef = compiler.compile_hef(handle.runner)
+        hef = compiler.compile_hef(handle.runner, Path(work_dir) / "compile.log")
         path = atomic_write_bytes(Path(work_dir) / "model.hef", hef)
         return CompiledModel(
             path=path,
@@ -407,14 +398,13 @@ class HailoBackend(Backend):
     def device(self, compiled: CompiledModel) -> DeviceRunner:
         hrt = import_hailort()
         prepared = self._ready()
-        lock_dir = self.options.lock_dir or Path(self.context.work_dir) / "locks"
         return HailoDeviceRunner(
             hrt=hrt,
             hef_path=Path(compiled.path),
             hef_target=str(compiled.params.get("hef_target", self.context.target)),
             naming=OutputNaming(prepared.onnx_outputs, prepared.graph.vstream_to_onnx()),
-            options=DeviceOptions(device_id=self.options.device_id, timeout_ms=self.options.device_timeout_ms, lock_dir=lock_dir),
+            options=self._device_options(),
         )
 
 
-__all__ = ["HailoBackend", "HailoOptimized", "HailoOptions", "default_net_name"]
+__all__ = ["HailoBackend", "HailoOptimized", "HailoOptions", "default_net_name"]  # HailoOptions: re-exported

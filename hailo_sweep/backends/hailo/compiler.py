@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from hailo_sweep.atomic import atomic_write_text
 from hailo_sweep.backends.base import EmulationContext
 
 #: EmulationContext -> InferenceContext member name (hailo-api.md §1.7)
@@ -45,6 +47,7 @@ INFERENCE_CONTEXT = {
 
 _CACHE_FORMAT = "hailo-sweep-har-v1"
 T = TypeVar("T")
+_LOG = logging.getLogger(__name__)
 
 
 # -- translate, cached --------------------------------------------------------------------------------------------
@@ -145,27 +148,47 @@ class CapturedOutput:
         return "\n".join(parts) + ("\n" if parts else "")
 
 
+def _console_handlers(logger: logging.Logger, streams: set[int]) -> list[logging.Handler]:
+    """The handlers of ``logger`` that write to a console stream (file handlers, e.g. ``pyhailort.log``, stay)."""
+    return [
+        h for h in logger.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and id(getattr(h, "stream", None)) in streams
+    ]
+
+
 @contextlib.contextmanager
 def captured_output() -> Iterator[CapturedOutput]:
     """Capture what the SDK says: log records (root logger and every non-propagating logger) and stdout/stderr.
 
-    The SDK logs through Python ``logging`` with its own stream handler (HailoRT's ``default_logger`` creates a named
-    logger with a stdout handler; the DFC's logger is closed source, so both propagation cases are covered). Output
-    written by C/C++ code directly to file descriptor 1/2 is not captured.
+    The SDK logs through Python ``logging`` with its own console handler: HailoRT's ``default_logger`` adds
+    ``logging.StreamHandler(sys.stdout)``, which holds the stream it was created with (``hailo_platform/common/logger/
+    logger.py``), so redirecting ``sys.stdout`` alone does not silence it. While capturing, such console handlers are
+    detached (and put back after), so the SDK's ``[info]`` lines reach the capture and never the console (or the Rich
+    display); the DFC's logger is closed source, so both propagation cases are covered. Output written by C/C++ code
+    directly to file descriptor 1/2 is not captured.
     """
     captured = CapturedOutput()
     handler = _RecordList(captured.records)
     loggers: list[logging.Logger] = [logging.getLogger()]
-    loggers += [lg for lg in list(logging.root.manager.loggerDict.values()) if isinstance(lg, logging.Logger) and not lg.propagate]
-    for lg in loggers:
+    loggers += [lg for lg in list(logging.root.manager.loggerDict.values()) if isinstance(lg, logging.Logger)]
+    streams = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
+    detached = {id(lg): (lg, _console_handlers(lg, streams)) for lg in loggers}
+    for lg, handlers in detached.values():
+        for h in handlers:
+            lg.removeHandler(h)
+    listening = [lg for lg in loggers if lg is logging.getLogger() or not lg.propagate]
+    for lg in listening:
         lg.addHandler(handler)
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
             yield captured
     finally:
-        for lg in loggers:
+        for lg in listening:
             lg.removeHandler(handler)
+        for lg, handlers in detached.values():
+            for h in handlers:
+                lg.addHandler(h)
         captured.streams = buffer.getvalue()
 
 
@@ -189,8 +212,11 @@ def run_captured(what: str, call: Callable[[], T]) -> tuple[T, CapturedOutput]:
             result = call()
     except Exception as exc:
         text = captured.text if captured is not None else ""
+        _LOG.debug("%s failed; the SDK said:\n%s", what, text)
         tail = f"\n--- SDK output (last lines) ---\n{_tail(text)}" if text.strip() else ""
         raise DfcError(f"{what} failed: {type(exc).__name__}: {exc}{tail}", output=text) from exc
+    if captured.text:
+        _LOG.debug("%s: the SDK said:\n%s", what, captured.text.rstrip("\n"))  # the log, never the console
     return result, captured
 
 
@@ -254,8 +280,16 @@ def emulate(dfc: ModuleType, runner: Any, context: EmulationContext, x_nhwc: np.
     return [np.asarray(r) for r in result]
 
 
-def compile_hef(runner: Any) -> bytes:
-    hef, _ = run_captured("compile", runner.compile)
+def compile_hef(runner: Any, log_path: Path | None = None) -> bytes:
+    """``runner.compile()``; what the compiler said is written to ``log_path`` (also when it fails)."""
+    try:
+        hef, captured = run_captured("compile", runner.compile)
+    except DfcError as exc:
+        if log_path is not None:
+            atomic_write_text(log_path, exc.output)
+        raise
+    if log_path is not None:
+        atomic_write_text(log_path, captured.text)
     if not isinstance(hef, (bytes, bytearray)):
         raise TypeError(f"ClientRunner.compile() returned {type(hef).__name__}, expected the HEF as bytes")
     return bytes(hef)

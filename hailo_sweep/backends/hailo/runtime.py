@@ -1,12 +1,8 @@
-"""Running a HEF on a Hailo device with HailoRT (``hailo_platform``), one device per worker process.
+"""Running a HEF on a Hailo device with HailoRT (``hailo_platform``), one device per worker process at a time.
 
 What this module guarantees, and where each fact comes from (hailo-api.md §3; ``hailo-ai/hailort`` branch hailo8):
 
-- One device per process: an exclusive, non-blocking ``fcntl.flock`` per device id. Device choice: the config's
-  ``hailo.device_id``, else ``$HAILO_SWEEP_DEVICE_ID``, else the first device of ``Device.scan()`` whose lock is free.
-- Target check before running: the HEF's target against ``Device(...).control.identify().device_architecture``,
-  with HailoRT's own compatibility rule (``device_internal.cpp::is_hef_compatible``: a Hailo-8L runs only hailo8l
-  HEFs; a Hailo-8 runs hailo8/hailo8r/hailo8l, the last more slowly).
+- The device is chosen, locked, waited for and checked against the HEF's target by ``device`` (see there).
 - InferModel API with a ROUND_ROBIN VDevice (HRT_0 tutorial; pyhailort.py ``InferModel``/``ConfiguredInferModel``),
   falling back to ``InferVStreams`` where ``VDevice.create_infer_model`` is missing (HRT_2 tutorial, MZ
   ``hw_infer_utils.py``).
@@ -17,19 +13,18 @@ What this module guarantees, and where each fact comes from (hailo-api.md §3; `
 - Inputs in the type the HEF expects: raw integers (uint8 frames pass through when the input QP is the identity, as
   with on-chip normalization of 0..255 data); other data are quantized on the host exactly as HailoRT would
   (``q = bankers_round(clip(x, limvals) / qp_scale + qp_zp)``, float32 arithmetic).
+- A runtime timeout (``HailoRTTimeout``) is raised as ``HailoDeviceTimeout``, a transient error the pipeline retries.
 - Any failure releases the device and the lock before the error leaves ``run``/``activate``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
-import os
-import re
-import socket
+import logging
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -38,158 +33,34 @@ from typing import Any, Protocol
 import numpy as np
 
 from hailo_sweep.backends.base import DeviceOutputs, DeviceRunner, QuantParams
+from hailo_sweep.backends.hailo.device import (
+    ENV_DEVICE_ID,
+    DeviceLock,
+    DeviceOptions,
+    HailoDeviceError,
+    HailoDeviceTimeout,
+    Waiter,
+    check_target,
+    device_arch,
+    is_busy,
+    is_transient,
+    select_device,
+)
+from hailo_sweep.backends.hailo.compiler import captured_output
 from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
 from hailo_sweep.backends.hailo.naming import OnnxOutput, onnx_name_for
 from hailo_sweep.errors import UserInputError
 
-ENV_DEVICE_ID = "HAILO_SWEEP_DEVICE_ID"
+_LOG = logging.getLogger(__name__)
+__all__ = ["ENV_DEVICE_ID", "DeviceLock", "DeviceOptions", "HailoDeviceError", "HailoDeviceRunner", "HailoDeviceTimeout", "OutputNaming"]
 
-#: DeviceArchitectureTypes member -> hw_arch name (pyhailort.py DeviceArchitectureTypes, both 4.23 and 5.2)
-_ARCH = {
-    "HAILO8_A0": "hailo8",
-    "HAILO8": "hailo8",
-    "HAILO8L": "hailo8l",
-    "HAILO10H": "hailo10h",
-    "HAILO15H": "hailo15h",
-    "HAILO15M": "hailo15m",
-    "HAILO15L": "hailo15l",
-}
-#: device arch -> HEF targets it runs (device_internal.cpp::is_hef_compatible, hailort@hailo8)
-_RUNS = {
-    "hailo8": ("hailo8", "hailo8r", "hailo8l"),
-    "hailo8l": ("hailo8l",),
-    "hailo10h": ("hailo10h", "hailo15h", "hailo15m"),
-    "hailo15h": ("hailo10h", "hailo15h", "hailo15m"),
-    "hailo15m": ("hailo15m",),
-    "hailo15l": ("hailo15l",),
-}
-_PRETTY = {"hailo8": "Hailo-8", "hailo8r": "Hailo-8R", "hailo8l": "Hailo-8L", "hailo10h": "Hailo-10H"}
-
-
-def pretty(arch: str) -> str:
-    return _PRETTY.get(arch, arch)
-
-
-class HailoDeviceError(RuntimeError):
-    """The device failed, timed out, is busy or missing; the message says which device and why."""
-
-
-@dataclass(frozen=True)
-class DeviceOptions:
-    device_id: str | None
-    timeout_ms: int
-    lock_dir: Path
-
-
-# -- one device per process ---------------------------------------------------------------------------------------
-class DeviceLock:
-    """Exclusive, non-blocking ``flock`` on ``<lock_dir>/hailo-device-<id>.lock``; the holder's pid is written in it.
-
-    flock is per open file description, so a second open in the same process conflicts too. The file is never
-    deleted (deleting a lock file races with a process about to lock it).
-    """
-
-    def __init__(self, lock_dir: Path, device_id: str):
-        self.device_id = device_id
-        self.path = lock_dir / f"hailo-device-{re.sub(r'[^A-Za-z0-9_.-]', '_', device_id)}.lock"
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._fd = fd
-        return True
-
-    def holder(self) -> str:
-        try:
-            return self.path.read_text(encoding="utf-8").strip() or "an unknown process"
-        except OSError:
-            return "an unknown process"
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-
-
-def select_device(hrt: ModuleType, options: DeviceOptions) -> tuple[str, DeviceLock]:
-    """The device this worker will own, already locked."""
-    if options.device_id:
-        ids, source = [options.device_id], "hailo.device_id"
-    elif os.environ.get(ENV_DEVICE_ID):
-        ids, source = [os.environ[ENV_DEVICE_ID]], f"${ENV_DEVICE_ID}"
-    else:
-        ids, source = [str(d) for d in hrt.Device.scan()], "Device.scan()"
-        if not ids:
-            raise HailoDeviceError(
-                "no Hailo device found: Device.scan() returned nothing (check `hailortcli scan`, the PCIe driver "
-                "and that no container hides /dev/hailo*)"
-            )
-    busy: list[str] = []
-    for device_id in ids:
-        lock = DeviceLock(options.lock_dir, device_id)
-        if lock.try_acquire():
-            return device_id, lock
-        busy.append(f"{device_id} (lock {lock.path} held by {lock.holder()})")
-    what = f"Hailo device {busy[0]}" if len(busy) == 1 else f"all {len(busy)} Hailo devices ({'; '.join(busy)})"
-    raise HailoDeviceError(
-        f"{what}, chosen from {source}, is in use by another process. hailo-sweep runs one device per worker "
-        f"process: give this worker a free device (hailo.device_id or ${ENV_DEVICE_ID}) or run fewer workers"
-    )
-
-
-# -- target check -------------------------------------------------------------------------------------------------
-def device_arch(hrt: ModuleType, device_id: str) -> str | None:
-    """The device's architecture as a hw_arch name, or None when it cannot be identified."""
-    try:
-        with hrt.Device(device_id) as device:
-            arch = device.control.identify().device_architecture
-    except hrt.HailoRTException:
-        return None
-    name = str(getattr(arch, "name", arch)).rsplit(".", 1)[-1].upper()
-    return _ARCH.get(name, name.lower())
-
-
-def target_mismatch(hef_target: str, arch: str, device_id: str) -> UserInputError:
-    return UserInputError(
-        f"the HEF was compiled for {hef_target} ({pretty(hef_target)}) but device {device_id} is a {pretty(arch)}; "
-        f"HailoRT refuses it (HEF not compatible with device)",
-        key="target",
-        fix=(
-            f"set target: {arch} to compile for this device, or run on a {pretty(hef_target)} device "
-            "(a Hailo-8 also runs hailo8l HEFs, more slowly; a Hailo-8L runs only hailo8l HEFs)"
-        ),
-    )
-
-
-def check_target(hef_target: str, arch: str | None, device_id: str) -> list[str]:
-    """Raise before loading a HEF the device would refuse; return notes about the pairing."""
-    if arch is None:
-        return [f"device {device_id}: architecture not identified; relying on HailoRT's own HEF compatibility check"]
-    runs = _RUNS.get(arch)
-    if runs is not None and hef_target not in runs:
-        raise target_mismatch(hef_target, arch, device_id)
-    notes = [f"device {device_id}: {pretty(arch)}"]
-    if arch == "hailo8" and hef_target == "hailo8l":
-        notes.append("a hailo8l HEF on a Hailo-8 runs at lower performance (HailoRT warns the same)")
-    return notes
+@contextlib.contextmanager
+def quiet(what: str) -> Iterator[None]:
+    """HailoRT's own messages (its ``pyhailort`` logger writes to the console) captured and sent to the log."""
+    with captured_output() as captured:
+        yield
+    if captured.text:
+        _LOG.debug("%s said:\n%s", what, captured.text.rstrip("\n"))
 
 
 # -- formats and quantization -------------------------------------------------------------------------------------
@@ -463,10 +334,15 @@ class HailoDeviceRunner(DeviceRunner):
     def activate(self) -> None:
         if self._engine is not None:
             return
+        waits: list[str] = []
+        waiter = Waiter(self.options.wait_s, waits)
         try:
-            self.device_id, self._lock = select_device(self.hrt, self.options)
-            self._notes = check_target(self.hef_target, device_arch(self.hrt, self.device_id), self.device_id)
-            self._engine = self._open()
+            self.device_id, self._lock = select_device(self.hrt, self.options, waiter)
+            with quiet("HailoRT (open the device)"):  # HailoRT's console logger goes to the log, not the console
+                arch, why = device_arch(self.hrt, self.device_id)
+                self._notes = [*waits, *check_target(self.hef_target, arch, self.device_id, why)]
+                self._engine = self._open(waiter)
+            self._notes += [note for note in waits if note not in self._notes]
             self._notes += [self._engine.api, *self._engine.notes]
             self._routes = self.naming.resolve(self._engine)
         except self.hrt.HailoRTException as exc:
@@ -477,16 +353,22 @@ class HailoDeviceRunner(DeviceRunner):
                     key="target",
                     fix="set target to the device's architecture (hailortcli fw-control identify shows it)",
                 ) from exc
-            raise HailoDeviceError(f"device {self.device_id}: {type(exc).__name__}: {exc}") from exc
+            error = HailoDeviceTimeout if is_transient(exc) else HailoDeviceError
+            raise error(f"device {self.device_id}: {type(exc).__name__}: {exc}") from exc
         except BaseException:
             self.deactivate()
             raise
 
-    def _open(self) -> Engine:
+    def _open(self, waiter: Waiter) -> Engine:
+        """The engine on the locked device; while HailoRT says another process holds the device, wait (bounded)."""
         assert self.device_id is not None
-        if hasattr(self.hrt.VDevice, "create_infer_model"):
-            return InferModelEngine(self.hrt, self.hef_path, self.device_id, self.options.timeout_ms)
-        return VStreamsEngine(self.hrt, self.hef_path, self.device_id, self.options.timeout_ms)
+        engine = InferModelEngine if hasattr(self.hrt.VDevice, "create_infer_model") else VStreamsEngine
+        while True:
+            try:
+                return engine(self.hrt, self.hef_path, self.device_id, self.options.timeout_ms)
+            except self.hrt.HailoRTException as exc:
+                if not is_busy(exc) or not waiter.wait(f"device {self.device_id}, held by a process outside hailo-sweep ({exc})"):
+                    raise
 
     def deactivate(self) -> None:
         engine, self._engine = self._engine, None
@@ -507,11 +389,13 @@ class HailoDeviceRunner(DeviceRunner):
             raise ValueError(f"inputs have frame shape {frames.shape[1:]} (NHWC), the HEF expects {engine.input.shape}")
         fed, note = host_input(frames, engine.input)
         try:
-            results, metrics = engine.infer(fed)
+            with quiet("HailoRT (inference)"):
+                results, metrics = engine.infer(fed)
         except BaseException as exc:
             self.deactivate()
             if isinstance(exc, self.hrt.HailoRTException):
-                raise HailoDeviceError(
+                error = HailoDeviceTimeout if is_transient(exc) else HailoDeviceError
+                raise error(
                     f"device {self.device_id}: inference failed ({type(exc).__name__}: {exc}); the device was released"
                 ) from exc
             raise

@@ -138,6 +138,7 @@ class OnnxRuntimeBackend(Backend):
     # -- optimize ------------------------------------------------------------------------------------------
     def optimize(self, settings: Settings, calibration: np.ndarray, work_dir: Path) -> OptimizedModel:
         self.validate(settings)
+        calibration = calibration[: settings.calibset_size]  # the whole set is given; calibrate on the first N entries
         if self._float_path is None:
             raise RuntimeError("prepare() must run before optimize()")
         recipe = Recipe.for_settings(settings)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hailo_sweep.onnx_runner import batches, declared_batch
+from hailo_sweep.onnx_runner import batches, chunk_size, declared_batch
 
 # Ops between two convolutions that commute with a positive per-channel scale: f(x / s) = f(x) / s for s > 0.
 _POSITIVE_HOMOGENEOUS = ("Relu", "MaxPool")
@@ -337,7 +337,7 @@ def _channel_means(
     sums: dict[tuple[str, int], np.ndarray] = {}
     counts: dict[tuple[str, int], int] = {}
     # a fixed batch gets exactly that many samples per run, the last batch padded by repeating a sample
-    for part, _ in batches(calibration, fixed, _MEANS_BATCH):
+    for part, _ in batches(calibration, fixed, chunk_size(calibration, _MEANS_BATCH)):
         chunk = np.ascontiguousarray(part, dtype=feed_type)
         values = dict(zip(fetch, session.run(fetch, {input_name: chunk}), strict=True)) if fetch else {}
         values[input_name] = chunk

@@ -35,6 +35,17 @@ DEFAULT_CALIBSET_SIZE = 64  # "Using dataset with 64 entries for calibration" (h
 DEFAULT_OPTIMIZATION_LEVEL = 2  # "[info] Using default optimization level of 2" (hailo-api.md §2)
 DEFAULT_COMPRESSION_LEVEL = 1  # not public (hailo-api.md: UNVERIFIED); the fake assumes 1
 RECOMMENDED_CALIBSET = 1024  # "less data than the recommended amount (1024)" (hailo-api.md §2)
+# The two downgrade messages quoted in hailo-api.md §2 (from third-party code that greps the DFC's log); the level
+# the DFC lowers to with a GPU is 1, without one 0. The fake keys the downgrade on the number of entries passed to
+# optimize() (the dataset the DFC is given; issue 11: it lowered the level although calibset_size was in the script).
+REDUCE_WITH_GPU = (
+    "Reducing optimization level to 1 (the accuracy won't be optimized and compression won't be used) because "
+    "there's less data than the recommended amount (1024)"
+)
+REDUCE_WITHOUT_GPU = (
+    "Reducing optimization level to 0 (the accuracy won't be optimized and compression won't be used) because "
+    "there's less data than the recommended amount (1024), and there's no available GPU"
+)
 # The statistics keys ACE diag high_precision_inspector.py reads: 'snr' after the advanced analysis, 'partial_snr'
 # after the simple one (it falls back to partial_snr and warns "Missing data from layer_noise_analysis").
 SNR_KEY = "layer_noise_analysis/snr"
@@ -49,28 +60,30 @@ class InferenceContext(enum.Enum):
     SDK_NATIVE = "sdk_native"
     SDK_FP_OPTIMIZED = "sdk_fp_optimized"
     SDK_QUANTIZED = "sdk_quantized"
-    SDK_BIT_EXACT = "sdk_bit_exact"  # third-party evidence only; the fake computes it like SDK_QUANTIZED
+    SDK_BIT_EXACT = "sdk_bit_exact"  # third-party evidence only; the fake computes it as the chip does
     SDK_HAILO_HW = "sdk_hailo_hw"
 
 
-class _ConsoleHandler(logging.Handler):
-    """The SDK prints its log as "[warning] ..." lines on the console (quoted in hailo-api.md §2)."""
+class _ConsoleFormatter(logging.Formatter):
+    """The SDK prints its log as "[info] ..." / "[warning] ..." lines on the console (quoted in hailo-api.md §2)."""
 
-    fake_hailo = True
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(f"[{record.levelname.lower()}] {record.getMessage()}", file=sys.stdout)
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{record.levelname.lower()}] {record.getMessage()}"
 
 
 # A named, non-propagating logger with its own console handler, like HailoRT's default_logger()
-# (hailo_platform/common/logger/logger.py); the DFC's own logger setup is not public.
+# (hailo_platform/common/logger/logger.py: ``logging.StreamHandler(sys.stdout)``, which keeps the stream object it was
+# created with, so redirecting sys.stdout later does not silence it); the DFC's own logger setup is not public.
 _LOG = logging.getLogger("hailo_sdk_client.fake")
 _LOG.propagate = False
 _LOG.setLevel(logging.INFO)
 for _handler in list(_LOG.handlers):
     if getattr(_handler, "fake_hailo", False):
         _LOG.removeHandler(_handler)
-_LOG.addHandler(_ConsoleHandler())
+_console = logging.StreamHandler(sys.stdout)
+_console.setFormatter(_ConsoleFormatter())
+_console.fake_hailo = True  # type: ignore[attr-defined]
+_LOG.addHandler(_console)
 
 
 class _InferContext:
@@ -110,6 +123,10 @@ class ParamsStatistics(Mapping[str, np.ndarray]):
 
 
 class ClientRunner:
+    #: fake-only: whether the simulated machine has a GPU (decides which downgrade message, and level, applies)
+    gpu_available = False
+    #: fake-only: how many entries the last optimize() call was given (tests assert the whole set is passed)
+    last_optimize_entries: int | None = None
     #: fake-only: how many times translate_onnx_model ran in this process (tests assert cache hits with it)
     translate_calls = 0
     #: fake-only: how many times analyze_noise ran in this process (tests assert the noise ranking is cached)
@@ -228,6 +245,9 @@ class ClientRunner:
             raise RuntimeError(f"optimize needs a runner in state HAILO_MODEL, this one is {self._state.name}")
         graph = self._need_graph()
         data = self._frames(calib_data, "calibration data")
+        ClientRunner.last_optimize_entries = len(data)
+        # calibset_size comes from the model script (model_optimization_config(calibration, calibset_size=N),
+        # hailo-api.md §2), 64 without one; the statistics use that many of the entries given
         n = min(self._script.calibset_size or DEFAULT_CALIBSET_SIZE, len(data))
         _LOG.info("Using dataset with %d entries for calibration", n)
         level = self._script.optimization_level
@@ -236,14 +256,11 @@ class ClientRunner:
             _LOG.info("Using default optimization level of %d", level)
         compression = self._script.compression_level
         compression = DEFAULT_COMPRESSION_LEVEL if compression is None else compression
-        if n < RECOMMENDED_CALIBSET and level >= 2:
-            # the message quoted in hailo-api.md §2 (no GPU in the fake)
-            _LOG.warning(
-                "Reducing optimization level to 0 (the accuracy won't be optimized and compression won't be used) "
-                "because there's less data than the recommended amount (%d), and there's no available GPU",
-                RECOMMENDED_CALIBSET,
-            )
-            level, compression = 0, 0
+        if len(data) < RECOMMENDED_CALIBSET and level >= 2:
+            # keyed on the entries GIVEN (the DFC fine-tunes / runs AdaRound on the whole dataset), not on calibset_size
+            lowered = 1 if ClientRunner.gpu_available else 0
+            _LOG.warning(REDUCE_WITH_GPU if ClientRunner.gpu_available else REDUCE_WITHOUT_GPU)
+            level, compression = lowered, 0
         print("Calibration: 100%|##########| done")
         self._quant = core.calibrate(self._onnx, graph, self._script, data[:n], level, compression)
         self._stats = {}  # statistics of an earlier quantization no longer apply
@@ -283,7 +300,10 @@ class ClientRunner:
         elif target in (InferenceContext.SDK_QUANTIZED, InferenceContext.SDK_BIT_EXACT):
             if self._quant is None:
                 raise RuntimeError(f"{target.name} needs an optimized (quantized) model")
-            outs = core.emulate_quantized(self._onnx, graph, self._quant, x)
+            # SDK_BIT_EXACT equals the HEF on the device bit for bit; SDK_QUANTIZED "is not claimed to be bit-exact"
+            # and differs from it by normal rounding (hailo-api.md §4 item 8; issue 11: 92-95 % identical at 8 bit)
+            drift = target is InferenceContext.SDK_QUANTIZED
+            outs = core.emulate_quantized(self._onnx, graph, self._quant, x, rounding_drift=drift)
         else:
             raise NotImplementedError("the fake has no hardware target; use hailo_platform")
         outs = [np.asarray(o, np.float32) for o in outs]

@@ -5,13 +5,14 @@ references below are ``py:L<n>`` = ``hailort/libhailort/bindings/python/platform
 and ``cpp:<file>:L<n>`` = files under ``hailort/libhailort/``. Numbers are computed by ``_fake_hailo_core`` (see its
 docstring): the fake "chip" runs the HEF's network with onnxruntime on dequantized raw inputs, its hidden layers
 rounded to their 8/16-bit grids, and re-quantizes the outputs with the HEF's own quant infos, so a device run equals
-SDK_QUANTIZED emulation bit for bit.
+SDK_BIT_EXACT emulation bit for bit (SDK_QUANTIZED differs from it by a few one-step roundings).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,15 @@ import numpy as np
 from hailo_platform._fake_system import SYSTEM
 
 _LOG = logging.getLogger("pyhailort")  # py:default_logger() names its logger after "pyhailort.log"
+# hailo_platform/common/logger/logger.py _create_logger: a console handler bound to the sys.stdout of its creation
+# (the real one also adds a FileHandler on ./pyhailort.log; the fake writes no file)
+for _handler in list(_LOG.handlers):
+    if getattr(_handler, "fake_hailo", False):
+        _LOG.removeHandler(_handler)
+_console = logging.StreamHandler(sys.stdout)
+_console.fake_hailo = True  # type: ignore[attr-defined]
+_LOG.addHandler(_console)
+_LOG.setLevel(logging.INFO)
 
 DEFAULT_VSTREAM_TIMEOUT_MS = 10000  # py:L40
 DEFAULT_VSTREAM_QUEUE_SIZE = 2  # py:L41
@@ -245,6 +255,9 @@ def _check_compatible(device_ids: list[str], hef_arch: str) -> None:
 
 def _maybe_fail() -> None:
     SYSTEM.inferences += 1
+    if SYSTEM.timeouts_left > 0:  # intermittent: HAILO_TIMEOUT -> HailoRTTimeout (py:L139-140), then it recovers
+        SYSTEM.timeouts_left -= 1
+        raise HailoRTTimeout("Received a timeout - hailort has failed because a timeout had occurred")
     if SYSTEM.fail_on_infer == "timeout":
         raise HailoRTTimeout("Received a timeout - hailort has failed because a timeout had occurred")
     if SYSTEM.fail_on_infer == "driver":
@@ -327,6 +340,10 @@ class Device:
 
     @property
     def control(self) -> _Control:
+        # py:L2603-2612 in 4.23; a build without the control APIs has no such attribute (issue 11 reports exactly
+        # "AttributeError: 'Device' object has no attribute 'control'")
+        if not SYSTEM.control_api:
+            raise AttributeError("'Device' object has no attribute 'control'")
         return self._control
 
 
@@ -355,7 +372,12 @@ class VDevice:
             if device_id not in SYSTEM.devices:
                 raise HailoRTNotFoundException("Item not found. See hailort.log for more information")
             if device_id in SYSTEM.in_use:
-                raise HailoRTException(f"libhailort failed with error: 8 (HAILO_OUT_OF_PHYSICAL_DEVICES): {device_id} is in use")
+                raise HailoRTException(f"libhailort failed with error: 74 (HAILO_OUT_OF_PHYSICAL_DEVICES): {device_id} is in use")
+            if SYSTEM.busy_for.get(device_id, 0) > 0:
+                # held by another process: status 73 HAILO_DEVICE_IN_USE (cpp:include/hailo/hailort.h L162), which
+                # py:ExceptionWrapper.create_exception_from_status (L126-168) raises as a plain HailoRTException
+                SYSTEM.busy_for[device_id] -= 1
+                raise HailoRTException("libhailort failed with error: 73 (HAILO_DEVICE_IN_USE)")
         self._ids = ids
         SYSTEM.in_use.update(ids)
         SYSTEM.vdevices_opened += 1
