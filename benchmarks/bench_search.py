@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 import subprocess
@@ -49,8 +50,9 @@ from optuna.trial import TrialState
 from hailo_sweep import metrics as m
 from hailo_sweep.backends import backend_class
 from hailo_sweep.backends.base import Backend, BackendContext
-from hailo_sweep.config import DiagnosticsConfig, SearchSpaceConfig, SweepConfig, load_config
+from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, SweepConfig, load_config
 from hailo_sweep.pipeline import TrialResult, load_inputs, prepare_sweep, run_trial
+from hailo_sweep.sampling import make_sampler, next_unevaluated
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.sweep import constraint_values, objective_of
 
@@ -125,7 +127,7 @@ def example_config(root: Path, reduced: bool) -> SweepConfig:
             "backend": "onnxruntime",
             "search": SearchSpaceConfig(**GRID) if reduced else config.search,
             # layer noise and the determinism re-run explain errors; they do not change any metric used here
-            "diagnostics": DiagnosticsConfig(layer_noise=False, determinism_samples=0),
+            "diagnostics": DiagnosticsConfig(layer_noise="off", determinism_samples=0),
         }
     )
 
@@ -238,9 +240,8 @@ def simulate(table: Table, space: SearchSpace, scenario: Scenario, seed: int, bu
     """One in-memory study of ``budget`` trials, each answered from the table the way the sweep answers it."""
     lookup = table.index()
     steps: list[Step] = []
-    sampler: optuna.samplers.BaseSampler = (
-        optuna.samplers.TPESampler(seed=seed) if scenario.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed)
-    )
+    # the sweep's own sampler setup (start-up sized to the budget and the space, multivariate TPE)
+    sampler = make_sampler(SamplerConfig(name=scenario.sampler, seed=seed), budget=budget, points=len(table.points), choices=space.choices(), seed=seed)  # type: ignore[arg-type]
     pruner: optuna.pruners.BasePruner = (
         optuna.pruners.NopPruner() if scenario.p_threshold is None
         else optuna.pruners.WilcoxonPruner(p_threshold=scenario.p_threshold, n_startup_steps=0)
@@ -260,6 +261,12 @@ def simulate(table: Table, space: SearchSpace, scenario: Scenario, seed: int, bu
                     trial.report(v, step)
                 feasible = all(v <= 0 for v in (other.constraints or {}).values())
                 steps.append(Step("REUSED", other.value, feasible, 0.0, False, params=dict(trial.params)))
+                trials = trial.study.get_trials(deepcopy=False)
+                evaluated = sum(s.state != "REUSED" for s in steps)
+                if evaluated + sum(t.state == TrialState.WAITING for t in trials) < budget:  # as the sweep: replace the repeat
+                    params = next_unevaluated(trials, space.choices(), random.Random(f"{seed}-{trial.number}"))
+                    if params is not None:
+                        trial.study.enqueue_trial(params)
                 return other.value
         point = lookup[table.key(trial.params)]
         if point.value is None:

@@ -223,8 +223,20 @@ class ConstraintConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
+    """Optuna's sampler (see ``hailo_sweep.sampling``): TPE by default, with a start-up phase sized to the budget."""
+
     name: Literal["tpe", "random", "grid"] = "tpe"
     seed: int | None = 0
+    startup_trials: int | Literal["auto"] = "auto"  # TPE's random start-up trials; auto: a fifth of the budget, 3-10
+    multivariate: bool = True  # TPE models the knobs jointly, by groups of knobs that occur together
+    replace_repeats: bool = True  # a re-proposed evaluated point is free and an unevaluated one is enqueued instead
+
+    @field_validator("startup_trials")
+    @classmethod
+    def _startup_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("startup_trials must be 1 or more, or 'auto'")
+        return v
 
 
 class StoresConfig(_Strict):
@@ -269,7 +281,17 @@ class PruningConfig(_Strict):
 class DiagnosticsConfig(_Strict):
     """What each trial measures beyond its metrics, to explain where the error comes from."""
 
-    layer_noise: bool = True  # per-layer SNR of the quantized model (table + plot per trial)
+    # per-layer SNR of the quantized model: per_trial (every trial), best (the best few trials at the end of the sweep,
+    # and on demand with `hailo-sweep diagnose`), off; true/false of earlier configs mean per_trial/off
+    layer_noise: Literal["per_trial", "best", "off"] = "best"
+    layer_noise_best: int = Field(default=3, ge=0)  # how many of the best trials get the analysis at the end (best)
+
+    @field_validator("layer_noise", mode="before")
+    @classmethod
+    def _layer_noise_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # earlier configs: true ran it in every trial, false never
+            return "per_trial" if v else "off"
+        return v
     layer_noise_samples: int = Field(default=32, ge=1)
     determinism_samples: int = Field(default=16, ge=0)  # run this many inputs twice on the device; 0: skip
     lsb_tolerance: float = Field(default=1.0, ge=0)  # device vs emulation, in LSB of an 8-bit output (x256 for 16-bit)

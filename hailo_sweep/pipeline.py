@@ -405,7 +405,7 @@ def _diagnose(
     """Where the error comes from: ladder steps, per-layer noise, and the findings of every check with evidence."""
     names = [o.name for o in prepared.outputs]
     result.metrics.update(ladder_steps(result.metrics, names))
-    if diag.layer_noise:
+    if diag.layer_noise == "per_trial":
         try:
             result.layer_noise = backend.layer_noise(optimized, evaluation[: diag.layer_noise_samples])
         except NotImplementedError as exc:

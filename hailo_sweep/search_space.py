@@ -109,6 +109,10 @@ class SearchSpace:
         # equivalent points (e.g. a clipping_percentile under minmax calibration) are one Settings: listed once
         return list(dict.fromkeys(points))
 
+    def point_count(self) -> int:
+        """Distinct points (canonical settings) of the space; for a space too large to enumerate, its grid size."""
+        return len(self.all_settings()) if self.grid_size() <= MAX_GRID else self.grid_size()
+
     def canonical_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """The params of the canonical point equal to ``params`` (points that differ only in a knob without effect
         under the others, such as ``clipping_percentile`` with ``calibration_method: minmax``, map to one)."""

@@ -17,6 +17,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,10 +37,13 @@ from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, backend_conte
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.findings import FINDING_CODES
 from hailo_sweep.diagnose.ladder import explain
+from hailo_sweep.best_noise import analyse_best, layer_noise_artifacts
 from hailo_sweep.faults import (
     INTERRUPTED_ATTR, StoresFull, interrupts_end_trials, is_disk_full, reconcile, record_interrupted, record_write_error, requeue_interrupted,
     resume_line, signame_of,
 )
+from hailo_sweep.recording import ArtifactUploader, reconcile_uploads
+from hailo_sweep.sampling import make_sampler, next_unevaluated, point_key
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.stores import check_stores_writable, redact_url, resolve_stores
@@ -398,6 +402,7 @@ class Sweep:
         self.stores = resolve_stores(config)
         self.worker_index = worker_index
         self._opened_storage: SweepStorage | None = None
+        self._budget_total: int | None = None  # the budget the sampler's start-up phase is sized to
         self.requeued: list[optuna.trial.FrozenTrial] = []  # interrupted trials enqueued again by this start
 
     # Everything that can be checked without touching a store is checked here, first.
@@ -451,12 +456,14 @@ class Sweep:
 
     def run(self, n_trials: int | None = None) -> SweepSummary:
         """``init`` then ``work`` in this process: the single-machine path."""
+        self._budget_total = n_trials
         backend, space, objective = self.preflight()
         study, tracker, parent = self._create_stores(objective, space, backend)
         return self._work(backend, space, objective, study, tracker, parent, n_trials)
 
     def work(self, n_trials: int | None = None) -> SweepSummary:
         """Join a study created by ``init`` and run trials until the budget is spent."""
+        self._budget_total = n_trials
         backend, space, objective = self.preflight()
         study, tracker, parent = self._join_stores(objective, space)
         return self._work(backend, space, objective, study, tracker, parent, n_trials)
@@ -465,8 +472,9 @@ class Sweep:
         self, backend: Backend, space: SearchSpace, objective: Objective, study: optuna.Study, tracker: Tracker, parent_run_id: str, n_trials: int | None
     ) -> SweepSummary:
         total = n_trials or self.config.trials
-        budget = Budget(total=total, points=space.grid_size())
+        budget = Budget(total=total, points=space.point_count(), canonical=space.canonical_params)
         reconcile(study, tracker)
+        reconcile_uploads(study, tracker, older_than_s=float(self.config.workers.grace_period))
         remove_dead_scratch(self.stores.work_dir / "trials")
         waiting = len(_waiting(study))  # enqueued points (the baseline, retries, the user's) run even when the budget is spent
         spent = budget.spent(study.get_trials(deepcopy=False), count_running=False)
@@ -478,6 +486,8 @@ class Sweep:
         prepare_runs = 0
         prepare_seconds = 0.0
         tracker.reopen(parent_run_id)
+        uploader = ArtifactUploader(self.stores.mlflow_uri, self.config.name, self.stores.artifact_location)
+        remove_dead_scratch(self.stores.work_dir / "uploads")
         stopping: BaseException | None = None
         with interrupts_end_trials():  # until the parent run is summarized: a second signal must not cut that short
             try:
@@ -486,10 +496,16 @@ class Sweep:
                         self.observer.stage_started("prepare")
                         prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
                         prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
-                        objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings)
+                        objective_fn = _TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings, uploader)
                         if self._opened_storage is not None:
                             self._opened_storage.budget = budget
                         self._optimize_until_spent(study, objective_fn, budget)
+                        diag = self.config.diagnostics
+                        if diag.layer_noise == "best" and diag.layer_noise_best:
+                            self.observer.stage_started("layer noise (best trials)")
+                            analyse_best(study, prepared, backend, space, uploader, k=diag.layer_noise_best,
+                                         samples=diag.layer_noise_samples, message=self.observer.message,
+                                         lock=self._opened_storage.lock if self._opened_storage is not None else contextlib.nullcontext)
             except BaseException as exc:
                 stopping = exc
                 if is_disk_full(exc) and not isinstance(exc, StoresFull):  # e.g. the Optuna store on a full disk
@@ -498,7 +514,11 @@ class Sweep:
                     self.observer.message(f"sweep interrupted ({signame_of(exc)}) outside a trial: nothing was lost; run it again to continue")
                 raise
             finally:
+                uploads = uploader.close()  # every file of every trial is in place before the sweep returns
+                for failure in uploads.failures:
+                    self.observer.message(f"upload failed for run {failure.run_id} ({failure.what}): {failure.error}")
                 extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
+                extra.update({"uploads_failed": float(len(uploads.failures)), "upload_s": uploads.seconds})
                 try:
                     self._summarize_parent(study, tracker, parent_run_id, objective, extra)
                 except Exception:
@@ -638,14 +658,15 @@ class Sweep:
 
     def _sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler:
         s = self.config.sampler
-        seed = s.seed
+        seed = self._seed()
+        budget = self._budget_total or self.config.trials
+        return make_sampler(s, budget=budget, points=space.point_count(), choices=space.choices(), seed=seed)
+
+    def _seed(self) -> int | None:
+        seed = self.config.sampler.seed
         if seed is not None and self.worker_index is not None:
             seed = seed + 1000 * (self.worker_index + 1)  # workers must not replay each other's random sequence
-        if s.name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if s.name == "grid":
-            return optuna.samplers.GridSampler(space.choices(), seed=seed)
-        return optuna.samplers.TPESampler(seed=seed)
+        return seed
 
     def _sweep_params(self, space: SearchSpace, backend: Backend) -> dict[str, Any]:
         cfg = self.config
@@ -729,12 +750,14 @@ class Budget:
 
     total: int
     points: int
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # equivalent params -> one point
     slack: int = 4
 
     def spent(self, trials: Sequence[optuna.trial.FrozenTrial], *, count_running: bool) -> bool:
         if _used(trials, count_running=count_running) >= self.total:
             return True
-        if len({tuple(sorted(t.params.items())) for t in _evaluated(trials)}) >= self.points:
+        canonical = self.canonical or dict
+        if len({point_key(canonical(dict(t.params))) for t in _evaluated(trials) if t.params}) >= self.points:
             return True
         return sum(1 for t in trials if t.state != TrialState.WAITING) >= self.slack * self.total
 
@@ -805,10 +828,12 @@ class _TrialRunner:
         tracker: Tracker,
         parent_run_id: str,
         timings: list[TrialTiming],
+        uploader: ArtifactUploader | None = None,
     ):
         self.sweep, self.prepared, self.backend, self.space = sweep, prepared, backend, space
         self.objective, self.tracker, self.parent_run_id, self.timings = objective, tracker, parent_run_id, timings
         self.config = sweep.config
+        self.uploader = uploader or ArtifactUploader(sweep.stores.mlflow_uri, sweep.config.name, sweep.stores.artifact_location, background=False)
         self.versions = {"hailo_sweep": __version__, "optuna": optuna.__version__, **_lib_versions(), **backend.versions()}
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
@@ -864,7 +889,7 @@ class _TrialRunner:
                 raise optuna.TrialPruned() from None
             self._on_stage("record")
             t0 = time.perf_counter()
-            value, feasible = self._record(trial, run_id, result, work_dir, start)
+            value, feasible = self._record(trial, run_id, result, work_dir, start, record_s)
             record_s += time.perf_counter() - t0
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
@@ -891,8 +916,7 @@ class _TrialRunner:
         timing = TrialTiming(trial.number, wall, result.stage_seconds() + record_s)
         self.timings.append(timing)
         timing_attr = {"wall_s": wall, "stages_s": timing.stages_s, "record_s": record_s, "overhead_s": timing.overhead_s}
-        if "time.compile_s" in result.metrics:
-            timing_attr["compile_s"] = result.metrics["time.compile_s"]
+        timing_attr.update({f"{t.name}_s": t.seconds for t in result.timings})  # every stage, compile_s included
         trial.set_user_attr("timing", timing_attr)
         if value is None:
             obs.trial_finished(trial.number, "FAIL", None, None, failed_stage=result.failed_stage, error=result.error)
@@ -949,15 +973,11 @@ class _TrialRunner:
         )
 
     # -- record --------------------------------------------------------------------------------------------
-    def _record(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, start: float) -> tuple[float | None, bool]:
+    def _record(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, start: float, record_s: float) -> tuple[float | None, bool]:
+        """Write what the sweep and queries read now (params, metrics, tags, attrs); hand the files to the uploader."""
+        t0 = time.perf_counter()
         metrics = dict(result.metrics)
         tags: dict[str, str] = {"hailo_sweep.flags": ",".join(result.flags)} if result.flags else {}
-        artifacts: list[tuple[Path, str]] = []
-        if result.script:
-            script = work_dir / result.script_name
-            script.write_text(result.script, encoding="utf-8")
-            artifacts.append((script, ""))
-        artifacts.extend((log, "logs") for log in result.logs if log.is_file())  # the toolchain's own words
         value: list[float] | None = None
         feasible = False
         if result.ok:
@@ -978,55 +998,56 @@ class _TrialRunner:
             feasible = all(v <= 0 for v in constraints.values())
             metrics.update(headline_metrics(self.config, metrics, value[0], feasible))
             tags.update({"hailo_sweep.state": "COMPLETE", "hailo_sweep.feasible": str(feasible)})
-            assert result.compiled is not None
-            artifacts.append((result.compiled.path, "compiled"))
-            artifacts.extend(self._diagnosis_artifacts(result, metrics, work_dir))
             if result.findings:
                 tags["hailo_sweep.findings"] = ",".join(sorted({f.code for f in result.findings}))
         else:
             tags.update({"hailo_sweep.state": "FAIL", "hailo_sweep.failed_stage": str(result.failed_stage), "hailo_sweep.error": str(result.error)})
             trial.set_user_attr("failed_stage", result.failed_stage)
             trial.set_user_attr("error", (result.error or "")[:2000])
-        report = self._report(trial, result, metrics, value, feasible)
-        report_path = work_dir / "report.json"
-        report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-        artifacts.append((report_path, ""))
-        wall = time.perf_counter() - start
-        metrics["time.trial_s"] = wall
+        staging = self._stage_files(work_dir)
+        logs = [staging / log.relative_to(work_dir) if log.is_relative_to(work_dir) else log for log in result.logs]  # the toolchain's own words
+        compiled = None
         model_id = None
         if value is not None and result.compiled is not None:
-            model_id = self.tracker.log_model(
+            compiled = staging / result.compiled.path.relative_to(work_dir) if result.compiled.path.is_relative_to(work_dir) else result.compiled.path
+            # the id is needed now (trial attrs are read-only once the trial ends); the file is uploaded later
+            model_id = self.tracker.create_model(
                 run_id,
                 LoggedModelRecord(
-                    name=f"{self.config.name}-trial-{trial.number:04d}", path=result.compiled.path, model_type=result.compiled.kind,
+                    name=f"{self.config.name}-trial-{trial.number:04d}", path=compiled, model_type=result.compiled.kind,
                     params=self.space.params_of(result.settings),
                     tags={"optuna.trial_number": str(trial.number), "hailo_sweep.feasible": str(feasible)},
                 ),
             )
             trial.set_user_attr("mlflow_model_id", model_id)
             trial.set_user_attr("compiled_name", result.compiled.path.name)
+        report = self._report(trial, result, metrics, value, feasible)
+        metrics["time.trial_s"] = time.perf_counter() - start
+        metrics["time.record_s"] = record_s + (time.perf_counter() - t0)  # the synchronous part; uploads: time.upload_s
+        report["metrics"] = metrics
         linked = [k for k in metrics if k in HEADLINE_METRICS or k in self.objective.keys or k.endswith(".over_limit")
                   or k in ("compile.size_bytes", "device.latency_ms")] if model_id else []  # the Models tab's columns
-        self.tracker.end_child(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, artifacts=artifacts,
-                                                 failed=value is None, model_id=model_id, model_metrics=tuple(linked)))
+        self.tracker.log_to(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, model_id=model_id, model_metrics=tuple(linked)))
         trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.keys)})
+        outputs = [o.name for o in self.prepared.outputs]
+        self.uploader.submit(
+            run_id, f"trial {trial.number} artifacts",
+            partial(_upload_trial, run_id=run_id, staging=staging, result=result, metrics=metrics, report=report,
+                    outputs=outputs, compiled=compiled, model_id=model_id, failed=value is None, logs=logs),
+            staging, run_failed=value is None,
+        )
         return value, feasible
 
-    def _diagnosis_artifacts(self, result: TrialResult, metrics: dict[str, float], work_dir: Path) -> list[tuple[Path, str]]:
-        """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``)."""
-        outputs = [o.name for o in self.prepared.outputs]
-        out = [(diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png"), "plots")]
-        if result.lsb_histograms:
-            out.append((diag_plots.lsb_histogram_plot(result.lsb_histograms, work_dir / "lsb_histogram.png"), "plots"))
-        if result.layer_noise:
-            out.append((diag_plots.layer_noise_plot(result.layer_noise, work_dir / "layer_noise.png"), "plots"))
-            table = work_dir / "layer_noise.json"
-            table.write_text(json.dumps([asdict(n) for n in result.layer_noise], indent=1), encoding="utf-8")
-            out.append((table, "diagnosis"))
-        findings = work_dir / "findings.json"
-        findings.write_text(json.dumps([asdict(f) for f in result.findings], indent=1, default=str), encoding="utf-8")
-        out.append((findings, "diagnosis"))
-        return out
+    def _stage_files(self, work_dir: Path) -> Path:
+        """Move the trial's scratch directory where the uploader picks it up (the trial's scratch is then free)."""
+        staging = self.sweep.stores.work_dir / "uploads" / work_dir.name
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            work_dir.rename(staging)
+        except OSError:  # another file system: copy
+            shutil.copytree(work_dir, staging)
+        return staging
 
     def _report(self, trial: optuna.Trial, result: TrialResult, metrics: dict[str, float], value: float | None, feasible: bool) -> dict[str, Any]:
         return {
@@ -1081,11 +1102,31 @@ class _TrialRunner:
 
     # -- duplicates ----------------------------------------------------------------------------------------
     def _duplicate_of(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-        """A finished trial with exactly these params: evaluating them again would repeat the same work."""
+        """A finished trial at the same point (the same canonical settings: a knob without effect under the others,
+        e.g. a clipping percentile under minmax calibration, does not make a new point): evaluating it again would
+        repeat the same work."""
+        mine = point_key(self.space.canonical_params(dict(trial.params)))
         for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if other.params == trial.params and other.number != trial.number:
+            if other.number != trial.number and point_key(self.space.canonical_params(dict(other.params))) == mine:
                 return other
         return None
+
+    def _replace_repeat(self, trial: optuna.Trial, original: optuna.trial.FrozenTrial) -> None:
+        """The sampler proposed a finished point: enqueue one that no trial has taken, so the next trial makes progress."""
+        s = self.config.sampler
+        if not s.replace_repeats or s.name == "grid":
+            return
+        study = trial.study
+        storage = self.sweep._opened_storage
+        with storage.lock() if storage is not None else contextlib.nullcontext():
+            trials = study.get_trials(deepcopy=False)
+            total = self.sweep._budget_total or self.config.trials
+            others = [t for t in trials if t.number != trial.number]  # this trial is a free repeat, running still
+            if _used(others, count_running=True) + sum(t.state == TrialState.WAITING for t in others) >= total:
+                return  # an enqueued trial runs even past the budget: only replace while it has room
+            params = next_unevaluated(trials, self.space.choices(), random.Random(f"{self.sweep._seed()}-{trial.number}"), canonical=self.space.canonical_params)
+            if params is not None:
+                study.enqueue_trial(params, user_attrs={"replaces_repeat_of": original.number})
 
     def _reuse(self, trial: optuna.Trial, settings: Settings, original: optuna.trial.FrozenTrial, start: float) -> float:
         assert original.values is not None
@@ -1112,14 +1153,54 @@ class _TrialRunner:
         self.timings.append(TrialTiming(trial.number, time.perf_counter() - start, 0.0))
         violated = tuple(k for k, v in (original.constraints or {}).items() if v > 0)
         self.sweep.observer.trial_finished(trial.number, "COMPLETE (reused)", original.values[0], feasible, duplicate_of=original.number, violated=violated)
+        self._replace_repeat(trial, original)
         return original.values if self.objective.multi else original.values[0]  # type: ignore[return-value]
+
+
+def _upload_trial(
+    tracker: Tracker, *, run_id: str, staging: Path, result: TrialResult, metrics: dict[str, float], report: dict[str, Any],
+    outputs: list[str], compiled: Path | None, model_id: str | None, failed: bool, logs: Sequence[Path] = (),
+) -> None:
+    """The background half of recording a trial: plots, tables, report, the compiled model; then the run ends."""
+    start = time.perf_counter()
+    artifacts: list[tuple[Path, str]] = []
+    if result.script:
+        script = staging / result.script_name
+        script.write_text(result.script, encoding="utf-8")
+        artifacts.append((script, ""))
+    artifacts.extend((log, "logs") for log in logs if log.is_file())
+    if compiled is not None:
+        artifacts.append((compiled, "compiled"))
+        artifacts.extend(_diagnosis_artifacts(result, metrics, outputs, staging))
+    report_path = staging / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    artifacts.append((report_path, ""))
+    for local, artifact_dir in artifacts:
+        tracker.client.log_artifact(run_id, str(local), artifact_path=artifact_dir or None)
+    if model_id is not None and compiled is not None:
+        tracker.upload_model(model_id, compiled)
+    tracker.log_to(run_id, RunRecord(name="", metrics={"time.upload_s": time.perf_counter() - start}))
+    tracker.finish(run_id, failed=failed)
+
+
+def _diagnosis_artifacts(result: TrialResult, metrics: dict[str, float], outputs: list[str], work_dir: Path) -> list[tuple[Path, str]]:
+    """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``)."""
+    out = [(diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png"), "plots")]
+    if result.lsb_histograms:
+        out.append((diag_plots.lsb_histogram_plot(result.lsb_histograms, work_dir / "lsb_histogram.png"), "plots"))
+    if result.layer_noise:
+        out.extend(layer_noise_artifacts(result.layer_noise, work_dir))
+    findings = work_dir / "findings.json"
+    findings.write_text(json.dumps([asdict(f) for f in result.findings], indent=1, default=str), encoding="utf-8")
+    out.append((findings, "diagnosis"))
+    return out
 
 
 def _summary_keys(metrics: dict[str, float], objective_keys: Sequence[str]) -> list[str]:
     """The metrics kept in Optuna's user attrs (the full set lives in MLflow)."""
     keep = set(objective_keys)
     for k in metrics:
-        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "_")) or k.endswith(".over_limit") \
+        if k.startswith(("device.total.", "emulated.total.", "agreement.total.", "constraint.", "findings.", "_")) or k.endswith(".over_limit") \
                 or k in ("device.throughput_fps", "device.latency_ms", "compile.size_bytes"):
             keep.add(k)
         if k.startswith(("device.", "emulated.")) and (k.endswith((".accuracy", ".accuracy_drop", ".softmax_mae", ".prob_mae")) or ".task." in k):

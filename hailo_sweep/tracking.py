@@ -214,6 +214,12 @@ class Tracker:
 
     def log_model(self, run_id: str, model: LoggedModelRecord) -> str:
         """A LoggedModel holding the compiled file, linked to its trial run; returns the model id."""
+        model_id = self.create_model(run_id, model)
+        self.upload_model(model_id, model.path)
+        return model_id
+
+    def create_model(self, run_id: str, model: LoggedModelRecord) -> str:
+        """The LoggedModel's record only (PENDING until ``upload_model``): its id can be stored before the file is uploaded."""
         lm = self.client.create_logged_model(
             self.experiment_id,
             name=model.name,
@@ -222,13 +228,16 @@ class Tracker:
             params={k: _text(v, MAX_PARAM_LEN) for k, v in model.params.items()},
             tags=dict(model.tags),
         )
+        return str(lm.model_id)
+
+    def upload_model(self, model_id: str, path: Path) -> None:
+        """Upload the LoggedModel's file and mark it READY; a failed upload marks it FAILED and partial, then raises."""
         try:
-            self.client.log_model_artifact(lm.model_id, str(model.path))
+            self.client.log_model_artifact(model_id, str(path))
         except BaseException:
-            self.fail_model(lm.model_id)  # never left PENDING, never taken for a whole model
+            self.fail_model(model_id)  # never left PENDING, never taken for a whole model
             raise
-        self.client.finalize_logged_model(lm.model_id, "READY")
-        return lm.model_id
+        self.client.finalize_logged_model(model_id, "READY")
 
     def fail_model(self, model_id: str) -> None:
         """Mark a LoggedModel whose files may be partly uploaded (its trial could not be recorded): FAILED, tagged

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import re
 import socket
@@ -30,6 +31,8 @@ from hailo_sweep.config import load_config
 from hailo_sweep.pipeline import prepare_sweep, run_trial
 from hailo_sweep.settings import Settings
 from hailo_sweep.sweep import Sweep, budget_used, open_storage, resolve_stores
+from hailo_sweep import sweep as sweep_module
+from hailo_sweep.recording import ArtifactUploader
 from hailo_sweep.tracking import Tracker, TrackingUnavailable
 from tests.conftest import cli
 from tests.fault_worker import SMALL_SPACE, Processes, assert_artifacts_whole, hailo_sweep, launcher, wait_until
@@ -232,7 +235,7 @@ def test_running_out_of_disk_fails_the_trial_with_the_reason_and_the_worker_carr
         return real_compile(self, model, work_dir)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "compile", full_disk_compile)
-    space = {"optimization_level": [0, 1], "calibset_size": [64], "normalization_placement": ["host", "model"]}
+    space = {"optimization_level": [0, 1], "calibset_size": [64, 128], "normalization_placement": ["host", "model"]}
     path = write_config(trials=4, search=space)
     Sweep(load_config(path)).run()
     study, client = open_stores(path)
@@ -341,18 +344,21 @@ class Outage:
         self.down = False
         self.run_id: str | None = None
         self.calls = 0
-        real_end_child = Tracker.end_child
+        real_log_to = Tracker.log_to
+        # uploads in the calling thread: the outage hits the 2nd trial's record and nothing else in flight
+        monkeypatch.setattr(sweep_module, "ArtifactUploader", functools.partial(ArtifactUploader, background=False))
 
-        def end_child(tracker: Tracker, run_id: str, record) -> None:
-            self.calls += 1
-            if self.calls == 2:
-                self.down, self.run_id = True, run_id
+        def log_to(tracker: Tracker, run_id: str, record) -> None:
+            if "time.record_s" in record.metrics:  # a trial's final, synchronous record
+                self.calls += 1
+                if self.calls == 2:
+                    self.down, self.run_id = True, run_id
             if self.down:
                 raise TrackingUnavailable("the MLflow tracking store did not answer log_batch() after 3 attempts: simulated outage")
-            return real_end_child(tracker, run_id, record)
+            return real_log_to(tracker, run_id, record)
 
-        monkeypatch.setattr(Tracker, "end_child", end_child)
-        for name in ("finish", "log_to", "set_tags", "start_child", "log_model", "reopen"):
+        monkeypatch.setattr(Tracker, "log_to", log_to)
+        for name in ("finish", "end_child", "set_tags", "start_child", "log_model", "create_model", "upload_model", "reopen"):
             monkeypatch.setattr(Tracker, name, self._down_or(getattr(Tracker, name)))
 
     def _down_or(self, real):

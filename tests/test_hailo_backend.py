@@ -506,7 +506,7 @@ def test_whole_sweep_runs_on_the_hailo_backend(hailo_fakes: FakeHailo, write_con
         "output_16bit": ["logits"],
         "noisy_layers_16bit": [1],
     }
-    path = write_config(backend="hailo", trials=4, search=search, sampler={"name": "grid", "seed": 0})
+    path = write_config(backend="hailo", trials=4, search=search, sampler={"name": "grid", "seed": 0}, diagnostics={"layer_noise": "per_trial"})
     cfg = load_config(path)
     Sweep(cfg).run()
     stores = resolve_stores(cfg)

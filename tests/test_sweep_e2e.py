@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from hailo_sweep import metrics as m
 from hailo_sweep.backends.onnxruntime.graph import read_output_quant
+from hailo_sweep.best_noise import best_trials
 from hailo_sweep.sweep import budget_used
 from tests.conftest import MODEL, TRIALS, cli
 
@@ -51,8 +52,9 @@ def test_every_trial_has_its_child_run_under_the_parent(sweep) -> None:
                 assert run.data.tags["hailo_sweep.duplicate_of_run_id"] == trials[t.user_attrs["duplicate_of"]].user_attrs["mlflow_run_id"]
                 assert run.data.metrics["_objective"] == pytest.approx(t.value)
                 continue
-            for stage in ("optimize", "emulate", "compile", "device"):
+            for stage in ("optimize", "emulate", "compile", "device", "record", "upload"):  # record: its synchronous part
                 assert run.data.metrics[f"time.{stage}_s"] > 0
+            assert t.user_attrs["timing"]["record_s"] >= run.data.metrics["time.record_s"]
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.tags["hailo_sweep.role"] == "sweep"
     assert parent.info.status == "FINISHED"
@@ -62,6 +64,9 @@ def test_every_trial_has_its_child_run_under_the_parent(sweep) -> None:
 def test_artifacts_and_logged_models_exist(sweep) -> None:
     study, client = sweep["study"], sweep["client"]
     model_ids = set()
+    # per-layer noise (diagnostics.layer_noise: best by default): the best trials only, once, at the end of the sweep
+    analysed = set(study.user_attrs.get("layer_noise_done", []))
+    assert analysed and analysed == {t.number for t in best_trials(study, 3)}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if "duplicate_of" in t.user_attrs:
             continue
@@ -70,11 +75,15 @@ def test_artifacts_and_logged_models_exist(sweep) -> None:
         assert {"report.json", "recipe.txt", "compiled", "plots", "diagnosis"} <= top
         assert [a.path for a in client.list_artifacts(run_id, "compiled")] == ["compiled/model.int8.onnx"]
         plots = {a.path for a in client.list_artifacts(run_id, "plots")}
-        assert plots == {"plots/error_ladder.png", "plots/lsb_histogram.png", "plots/layer_noise.png"}
+        with_noise = t.number in analysed
+        assert plots == {"plots/error_ladder.png", "plots/lsb_histogram.png"} | ({"plots/layer_noise.png"} if with_noise else set())
         diagnosis = {a.path for a in client.list_artifacts(run_id, "diagnosis")}
-        assert diagnosis >= {"diagnosis/findings.json", "diagnosis/layer_noise.json"}  # `diagnose` may add its report
-        noise = json.loads(Path(client.download_artifacts(run_id, "diagnosis/layer_noise.json")).read_text())
-        assert noise and [n["snr_db"] for n in noise] == sorted(n["snr_db"] for n in noise)
+        assert diagnosis >= {"diagnosis/findings.json"}  # `diagnose` may add its report
+        assert ("diagnosis/layer_noise.json" in diagnosis) == with_noise
+        if with_noise:
+            noise = json.loads(Path(client.download_artifacts(run_id, "diagnosis/layer_noise.json")).read_text())
+            assert noise and [n["snr_db"] for n in noise] == sorted(n["snr_db"] for n in noise)
+            assert client.get_run(run_id).data.metrics["layer_noise.worst1_snr_db"] == pytest.approx(noise[0]["snr_db"])
         report = json.loads(Path(client.download_artifacts(run_id, "report.json")).read_text())
         assert report["trial"] == t.number and report["objective"]["value"] == pytest.approx(t.value)
         assert len(report["explanation"]) == 2  # one sentence per output: where its error comes from

@@ -64,7 +64,8 @@ def diagnose_trial(config: SweepConfig, number: int, report: Path | None = None)
         settings = space.settings_from_params(dict(trial.params))
         with backend:
             prepared.facts.update(backend.prepare())
-            result = run_trial(prepared, backend, settings, work, diagnostics=config.diagnostics, timeouts=config.timeouts.model_dump())
+            on_demand = config.diagnostics.model_copy(update={"layer_noise": "per_trial"})  # asked for: every diagnostic runs
+            result = run_trial(prepared, backend, settings, work, diagnostics=on_demand, timeouts=config.timeouts.model_dump())
         if not result.ok:
             reason = (result.error or "no reason given").splitlines()[0]
             raise RunFailed(f"trial {number} failed again at run time, in stage {result.failed_stage}: {reason}")
