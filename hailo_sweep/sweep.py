@@ -1021,6 +1021,9 @@ class _TrialRunner:
             )
             trial.set_user_attr("mlflow_model_id", model_id)
             trial.set_user_attr("compiled_name", result.compiled.path.name)
+            # the compiled model is what `best --export` delivers: uploaded now, so a trial told COMPLETE always has it
+            # (a write error here fails the trial, see _record_write_error); plots and reports follow in the background
+            self.tracker.upload_model(model_id, compiled)
         report = self._report(trial, result, metrics, value, feasible)
         metrics["time.trial_s"] = time.perf_counter() - start
         metrics["time.record_s"] = record_s + (time.perf_counter() - t0)  # the synchronous part; uploads: time.upload_s
@@ -1033,7 +1036,7 @@ class _TrialRunner:
         self.uploader.submit(
             run_id, f"trial {trial.number} artifacts",
             partial(_upload_trial, run_id=run_id, staging=staging, result=result, metrics=metrics, report=report,
-                    outputs=outputs, compiled=compiled, model_id=model_id, failed=value is None, logs=logs),
+                    outputs=outputs, compiled=compiled, failed=value is None, logs=logs),
             staging, run_failed=value is None,
         )
         return value, feasible
@@ -1159,9 +1162,10 @@ class _TrialRunner:
 
 def _upload_trial(
     tracker: Tracker, *, run_id: str, staging: Path, result: TrialResult, metrics: dict[str, float], report: dict[str, Any],
-    outputs: list[str], compiled: Path | None, model_id: str | None, failed: bool, logs: Sequence[Path] = (),
+    outputs: list[str], compiled: Path | None, failed: bool, logs: Sequence[Path] = (),
 ) -> None:
-    """The background half of recording a trial: plots, tables, report, the compiled model; then the run ends."""
+    """The background half of recording a trial: plots, tables, the report and a copy of the compiled model as run
+    artifacts; then the run ends. (The LoggedModel's file is uploaded synchronously by ``_record``.)"""
     start = time.perf_counter()
     artifacts: list[tuple[Path, str]] = []
     if result.script:
@@ -1177,8 +1181,6 @@ def _upload_trial(
     artifacts.append((report_path, ""))
     for local, artifact_dir in artifacts:
         tracker.client.log_artifact(run_id, str(local), artifact_path=artifact_dir or None)
-    if model_id is not None and compiled is not None:
-        tracker.upload_model(model_id, compiled)
     tracker.log_to(run_id, RunRecord(name="", metrics={"time.upload_s": time.perf_counter() - start}))
     tracker.finish(run_id, failed=failed)
 
