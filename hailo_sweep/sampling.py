@@ -75,12 +75,16 @@ def next_unevaluated(
     Drawn at random (seeded by the caller) so that the replacement does not walk the grid in declaration order; a
     small space is enumerated, a large one sampled (a large space has free points almost everywhere).
     """
-    taken = {point_key(canonical(dict(t.params))) for t in trials if t.params}
+    knobs = list(choices)
+
+    def whole(params: dict[str, Any]) -> bool:  # a trial stopped while being suggested holds only part of a point
+        return all(k in params for k in knobs)
+
+    taken = {point_key(canonical(dict(t.params))) for t in trials if whole(t.params)}
     taken |= {
         point_key(canonical(dict(t.system_attrs["fixed_params"])))
-        for t in trials if t.state == TrialState.WAITING and "fixed_params" in t.system_attrs
+        for t in trials if t.state == TrialState.WAITING and whole(t.system_attrs.get("fixed_params", {}))
     }
-    knobs = list(choices)
     size = 1
     for values in choices.values():
         size *= len(values)

@@ -60,6 +60,16 @@ def test_next_unevaluated_never_returns_a_taken_or_waiting_point() -> None:
     assert next_unevaluated(full.get_trials(), choices, random.Random(0)) is None
 
 
+def test_a_trial_stopped_while_being_suggested_takes_no_point() -> None:
+    """An interrupted trial can hold part of a point (its first knobs only): it is not a point, and the canonical form
+    (which needs every knob) is never asked for it."""
+    space = SearchSpace(SearchSpaceConfig(optimization_level=[0, 1], calibset_size=[16]), ("featmap", "logits"))
+    whole = space.params_of(space.all_settings()[0])
+    study = _study_with([whole, {"optimization_level": 1}])
+    left = next_unevaluated(study.get_trials(), space.choices(), random.Random(0), canonical=space.canonical_params)
+    assert left is not None and left["optimization_level"] != whole["optimization_level"]
+
+
 def test_next_unevaluated_treats_equivalent_params_as_one_point() -> None:
     space = SearchSpace(
         SearchSpaceConfig(optimization_level=[0], calibration_method=["minmax", "percentile"], clipping_percentile=[99.9, 99.99]),

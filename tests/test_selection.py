@@ -85,7 +85,8 @@ def test_trial_records_read_as_the_config_does(infeasible_sweep) -> None:
         assert run.data.metrics["device.logits.accuracy_drop.over_limit"] == pytest.approx(drop + 1.0)
         assert not any(k.startswith("constraint.") for k in run.data.metrics)
         model = client.get_logged_model(t.user_attrs["mlflow_model_id"])
-        assert model.name == f"{s['config'].name}-trial-{t.number:04d}"
+        made_by = t.user_attrs.get("duplicate_of", t.number)  # a reused trial points at the model of the trial it repeats
+        assert model.name == f"{s['config'].name}-trial-{made_by:04d}"
         assert {m.key for m in model.metrics} >= {"_objective", "_feasible", "_device_error", "_fps", "device.logits.softmax_mae"}
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     note = parent.data.tags["mlflow.note.content"]

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from hailo_sweep import metrics as m
 from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
 from hailo_sweep.cli import app
-from hailo_sweep.config import load_config
+from hailo_sweep.config import DiagnosticsConfig, load_config
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.onnx_runner import run_chunked, session
 from hailo_sweep.pipeline import Prepared, TrialResult, prepare_sweep, run_trial
@@ -51,7 +51,8 @@ def prepare(config_path: Path) -> tuple[Prepared, OnnxRuntimeBackend]:
 def trial(prepared: Prepared, backend: OnnxRuntimeBackend, level: int = 0) -> TrialResult:
     work = prepared.work_dir / f"trial-{level}"
     work.mkdir(parents=True, exist_ok=True)
-    result = run_trial(prepared, backend, Settings(level, 0, 16, "host"), work)
+    # per-layer noise in every trial, as a config asks with diagnostics.layer_noise: per_trial
+    result = run_trial(prepared, backend, Settings(level, 0, 16, "host"), work, diagnostics=DiagnosticsConfig(layer_noise="per_trial"))
     assert result.ok, f"{result.failed_stage}: {result.error}\n{result.traceback}"
     return result
 
@@ -73,7 +74,7 @@ def assert_refused(config: Path, *fragments: str) -> str:
 
 def completed_trials(config: Path) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name="structural", storage=f"sqlite:///{config.parent / 'sweeps' / 'optuna.db'}")
-    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]  # evaluations, not reuses
 
 
 # -- fixed batch --------------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def test_a_task_metric_objective_prunes_on_its_per_sample_values(tmp_path: Path)
     code, out = run_cli(config)
     assert code == 0, out
     study = optuna.load_study(study_name="structural", storage=f"sqlite:///{config.parent / 'sweeps' / 'optuna.db'}")
-    states = [t.state for t in study.trials]
+    states = [t.state for t in study.trials if "duplicate_of" not in t.user_attrs]  # evaluations; a reuse costs no budget
     assert len(states) == 3 and all(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states), states
     # the pruner saw the task metric's per-sample values, grouped: 12 samples in 5 groups of sample means
     reported = [t.intermediate_values for t in study.trials if t.intermediate_values]
