@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from hailo_sweep.backends.base import QuantParams
-from hailo_sweep.metrics import OutputSpec, block_rows, get_output, weighted_mean, weighted_specs
+from hailo_sweep.metrics import OutputSpec, block_rows, check_pair, get_output, weighted_mean, weighted_specs
 
 def lsb_difference(emulated: np.ndarray, device_raw: np.ndarray, quant: QuantParams) -> np.ndarray:
     """Signed difference in quantization steps: device integers minus the emulated floats quantized the device's way.
@@ -53,15 +53,8 @@ def _lsb_metrics(emulated: np.ndarray, device_raw: np.ndarray, quant: QuantParam
     Small integer differences make a histogram far cheaper than the partial sort of ``np.percentile``, and blocks keep
     large temporaries from piling up.
     """
-    emu = np.asarray(emulated)
-    raw = np.asarray(device_raw)
-    if emu.shape != raw.shape:
-        raise ValueError(f"shape mismatch: emulated {emu.shape} vs device_raw {raw.shape}")
-    if emu.ndim == 0 or emu.size == 0:
-        raise ValueError(f"need a non-empty batch with axis 0 = samples, got shape {emu.shape}")
-    n = emu.shape[0]
-    emu2d = emu.reshape(n, -1)
-    raw2d = raw.reshape(n, -1)
+    emu2d, raw2d = check_pair(emulated, device_raw, ("emulated", "device_raw"))
+    n = emu2d.shape[0]
     blocks = [np.abs(lsb_difference(emu2d[rows], raw2d[rows], quant)).ravel() for rows in block_rows(n, emu2d.shape[1])]
     top = max(int(b.max()) for b in blocks)
     if top >= _MAX_HISTOGRAM_BINS:

@@ -111,12 +111,15 @@ def direction_of(metric_key: str) -> str:
 _BLOCK_ELEMENTS = 32768
 
 
-def _check_pair(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays as (N, -1) views after checking the shapes match exactly and the batch is non-empty."""
+def check_pair(
+    reference: np.ndarray, candidate: np.ndarray, names: tuple[str, str] = ("reference", "candidate")
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays as (N, -1) views after checking the shapes match exactly and the batch is non-empty; ``names`` are
+    the two arrays' roles in the error message."""
     ref = np.asarray(reference)
     cand = np.asarray(candidate)
     if ref.shape != cand.shape:
-        raise ValueError(f"shape mismatch: reference {ref.shape} vs candidate {cand.shape}")
+        raise ValueError(f"shape mismatch: {names[0]} {ref.shape} vs {names[1]} {cand.shape}")
     if ref.ndim == 0 or ref.size == 0:
         raise ValueError(f"need a non-empty batch with axis 0 = samples, got shape {ref.shape}")
     n = ref.shape[0]
@@ -154,7 +157,7 @@ class _RowStats:
 
 
 def _row_stats(reference: np.ndarray, candidate: np.ndarray) -> _RowStats:
-    ref, cand = _check_pair(reference, candidate)
+    ref, cand = check_pair(reference, candidate)
     n, size = ref.shape
     names = ("abs_err", "max_err", "sq_err", "abs_ref", "sq_ref", "sq_cand", "dot")
     acc = {k: np.empty(n, np.float64) for k in names}
@@ -406,7 +409,7 @@ def per_sample_metric(
     output, _, base = metric.rpartition(".")
     if output == "total" or output not in {o.name for o in outputs}:
         return sample_weighted_error(reference, candidate, outputs)
-    ref, cand = _check_pair(get_output(reference, output, "reference"), get_output(candidate, output, "candidate"))
+    ref, cand = check_pair(get_output(reference, output, "reference"), get_output(candidate, output, "candidate"))
     if base == "softmax_mae":
         diff = np.abs(_softmax_inplace(ref.astype(np.float64)) - _softmax_inplace(cand.astype(np.float64)))
         return diff.reshape(len(diff), -1).mean(axis=1)
