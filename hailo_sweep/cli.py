@@ -110,7 +110,7 @@ def _run_jobs(cfg: Any, config: Path, total: int, jobs: int) -> tuple[int | None
 
     sweep = Sweep(cfg, Messages())
     sweep.init()
-    from hailo_sweep.faults import interrupts_end_trials, not_yet_retried, resume_line, signals_held, signame_of
+    from hailo_sweep.sweep.faults import interrupts_end_trials, not_yet_retried, resume_line, signals_held, signame_of
 
     for t in sweep.requeued:  # interrupted trials enqueued again: the workers take them first
         console.print(resume_line(t), highlight=False)
@@ -255,7 +255,7 @@ def diagnose(
 
     cfg = load_config(config)
     quiet()
-    from hailo_sweep.diagnose.command import diagnose_files, diagnose_trial
+    from hailo_sweep.commands.diagnose import diagnose_files, diagnose_trial
 
     if trial is not None:
         result = diagnose_trial(cfg, trial, report)
@@ -315,7 +315,7 @@ def best(
 def verify(export_dir: Annotated[Path, typer.Argument(help="a directory written by `best --export`")]) -> None:
     """Rebuild an exported model from its lock file; report whether outputs, metrics and (where deterministic) bytes match."""
     quiet()
-    from hailo_sweep.reproduce import verify as verify_export
+    from hailo_sweep.commands.reproduce import verify as verify_export
 
     v = verify_export(export_dir)
     for name, diff in v.outputs_max_abs_diff.items():

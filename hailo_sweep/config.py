@@ -224,7 +224,7 @@ class ConstraintConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
-    """Optuna's sampler (see ``hailo_sweep.sampling``): TPE by default, with a start-up phase sized to the budget."""
+    """Optuna's sampler (see ``hailo_sweep.sweep.sampling``): TPE by default, with a start-up phase sized to the budget."""
 
     name: Literal["tpe", "random", "grid"] = "tpe"
     seed: int | None = 0

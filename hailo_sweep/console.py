@@ -75,7 +75,7 @@ def handles_errors(fn: F) -> F:
         except KeyboardInterrupt as exc:  # the interrupted trial is on record (faults.py); 128 + the signal, as a shell reports it
             raise typer.Exit(code=143 if getattr(exc, "signame", "SIGINT") == "SIGTERM" else 130) from None
         except Exception as exc:
-            faults = sys.modules.get("hailo_sweep.faults")
+            faults = sys.modules.get("hailo_sweep.sweep.faults")
             if faults is not None and isinstance(exc, faults.StoresFull):  # the trial is on record as failed: one line
                 err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=1) from None
