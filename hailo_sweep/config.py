@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hailo_sweep.cluster.config import ClusterConfig
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.settings import COMPRESSION_LEVELS, OPTIMIZATION_LEVELS
 
@@ -330,6 +331,7 @@ class SweepConfig(_Strict):
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     hailo: HailoConfig = Field(default_factory=HailoConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     # set by load_config, not by the user
     source: Path | None = Field(default=None, exclude=True)
