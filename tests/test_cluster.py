@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from hailo_sweep.config import load_config
 from hailo_sweep.stores import resolve_stores
 from tests.conftest import REPO
 from tests.dask_cluster import DaskCluster, StartCluster, WorkerSpec, fake_hailo_env
+from tests.fault_worker import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -61,18 +61,6 @@ def stores_of(config: Path) -> tuple[list[optuna.trial.FrozenTrial], MlflowClien
 def child_runs(client: MlflowClient, experiment: Any) -> list[Any]:
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-
-
-def until(predicate: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    """Poll a condition of the system under test (the scheduler's task table); never a blind sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def processing_on(cluster: DaskCluster, prefix: str) -> Callable[[], tuple[str, str] | None]:
@@ -180,7 +168,7 @@ def test_a_device_worker_killed_mid_trial_is_replaced_by_another(dask_cluster: S
                             WorkerSpec("pi-0", {"hailo8l": 1}, env=slow), WorkerSpec("pi-1", {"hailo8l": 1}, env=slow)])
     config = write_config(backend="hailo", trials=2, search=HAILO_SEARCH, diagnostics={"layer_noise": "off"})
     proc = driver(config, cluster.address)
-    victim, key = until(processing_on(cluster, "device-"), "a device task to start")
+    victim, key = wait_until(processing_on(cluster, "device-"), timeout=120, what="a device task to start", interval=0.2)
     cluster.kill(victim)
     code, out = finished(proc)
     assert code == 0, out
@@ -201,7 +189,7 @@ def test_the_last_device_worker_lost_stops_the_sweep_and_the_next_start_finishes
                             WorkerSpec("pi-0", {"hailo8l": 1}, env=fake_hailo_env(devices=PI, device_delay_s=3))])
     config = write_config(backend="hailo", trials=2, search=HAILO_SEARCH, diagnostics={"layer_noise": "off"}, cluster={"resource_timeout_s": 3})
     proc = driver(config, cluster.address)
-    until(processing_on(cluster, "device-"), "a device task to start")
+    wait_until(processing_on(cluster, "device-"), timeout=120, what="a device task to start", interval=0.2)
     cluster.kill("pi-0")
     code, out = finished(proc)
     assert code == 1, out
@@ -246,7 +234,7 @@ def test_ctrl_c_cancels_the_tasks_and_the_next_start_retries_the_trial(dask_clus
                             WorkerSpec("pi-0", {"hailo8l": 1}, env=fake_hailo_env(devices=PI))])
     config = write_config(backend="hailo", trials=2, search=HAILO_SEARCH, diagnostics={"layer_noise": "off"})
     proc = driver(config, cluster.address)
-    until(processing_on(cluster, "build-"), "a compile task to start")
+    wait_until(processing_on(cluster, "build-"), timeout=120, what="a compile task to start", interval=0.2)
     proc.send_signal(signal.SIGINT)
     code, out = finished(proc)
     assert code == 130, out

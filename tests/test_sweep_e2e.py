@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from hailo_sweep import metrics as m
 from hailo_sweep.backends.onnxruntime.graph import read_output_quant
-from hailo_sweep.best_noise import best_trials
+from hailo_sweep.sweep.best_noise import best_trials
 from hailo_sweep.sweep import budget_used
 from tests.conftest import MODEL, TRIALS, cli
 

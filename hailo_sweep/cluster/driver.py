@@ -116,6 +116,7 @@ class ClusterLoop:
         self._study, self._runner = study, runner
         hosts = wait_for_resources(self.client, [COMPILE, cfg.target], cfg.cluster.resource_timeout_s, self.say)
         slots = int(sum(worker_resources(self.client)[a].get(COMPILE, 0) for a in hosts[COMPILE])) + cfg.cluster.queued
+        amm_was_running = self._hold_replicas()
         payload, calibration, evaluation = self._scatter(prepared, runner.backend, runner, hosts)
         fed_eval: dict[str, np.ndarray] = {}
         asking = True
@@ -157,6 +158,10 @@ class ClusterLoop:
         except BaseException:
             self._cancel_all(study, runner, "the sweep stopped")
             raise
+        finally:
+            if amm_was_running:
+                with contextlib.suppress(Exception):
+                    self.client.amm.start()
 
     def _check_resources(self) -> None:
         """A resource whose last worker left mid-sweep: wait for one (bounded), else stop the sweep; the trials in
@@ -171,6 +176,22 @@ class ClusterLoop:
             raise ResourceMissing(exc.missing, f"the last Dask worker with the resource {names} left during the sweep and none "
                                                f"came back within {self.config.cluster.resource_timeout_s:g} s; the trials in flight "
                                                "run again at the next start") from None
+
+    def _hold_replicas(self) -> bool:
+        """Keep the data sent once on every worker: Dask's Active Memory Manager (on by default) drops every replica no
+        waiting task needs, and the data would then travel again with each trial (measured in bench_cluster.py). It is
+        paused for the sweep and started again after; returns whether it was running."""
+        try:
+            running = bool(self.client.amm.running())
+            if running:
+                self.client.amm.stop()
+                self.say("cluster: the scheduler's Active Memory Manager is paused for this sweep (it would drop the copies "
+                         "of the data sent once to each worker); it starts again when the sweep ends")
+            return running
+        except Exception as exc:  # an older scheduler without the AMM API: the data may travel more than once
+            self.say(f"cluster: could not pause the scheduler's Active Memory Manager ({type(exc).__name__}); data sent once "
+                     "per worker may be sent again")
+            return False
 
     def summary(self) -> dict[str, float]:
         return {"cluster.scattered_bytes": float(self.scattered_bytes), "cluster.device_bytes": float(self.device_bytes)}

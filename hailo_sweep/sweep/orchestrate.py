@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from hailo_sweep import study_report
 from hailo_sweep.backends import backend_class, select_backend
 from hailo_sweep.backends.base import Backend
-from hailo_sweep.best_noise import analyse_best
+from hailo_sweep.sweep.best_noise import analyse_best
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.pipeline import backend_context, load_inputs, prepare_sweep, softmax_findings

@@ -21,7 +21,7 @@ import optuna
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.ladder import explain
-from hailo_sweep.best_noise import layer_noise_artifacts
+from hailo_sweep.sweep.best_noise import layer_noise_artifacts
 from hailo_sweep.pipeline import Prepared
 from hailo_sweep.trial import TrialResult
 from hailo_sweep.search_space import SearchSpace
