@@ -159,6 +159,9 @@ class DaskCluster:
         exits meanwhile fails the wait at once, with its log."""
         from distributed import Client
 
+        if n < 1:
+            return
+
         deadline = time.monotonic() + self.timeout_s
         with Client(self.address, security=self.security(), timeout=self.timeout_s) as client:
             while True:

@@ -170,16 +170,18 @@ def test_a_missing_resource_is_named_with_the_line_that_provides_it(client: Any,
     assert exit_code(wait_for_resources, client, ["hailo10h"], 0.1, said.append) == 1
 
 
-def test_waiting_ends_when_a_worker_with_the_resource_joins(client: Any, cluster: DaskCluster) -> None:
+def test_waiting_ends_when_a_worker_with_the_resource_joins(dask_cluster: StartCluster) -> None:
+    started = dask_cluster([])  # a scheduler with no worker yet
     said: list[str] = []
 
     def say(text: str) -> None:  # the user reads the hint and starts the worker
         said.append(text)
-        cluster.start_worker(WorkerSpec("late-0", {"late": 1}))
+        started.start_worker(WorkerSpec("late-0", {"hailo8l": 1}))
 
-    found = wait_for_resources(client, ["late"], timeout_s=60, say=say)
-    assert len(said) == 1 and len(found["late"]) == 1
-    assert worker_resources(client)[found["late"][0]] == {"late": 1.0}
+    with connect(ClusterConfig(connect_timeout_s=10), started.address) as c:
+        found = wait_for_resources(c, ["hailo8l"], timeout_s=60, say=say)
+        assert len(said) == 1 and len(found["hailo8l"]) == 1
+        assert worker_resources(c) == {found["hailo8l"][0]: {"hailo8l": 1.0}}
 
 
 def test_a_killed_worker_stays_dead(dask_cluster: StartCluster) -> None:
