@@ -49,7 +49,8 @@ from optuna.trial import TrialState
 
 from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, SweepConfig, load_config
 from hailo_sweep.data import feed
-from hailo_sweep.pipeline import load_inputs, prepare_sweep, run_trial
+from hailo_sweep.pipeline import load_inputs, prepare_sweep
+from hailo_sweep.trial import run_trial
 from hailo_sweep.sweep.sampling import make_sampler, next_unevaluated, point_key
 from hailo_sweep.search_space import SearchSpace
 

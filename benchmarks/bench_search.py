@@ -51,7 +51,8 @@ from hailo_sweep import metrics as m
 from hailo_sweep.backends import backend_class
 from hailo_sweep.backends.base import Backend, BackendContext
 from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, SweepConfig, load_config
-from hailo_sweep.pipeline import TrialResult, load_inputs, prepare_sweep, run_trial
+from hailo_sweep.pipeline import load_inputs, prepare_sweep
+from hailo_sweep.trial import TrialResult, run_trial
 from hailo_sweep.sweep.sampling import make_sampler, next_unevaluated
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.sweep.objective import constraint_values, objective_of

@@ -65,6 +65,9 @@ def run(
     config: ConfigArg,
     trials: Annotated[Optional[int], typer.Option("--trials", "-n", min=1, help="total trials for the sweep (default: the config's)")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="local worker processes")] = 1,
+    cluster: Annotated[Optional[str], typer.Option(
+        "--cluster", metavar="ADDRESS", help="a Dask scheduler (tcp://HOST:8786): compile and device stages run on its workers",
+    )] = None,
 ) -> None:
     """Run (or resume) the sweep described by CONFIG."""
     from hailo_sweep.config import load_config
@@ -75,7 +78,13 @@ def run(
     from hailo_sweep.selection import load_study, top_trials
     from hailo_sweep.sweep import Sweep
 
-    if jobs == 1:
+    if cluster or cfg.cluster.address:
+        if jobs != 1:
+            raise UserInputError("--jobs runs local worker processes; with a cluster the Dask workers run the trials",
+                                 file=config, key="--jobs", fix="drop --jobs, or drop --cluster (and cluster.address)")
+        summary = _run_on_cluster(cfg, cluster, trials)
+        best_number, best_value = summary.best_number, summary.best_value
+    elif jobs == 1:
         with RichObserver(console) as observer:
             observer.set_direction(_direction(cfg))
             summary = Sweep(cfg, observer).run(trials)
@@ -89,6 +98,23 @@ def run(
     else:
         console.print("[yellow]no feasible completed trial yet[/]")
     hint(("browse the runs", f"ui {config}"), ("export the best", f"best {config} --export out/{cfg.name}"))
+
+
+def _run_on_cluster(cfg: Any, address: str | None, trials: int | None) -> Any:
+    """The sweep driven from here, its stages on a Dask cluster (see hailo_sweep.cluster.driver)."""
+    from hailo_sweep.cluster.connect import connect
+    from hailo_sweep.cluster.driver import ClusterLoop
+    from hailo_sweep.progress import RichObserver
+    from hailo_sweep.sweep import Sweep
+
+    client = connect(cfg.cluster, address)
+    try:
+        with RichObserver(console) as observer:
+            observer.set_direction(_direction(cfg))
+            loop = ClusterLoop(client, cfg, observer.message)
+            return Sweep(loop.resolve(cfg), observer, loop=loop).run(trials)
+    finally:
+        client.close()
 
 
 def _run_jobs(cfg: Any, config: Path, total: int, jobs: int) -> tuple[int | None, float | None]:

@@ -80,7 +80,7 @@ def handles_errors(fn: F) -> F:
                 err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=1) from None
             store_errors = tuple(
-                getattr(sys.modules[mod], name) for mod, name in (("hailo_sweep.sweep", "StoreUnavailable"), ("hailo_sweep.tracking", "TrackingUnavailable"))
+                getattr(sys.modules[mod], name) for mod, name in (("hailo_sweep.sweep.storage", "StoreUnavailable"), ("hailo_sweep.tracking", "TrackingUnavailable"))
                 if mod in sys.modules
             )
             if store_errors and isinstance(exc, store_errors):

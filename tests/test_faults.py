@@ -28,7 +28,8 @@ from optuna.trial import TrialState
 from hailo_sweep import atomic
 from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
 from hailo_sweep.config import load_config
-from hailo_sweep.pipeline import prepare_sweep, run_trial
+from hailo_sweep.pipeline import prepare_sweep
+from hailo_sweep.trial import run_trial
 from hailo_sweep.settings import Settings
 from hailo_sweep.stores import resolve_stores
 from hailo_sweep.sweep import Sweep, budget_used, open_storage

@@ -24,7 +24,8 @@ from hailo_sweep.backends.hailo.runtime import DeviceLock, HailoDeviceError
 from hailo_sweep.config import DiagnosticsConfig, load_config
 from hailo_sweep.diagnose.findings import check_optimization_level
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.pipeline import StageTimeout, TrialResult, prepare_sweep, run_trial
+from hailo_sweep.pipeline import prepare_sweep
+from hailo_sweep.trial import StageTimeout, TrialResult, run_trial
 from hailo_sweep.commands.reproduce import is_reproducible
 from hailo_sweep.settings import Settings
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hailo_sweep.settings import Settings
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hailo_sweep.backends.base import Backend
+    from hailo_sweep.sweep.budget import Budget
+    from hailo_sweep.sweep.runner import TrialRunner
 
 # -- progress ------------------------------------------------------------------------------------------------
 class SweepObserver(Protocol):
@@ -58,4 +65,22 @@ class SweepIds:
     experiment_id: str
     parent_run_id: str
 
+
+class TrialLoop(Protocol):
+    """Where a sweep's trials run when not in this process (``hailo_sweep.cluster.driver.ClusterLoop``)."""
+
+    #: True when the stages use this process's backend (then it is entered and prepared here)
+    stages_here: bool
+
+    def check_devices(self, backend: Backend) -> list[str]:
+        """The device check before the first trial, where the devices are; raises ``UserInputError`` to refuse."""
+        ...
+
+    def run(self, study: optuna.Study, runner: TrialRunner, budget: Budget) -> None:
+        """Run trials (``runner.begin`` / ``runner.finish``) until the budget is spent."""
+        ...
+
+    def summary(self) -> dict[str, float]:
+        """Metrics for the parent run (e.g. the bytes the loop sent)."""
+        ...
 

@@ -31,7 +31,7 @@ from hailo_sweep.stores import check_stores_writable, redact_url, resolve_stores
 from hailo_sweep.sweep.budget import FINISHED_STATES, Budget, BudgetSpent, baseline_pending_or_done, budget_used, waiting
 from hailo_sweep.sweep.faults import StoresFull, interrupts_end_trials, is_disk_full, reconcile, requeue_interrupted, resume_line, signame_of
 from hailo_sweep.sweep.objective import THROUGHPUT_KEY, Objective, check_metric, chosen_trial, objective_of, task_directions
-from hailo_sweep.sweep.observer import NullObserver, SweepIds, SweepObserver, SweepSummary, TrialTiming
+from hailo_sweep.sweep.observer import NullObserver, SweepIds, SweepObserver, SweepSummary, TrialLoop, TrialTiming
 from hailo_sweep.sweep.recording import ArtifactUploader, reconcile_uploads
 from hailo_sweep.sweep.runner import TrialFailed, TrialRunner
 from hailo_sweep.sweep.sampling import make_sampler
@@ -47,8 +47,11 @@ class Sweep:
     study and runs trials until the budget is spent (any number of workers, on any number of hosts); ``run`` is both.
     """
 
-    def __init__(self, config: SweepConfig, observer: SweepObserver | None = None, worker_index: int | None = None):
+    def __init__(
+        self, config: SweepConfig, observer: SweepObserver | None = None, worker_index: int | None = None, loop: TrialLoop | None = None,
+    ):
         self.config = config
+        self.loop = loop  # None: the stages run in this process
         self.observer: SweepObserver = observer or NullObserver()
         self.stores = resolve_stores(config)
         self.worker_index = worker_index
@@ -88,7 +91,8 @@ class Sweep:
         if advice:
             self.observer.message(advice)
         try:
-            device_notes = backend.check_device()  # before the first trial: a device that cannot run the target refuses the sweep
+            # before the first trial: a device that cannot run the target refuses the sweep (on the device hosts, in a cluster)
+            device_notes = backend.check_device() if self.loop is None else self.loop.check_devices(backend)
         except UserInputError as exc:
             raise UserInputError(exc.problem, file=exc.file or cfg.source, key=exc.key, fix=exc.fix) from None
         for note in device_notes:
@@ -142,17 +146,21 @@ class Sweep:
         stopping: BaseException | None = None
         with interrupts_end_trials():  # until the parent run is summarized: a second signal must not cut that short
             try:
-                with backend:
+                here = self.loop is None or self.loop.stages_here
+                with backend if here else contextlib.nullcontext():
                     if remaining:
                         self.observer.stage_started("prepare")
-                        prepared = prepare_sweep(self.config, self.stores.work_dir, backend)
+                        prepared = prepare_sweep(self.config, self.stores.work_dir, backend if here else None)
                         prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
                         objective_fn = TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings, uploader)
                         if self._opened_storage is not None:
                             self._opened_storage.budget = budget
-                        self._optimize_until_spent(study, objective_fn, budget)
+                        (self._optimize_until_spent if self.loop is None else self.loop.run)(study, objective_fn, budget)
                         diag = self.config.diagnostics
-                        if diag.layer_noise == "best" and diag.layer_noise_best:
+                        if diag.layer_noise == "best" and diag.layer_noise_best and not here:
+                            self.observer.message("per-layer noise of the best trials needs the toolchain here: run "
+                                                  f"`hailo-sweep diagnose {self.config.source} --trial N` on a compile host")
+                        elif diag.layer_noise == "best" and diag.layer_noise_best:
                             self.observer.stage_started("layer noise (best trials)")
                             analyse_best(study, prepared, backend, space, uploader, k=diag.layer_noise_best,
                                          samples=diag.layer_noise_samples, message=self.observer.message,
@@ -170,6 +178,8 @@ class Sweep:
                     self.observer.message(f"upload failed for run {failure.run_id} ({failure.what}): {failure.error}")
                 extra = {"prepare_runs": float(prepare_runs), "prepare_s": prepare_seconds} if remaining else {}
                 extra.update({"uploads_failed": float(len(uploads.failures)), "upload_s": uploads.seconds})
+                if self.loop is not None:
+                    extra.update(self.loop.summary())
                 try:
                     self._summarize_parent(study, tracker, parent_run_id, objective, extra)
                 except Exception:

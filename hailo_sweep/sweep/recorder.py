@@ -22,7 +22,8 @@ from hailo_sweep.config import SweepConfig
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.best_noise import layer_noise_artifacts
-from hailo_sweep.pipeline import Prepared, TrialResult
+from hailo_sweep.pipeline import Prepared
+from hailo_sweep.trial import TrialResult
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.sweep.objective import HEADLINE_METRICS, Objective, constraint_metric_names, constraint_values, headline_metrics

@@ -25,7 +25,8 @@ from optuna.trial import TrialState
 
 from hailo_sweep import __version__
 from hailo_sweep.backends.base import Backend
-from hailo_sweep.pipeline import Prepared, StopTrial, TrialResult, run_trial
+from hailo_sweep.pipeline import Prepared
+from hailo_sweep.trial import StopTrial, TrialResult, run_trial
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.sweep.budget import used
