@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-delay", type=float, default=10.0)
     parser.add_argument("--device-delay", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--work", type=Path, default=None, help="work (and keep stores and logs) here instead of a temporary directory")
+    parser.add_argument("--only", choices=("local", "cluster"), default=None, help="run one case (no ratio)")
     args = parser.parse_args(argv)
     from hailo_sweep.examples import digits
 
@@ -224,11 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "HAILO_FAKE_DEVICES")}
     env.update(fake_hailo_env(**delays), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
-        base = Path(tmp)
+        base = args.work or Path(tmp)
         data = digits.build(base / "data", n_calib=256, n_eval=100)
         data_bytes = sum(p.stat().st_size for p in data.values())
-        local = run_local(base, data, args.trials, env)
-        cluster = run_cluster(base, data, args.trials, args.compile_workers, env, delays)
+        local = run_local(base, data, args.trials, env) if args.only != "cluster" else None
+        cluster = run_cluster(base, data, args.trials, args.compile_workers, env, delays) if args.only != "local" else None
+    if local is None or cluster is None:
+        print(json.dumps(local or cluster, indent=2, default=str))
+        return 0
     verdict = report(local, cluster, data_bytes, args)
     if args.json is not None:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "local": local, "cluster": cluster, **verdict}, indent=2, default=str))
