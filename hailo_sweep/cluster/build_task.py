@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import socket
 import tempfile
 import threading
 import uuid
@@ -20,6 +19,7 @@ import numpy as np
 
 from hailo_sweep.backends import backend_class
 from hailo_sweep.backends.base import Backend
+from hailo_sweep.cluster.device_task import worker_name
 from hailo_sweep.cluster.payloads import Built, BuildJob, SweepPayload
 from hailo_sweep.trial import Fed, Ladder, build, finalize
 from hailo_sweep.trial_result import TrialResult
@@ -58,7 +58,7 @@ def build_on_host(payload: SweepPayload, calibration: dict[str, np.ndarray], eva
     """One trial's optimize -> emulate -> compile on this host; the compiled file and the logs come back as data."""
     result = TrialResult(settings=job.settings)
     ladder = Ladder(result, None, {})  # stage time limits need the main thread: the driver bounds a task's wait instead
-    built = Built(result=result, emulations={}, host=socket.gethostname())
+    built = Built(result=result, emulations={}, host=worker_name())
     try:
         host = _host(payload)
     except Exception as exc:  # a backend that cannot start here fails the trial with this host's reason

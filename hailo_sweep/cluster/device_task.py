@@ -26,7 +26,7 @@ def run_on_device(built: Built, evaluation: dict[str, np.ndarray], job: DeviceJo
     A device failure is returned, not raised (the driver records it as the trial's device stage); a dead worker is
     Dask's to handle (the task is run again on another worker with the same resource).
     """
-    host = socket.gethostname()
+    host = worker_name()
     start = time.perf_counter()
     notes: list[str] = []
     metrics: dict[str, float] = {}
@@ -53,3 +53,15 @@ def check_device_host(backend: str, context: BackendContext) -> DeviceCheck:
     except UserInputError as exc:
         return DeviceCheck(refused=f"{host}: {exc.problem}", fix=exc.fix)
     return DeviceCheck(notes=[f"{host}: {note}" for note in notes])
+
+
+def worker_name() -> str:
+    """``host (dask worker name)``: which device host ran it, as the run's params say."""
+    host = socket.gethostname()
+    try:
+        from distributed import get_worker
+
+        return f"{host} ({get_worker().name})"
+    except (ImportError, ValueError):  # not inside a Dask worker (a test calling the task directly)
+        return host
+

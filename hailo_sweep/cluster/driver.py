@@ -10,9 +10,11 @@ trial is on the device, the next compiles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +27,13 @@ from hailo_sweep.backends.base import Backend
 from hailo_sweep.cluster.build_task import build_on_host, chosen_backend
 from hailo_sweep.cluster.device_task import check_device_host, run_on_device
 from hailo_sweep.cluster.payloads import Built, BuildJob, DeviceJob, DeviceRun, SweepPayload
-from hailo_sweep.cluster.resources import wait_for_resources, worker_resources
+from hailo_sweep.cluster.resources import providers, wait_for_resources, worker_resources
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.data import feed
-from hailo_sweep.errors import UserInputError
+from hailo_sweep.errors import ResourceMissing, UserInputError
 from hailo_sweep.pipeline import Prepared
 from hailo_sweep.sweep.budget import Budget, BudgetSpent, waiting
-from hailo_sweep.sweep.faults import signame_of
+from hailo_sweep.sweep.faults import signals_deferred, signame_of
 from hailo_sweep.sweep.runner import RunningTrial, TrialFailed, TrialRunner
 from hailo_sweep.trial import Ladder, assess, finalize, measure_emulations
 from hailo_sweep.trial_result import StageTiming, TrialResult
@@ -46,8 +48,6 @@ class _InFlight:
     device: Any = None  # distributed.Future of DeviceRun, once built
     built: Built | None = None
     submitted: float = field(default_factory=time.monotonic)
-    lost_workers: int = 0
-    last_worker: str | None = None
 
 
 class ClusterLoop:
@@ -85,7 +85,7 @@ class ClusterLoop:
         """The backend's device check on every worker that offers the target's resource."""
         cfg = self.config
         hosts = wait_for_resources(self.client, [COMPILE, cfg.target], cfg.cluster.resource_timeout_s, self.say)
-        notes: list[str] = []
+        notes = self._retry_note()
         for address in hosts[cfg.target]:
             outcome = self.client.submit(check_device_host, backend.name, backend.context, workers=[address], allow_other_workers=False,
                                          resources={cfg.target: 1}, pure=False).result()
@@ -93,6 +93,19 @@ class ClusterLoop:
                 raise UserInputError(f"device worker {address}: {outcome.refused}", file=cfg.source, key="target", fix=outcome.fix)
             notes.extend(outcome.notes)
         return notes
+
+    def _retry_note(self) -> list[str]:
+        """How often the scheduler reruns a task whose worker died (Dask's ``allowed-failures``, set where the scheduler
+        starts); when it cannot be read, say so rather than guess."""
+        try:
+            allowed = int(self.client.run_on_scheduler(_allowed_failures))
+        except Exception as exc:
+            return [f"cluster: could not read the scheduler's allowed-failures ({type(exc).__name__}); a task whose worker "
+                    "dies is run again up to that many times (Dask's default: 3)"]
+        if allowed == 1:
+            return []
+        return [f"cluster: the scheduler runs a task again up to {allowed} times after its worker dies; to retry a lost device "
+                "run once only, start the scheduler with DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=1"]
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self, study: optuna.Study, runner: TrialRunner, budget: Budget) -> None:
@@ -112,23 +125,29 @@ class ClusterLoop:
                     if budget.spent(study.get_trials(deepcopy=False), count_running=True) and not waiting(study):
                         asking = False
                         break
-                    try:
-                        trial = study.ask()
-                    except BudgetSpent:
-                        asking = False
-                        break
-                    begun = runner.begin(trial)
-                    if not isinstance(begun, RunningTrial):
-                        study.tell(trial, begun)  # a point already evaluated: reused, nothing submitted
-                        continue
-                    job = BuildJob(trial.number, begun.settings, self._noise_samples())
-                    begun.stage = "optimize"
-                    self._inflight.append(_InFlight(begun, self.client.submit(
-                        build_on_host, payload, calibration, evaluation, job, resources={COMPILE: 1}, pure=False, key=f"build-{trial.number}-{study.study_name}")))
+                    with signals_deferred():  # a trial is asked, opened and submitted whole: an interrupt finds it in flight
+                        try:
+                            with warnings.catch_warnings():  # ask/tell has no heartbeat thread: the driver is the trials' only writer
+                                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                                trial = study.ask()
+                        except BudgetSpent:
+                            asking = False
+                            break
+                        begun = runner.begin(trial)
+                        if not isinstance(begun, RunningTrial):
+                            study.tell(trial, begun)  # a point already evaluated: reused, nothing submitted
+                            continue
+                        job = BuildJob(trial.number, begun.settings, self._noise_samples())
+                        begun.stage = "optimize"
+                        self._inflight.append(_InFlight(begun, self.client.submit(
+                            build_on_host, payload, calibration, evaluation, job, resources={COMPILE: 1}, pure=False,
+                            key=f"build-{trial.number}-{study.study_name}")))
                 if not self._inflight:
                     return
                 futures = [f.device if f.device is not None else f.build for f in self._inflight]
-                wait(futures, timeout=1.0, return_when="FIRST_COMPLETED")
+                with contextlib.suppress(TimeoutError):  # a second without news: look at the workers (see _watch)
+                    wait(futures, timeout=1.0, return_when="FIRST_COMPLETED")
+                self._check_resources()
                 for item in list(self._inflight):
                     self._advance(item, study, runner, prepared, fed_eval, evaluation)
         except KeyboardInterrupt as exc:
@@ -138,6 +157,20 @@ class ClusterLoop:
         except BaseException:
             self._cancel_all(study, runner, "the sweep stopped")
             raise
+
+    def _check_resources(self) -> None:
+        """A resource whose last worker left mid-sweep: wait for one (bounded), else stop the sweep; the trials in
+        flight are then on record as interrupted and run again at the next start."""
+        needed = [COMPILE, self.config.target]
+        if all(providers(worker_resources(self.client), needed).values()):
+            return
+        try:
+            wait_for_resources(self.client, needed, self.config.cluster.resource_timeout_s, self.say)
+        except ResourceMissing as exc:
+            names = ", ".join(repr(n) for n in exc.missing)
+            raise ResourceMissing(exc.missing, f"the last Dask worker with the resource {names} left during the sweep and none "
+                                               f"came back within {self.config.cluster.resource_timeout_s:g} s; the trials in flight "
+                                               "run again at the next start") from None
 
     def summary(self) -> dict[str, float]:
         return {"cluster.scattered_bytes": float(self.scattered_bytes), "cluster.task_bytes": float(self.task_bytes)}
@@ -159,7 +192,7 @@ class ClusterLoop:
             job = DeviceJob(item.running.trial.number, item.running.settings.normalization_placement, cfg.diagnostics.determinism_samples)
             item.device = self.client.submit(run_on_device, item.build, evaluation, job, resources={cfg.target: 1}, pure=False,
                                              key=f"device-{item.running.trial.number}-{study.study_name}")
-            item.submitted, item.last_worker, item.lost_workers = time.monotonic(), None, 0
+            item.submitted = time.monotonic()
             return
         if item.device.status == "pending":
             self._watch(item, item.device, cfg.timeouts.device, "the device run")
@@ -173,24 +206,43 @@ class ClusterLoop:
         self._finish(item, study, runner, lambda: self._assemble(item.running, built, run, prepared, fed_eval[placement]))
 
     def _finish(self, item: _InFlight, study: optuna.Study, runner: TrialRunner, produce: Callable[[], TrialResult]) -> None:
-        self._inflight.remove(item)
+        """Record the trial and tell Optuna. An interrupt while recording leaves it in flight, for ``_interrupt``."""
         trial = item.running.trial
         try:
             value = runner.finish(item.running, produce)
-        except TrialFailed:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return
-        except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except KeyboardInterrupt:
             raise
-        study.tell(trial, value)
+        except BaseException as exc:
+            with signals_deferred():
+                self._inflight.remove(item)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if isinstance(exc, TrialFailed):
+                return
+            raise
+        with signals_deferred():
+            self._inflight.remove(item)
+            study.tell(trial, value)
 
     def _assemble(self, running: RunningTrial, built: Built, run: DeviceRun | str, prepared: Prepared, evaluation: np.ndarray) -> TrialResult:
-        """The trial's result as a local trial would have it: files in its work dir, the device stage, the assessment."""
+        """The trial's result as a local trial would have it: files in its work dir, the device stage, the assessment.
+        Like ``run_trial``, a stage that fails here fails the trial with its reason; it never stops the sweep."""
         start = time.perf_counter()
         result = self._with_files(running, built)
         result.params.update({"cluster.compile_host": built.host})
-        measure_emulations(result, prepared, built.emulations)
+        stage = "emulate"
+        try:
+            measure_emulations(result, prepared, built.emulations)
+            stage = "device"
+            self._device_part(result, running, built, run, prepared, evaluation)
+        except Exception as exc:
+            result.fail(stage, exc)
+        assert running.work_dir is not None
+        finalize(result, running.work_dir)
+        result.metrics["time.driver_s"] = time.perf_counter() - start + running.record_s
+        return result
+
+    def _device_part(self, result: TrialResult, running: RunningTrial, built: Built, run: DeviceRun | str, prepared: Prepared,
+                     evaluation: np.ndarray) -> None:
         if isinstance(run, str) or run.outputs is None:
             reason = run if isinstance(run, str) else run.error or "no outputs"
             result.timings.append(StageTiming("device", 0.0 if isinstance(run, str) else run.seconds, False))
@@ -204,10 +256,6 @@ class ClusterLoop:
             ladder = Ladder(result, None, {})
             with ladder.stage("diagnose"):
                 assess(result, prepared, running.settings, evaluation, built.emulations, run.outputs, run.repeat, self.config.diagnostics)
-        assert running.work_dir is not None
-        finalize(result, running.work_dir)
-        result.metrics["time.driver_s"] = time.perf_counter() - start + running.record_s
-        return result
 
     def _failed_build(self, item: _InFlight, built: Built | str) -> TrialResult:
         if isinstance(built, str):
@@ -242,24 +290,13 @@ class ClusterLoop:
             return f"{type(exc).__name__} in stage {stage}: {exc}"
 
     def _watch(self, item: _InFlight, future: Any, limit_s: float | None, what: str) -> None:
-        """A task still pending: count the workers lost under it (one loss is retried by Dask on another worker with the
-        same resource; a second fails the trial) and bound its wait by the stage's time limit."""
-        processing = {key: address for address, keys in self.client.processing().items() for key in keys}
-        worker = processing.get(future.key)
-        if item.last_worker is not None and item.last_worker not in worker_resources(self.client):
-            item.lost_workers += 1
-            self.say(f"trial {item.running.trial.number}: worker {item.last_worker} was lost during {what}"
-                     + ("; Dask runs it again on another worker with the same resource" if item.lost_workers == 1 else ""))
-            item.last_worker = None
-        if worker is not None:
-            item.last_worker = worker
-        reason = None
-        if item.lost_workers > 1:
-            reason = f"{what} lost its worker twice"
-        elif limit_s and time.monotonic() - item.submitted > limit_s:
-            reason = f"StageTimeout: {what} exceeded its time limit of {limit_s:g} s"
-        if reason is not None:
+        """A task still pending: bound its wait by the stage's time limit (a worker cannot interrupt a running task, so
+        the limit is kept here). A worker that dies under a task is Dask's to handle: the scheduler runs the task again
+        on another worker with the same resource, up to its ``allowed-failures``, then the task fails (``KilledWorker``)
+        and so does the trial, with that reason."""
+        if limit_s and time.monotonic() - item.submitted > limit_s:
             future.cancel()
+            reason = f"StageTimeout: {what} exceeded its time limit of {limit_s:g} s"
             self._finish(item, self._study, self._runner, lambda: self._given_up(item, reason))
 
     def _given_up(self, item: _InFlight, reason: str) -> TrialResult:
@@ -299,9 +336,10 @@ class ClusterLoop:
         payload = SweepPayload(key, backend.name, backend.context, Path(cfg.model).name, model_bytes)
         compile_hosts, device_hosts = hosts[COMPILE], hosts[cfg.target]
         everyone = sorted(set(compile_hosts) | set(device_hosts))
-        sent_payload = self.client.scatter(payload, workers=compile_hosts, broadcast=True, hash=False)
-        sent_calibration = self.client.scatter(calibration, workers=compile_hosts, broadcast=True, hash=False)
-        sent_evaluation = self.client.scatter(evaluation, workers=everyone, broadcast=True, hash=False)
+        # one future per object (a scattered dict would become one future per value, keyed by the dict's keys)
+        [sent_payload] = self.client.scatter([payload], workers=compile_hosts, broadcast=True, hash=False)
+        [sent_calibration] = self.client.scatter([calibration], workers=compile_hosts, broadcast=True, hash=False)
+        [sent_evaluation] = self.client.scatter([evaluation], workers=everyone, broadcast=True, hash=False)
         size = lambda arrays: sum(a.nbytes for a in arrays.values())  # noqa: E731
         self.scattered_bytes = (len(model_bytes) * len(compile_hosts) + size(calibration) * len(compile_hosts)
                                 + size(evaluation) * len(everyone))
@@ -317,3 +355,9 @@ class ClusterLoop:
         t = self.config.timeouts
         limits = [t.optimize, t.emulate, t.compile]
         return sum(limits) if all(limits) else None  # type: ignore[arg-type]
+
+
+def _allowed_failures(dask_scheduler: Any) -> int:
+    """Runs on the scheduler (``Client.run_on_scheduler``)."""
+    return int(dask_scheduler.allowed_failures)
+

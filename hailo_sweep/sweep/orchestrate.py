@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hailo_sweep import study_report
-from hailo_sweep.backends import select_backend
+from hailo_sweep.backends import backend_class, select_backend
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.best_noise import analyse_best
 from hailo_sweep.config import SweepConfig
@@ -80,7 +80,10 @@ class Sweep:
             )
         for i, c in enumerate(cfg.constraints):
             check_metric(c.metric, c.stage, outputs, dataset.labels is not None, file=cfg.source, key=f"constraints[{i}].metric", tasks=task_directions(cfg))
-        backend_cls, note = select_backend(cfg.backend)
+        if self.loop is None or self.loop.stages_here:
+            backend_cls, note = select_backend(cfg.backend)
+        else:  # the toolchain is on the workers: not imported here (``auto`` was decided on a compile host)
+            backend_cls, note = backend_class(cfg.backend), None
         if note:
             self.observer.message(note)
         for finding in softmax_findings(cfg.model, outputs):

@@ -30,7 +30,7 @@ from hailo_sweep.trial import StopTrial, TrialResult, run_trial
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.settings import Settings
 from hailo_sweep.sweep.budget import used
-from hailo_sweep.sweep.faults import StoresFull, is_disk_full, record_interrupted, record_write_error, signame_of
+from hailo_sweep.sweep.faults import StoresFull, is_disk_full, record_interrupted, record_write_error, signals_deferred, signame_of
 from hailo_sweep.sweep.objective import Objective, headline_metrics
 from hailo_sweep.sweep.observer import TrialTiming
 from hailo_sweep.sweep.recorder import TrialRecorder, lib_versions
@@ -93,7 +93,6 @@ class TrialRunner:
             begun = self.begin(trial)
             if not isinstance(begun, RunningTrial):
                 return begun
-            self.current = begun
             return self.finish(begun, lambda: self._run_here(begun))
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (see faults.py): on record, then the process stops
             self.interrupted(trial, self.current, signame_of(exc))
@@ -132,7 +131,9 @@ class TrialRunner:
         running = RunningTrial(trial, settings, start)
         t0 = time.perf_counter()
         try:
-            running.run_id = self.recorder.start(trial, settings)
+            with signals_deferred():  # the run exists only once the trial knows it (an interrupt then ends both)
+                running.run_id = self.recorder.start(trial, settings)
+                self.current = running
         except TrackingUnavailable as exc:
             # nothing has been computed yet: fail the trial with the reason and stop this worker (no unrecorded compiles)
             trial.set_user_attr("failed_stage", "record")
