@@ -20,7 +20,7 @@ import numpy as np
 from hailo_sweep.backends import backend_class
 from hailo_sweep.backends.base import Backend
 from hailo_sweep.cluster.device_task import worker_name
-from hailo_sweep.cluster.payloads import Built, BuildJob, SweepPayload
+from hailo_sweep.cluster.payloads import Built, BuildJob, DevicePart, SweepPayload
 from hailo_sweep.trial import Fed, Ladder, build, finalize
 from hailo_sweep.trial_result import TrialResult
 
@@ -74,9 +74,9 @@ def build_on_host(payload: SweepPayload, calibration: dict[str, np.ndarray], eva
             _, built.emulations = build(host.backend, job.settings, fed, work_dir, ladder, layer_noise_samples=job.layer_noise_samples)
         compiled = result.compiled
         if compiled is not None:
-            built.compiled_bytes = Path(compiled.path).read_bytes()
-            built.device_spec = host.backend.device_spec(compiled)
-            result.compiled = dataclasses.replace(compiled, path=Path(Path(compiled.path).name))
+            name = Path(compiled.path).name
+            built.device = DevicePart(name, Path(compiled.path).read_bytes(), host.backend.device_spec(compiled))
+            result.compiled = dataclasses.replace(compiled, path=Path(name))
     except Exception as exc:
         result.fail(ladder.current, exc)
     finally:
@@ -93,4 +93,9 @@ def chosen_backend(requested: str) -> tuple[str, str | None]:
 
     cls, note = select_backend(requested)
     return cls.name, note
+
+
+def device_part(built: Built) -> DevicePart | None:
+    """Runs where ``built`` is (the compile host): only the compiled file and its spec go on to the device host."""
+    return built.device
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from hailo_sweep.backends.base import BackendContext
-from hailo_sweep.cluster.payloads import Built, DeviceCheck, DeviceJob, DeviceRun
+from hailo_sweep.cluster.payloads import DeviceCheck, DeviceJob, DevicePart, DeviceRun
 from hailo_sweep.device_stage import run_device
 from hailo_sweep.errors import UserInputError
 
 
-def run_on_device(built: Built, evaluation: dict[str, np.ndarray], job: DeviceJob) -> DeviceRun:
-    """Run ``built``'s compiled model on this host's device over the evaluation set fed as ``job.placement``.
+def run_on_device(part: DevicePart | None, evaluation: dict[str, np.ndarray], job: DeviceJob) -> DeviceRun:
+    """Run the compiled model on this host's device over the evaluation set fed as ``job.placement``.
 
     A device failure is returned, not raised (the driver records it as the trial's device stage); a dead worker is
     Dask's to handle (the task is run again on another worker with the same resource).
@@ -30,13 +30,13 @@ def run_on_device(built: Built, evaluation: dict[str, np.ndarray], job: DeviceJo
     start = time.perf_counter()
     notes: list[str] = []
     metrics: dict[str, float] = {}
-    if built.device_spec is None or not built.compiled_bytes:
+    if part is None:
         return DeviceRun(None, error="the compile host returned no compiled model", host=host)
     try:
         with tempfile.TemporaryDirectory(prefix=f"hailo-sweep-device-{job.trial:04d}-") as tmp:
-            path = Path(tmp) / (built.result.compiled.path.name if built.result.compiled is not None else "model.bin")
-            path.write_bytes(built.compiled_bytes)
-            dev, repeat = run_device(built.device_spec, path, evaluation[job.placement], job.determinism_samples, notes, metrics)
+            path = Path(tmp) / Path(part.compiled_name).name
+            path.write_bytes(part.compiled_bytes)
+            dev, repeat = run_device(part.device_spec, path, evaluation[job.placement], job.determinism_samples, notes, metrics)
         return DeviceRun(dev, repeat, notes, metrics, time.perf_counter() - start, host=host)
     except Exception as exc:  # the trial fails in stage device, with this host's reason
         return DeviceRun(None, None, notes, metrics, time.perf_counter() - start, f"{type(exc).__name__}: {exc}", traceback.format_exc(), host)

@@ -24,7 +24,7 @@ import numpy as np
 import optuna
 
 from hailo_sweep.backends.base import Backend
-from hailo_sweep.cluster.build_task import build_on_host, chosen_backend
+from hailo_sweep.cluster.build_task import build_on_host, chosen_backend, device_part
 from hailo_sweep.cluster.device_task import check_device_host, run_on_device
 from hailo_sweep.cluster.payloads import Built, BuildJob, DeviceJob, DeviceRun, SweepPayload
 from hailo_sweep.cluster.resources import providers, wait_for_resources, worker_resources
@@ -60,7 +60,7 @@ class ClusterLoop:
         self.config = config
         self.say = say
         self.scattered_bytes = 0
-        self.task_bytes = 0
+        self.device_bytes = 0
         self._inflight: list[_InFlight] = []
         self._study: optuna.Study | None = None
         self._runner: TrialRunner | None = None
@@ -173,7 +173,7 @@ class ClusterLoop:
                                                "run again at the next start") from None
 
     def summary(self) -> dict[str, float]:
-        return {"cluster.scattered_bytes": float(self.scattered_bytes), "cluster.task_bytes": float(self.task_bytes)}
+        return {"cluster.scattered_bytes": float(self.scattered_bytes), "cluster.device_bytes": float(self.device_bytes)}
 
     # -- one trial's progress ------------------------------------------------------------------------------
     def _advance(self, item: _InFlight, study: optuna.Study, runner: TrialRunner, prepared: Prepared,
@@ -184,14 +184,19 @@ class ClusterLoop:
                 self._watch(item, item.build, self._build_limit(), "the compile host's stages")
                 return
             built = self._result_of(item.build, "optimize")
-            if isinstance(built, str) or not built.result.ok or built.device_spec is None:
+            if isinstance(built, str) or not built.result.ok or built.device is None:
                 self._finish(item, study, runner, lambda: self._failed_build(item, built))
                 return
             item.built = built
             item.running.stage = "device"
             job = DeviceJob(item.running.trial.number, item.running.settings.normalization_placement, cfg.diagnostics.determinism_samples)
-            item.device = self.client.submit(run_on_device, item.build, evaluation, job, resources={cfg.target: 1}, pure=False,
+            # the compiled file is cut out where it was built, so only it (not the emulations) goes to the device host
+            holder = list(self.client.who_has([item.build]).get(item.build.key, ()))
+            part = self.client.submit(device_part, item.build, workers=holder or None, pure=False,
+                                      key=f"handoff-{item.running.trial.number}-{study.study_name}")
+            item.device = self.client.submit(run_on_device, part, evaluation, job, resources={cfg.target: 1}, pure=False,
                                              key=f"device-{item.running.trial.number}-{study.study_name}")
+            self.device_bytes += len(built.device.compiled_bytes)
             item.submitted = time.monotonic()
             return
         if item.device.status == "pending":
@@ -275,9 +280,9 @@ class ClusterLoop:
         assert work_dir is not None
         for name, text in built.logs.items():
             (work_dir / Path(name).name).write_text(text, encoding="utf-8")
-        if result.compiled is not None and built.compiled_bytes:
+        if result.compiled is not None and built.device is not None:
             path = work_dir / Path(result.compiled.path).name
-            path.write_bytes(built.compiled_bytes)
+            path.write_bytes(built.device.compiled_bytes)
             result.compiled = dataclasses.replace(result.compiled, path=path)
         return result
 

@@ -33,14 +33,22 @@ class BuildJob:
     layer_noise_samples: int = 0
 
 
+@dataclass(frozen=True)
+class DevicePart:
+    """The part of a build a device host needs: the compiled file and how to open it (nothing else travels there)."""
+
+    compiled_name: str
+    compiled_bytes: bytes
+    device_spec: DeviceSpec
+
+
 @dataclass
 class Built:
     """What a compile host produced for one trial; the compiled file travels as bytes."""
 
     result: TrialResult  # timings, script, params, flags, a failure's stage and reason; compiled.path is a bare name
     emulations: dict[EmulationContext, dict[str, np.ndarray]]
-    compiled_bytes: bytes = b""
-    device_spec: DeviceSpec | None = None
+    device: DevicePart | None = None
     logs: dict[str, str] = field(default_factory=dict)  # the toolchain's own logs by file name
     host: str = ""
     facts: dict[str, str | float] = field(default_factory=dict)  # the backend's prepare facts on that host
