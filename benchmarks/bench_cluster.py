@@ -186,13 +186,13 @@ AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
 
 
 def run_cluster(base: Path, data: dict[str, Path], trials: int, compile_workers: int, env: dict[str, str], delays: dict[str, float],
-                amm: bool = True) -> dict[str, Any]:
+                amm: bool = True, compile_threads: int = 1) -> dict[str, Any]:
     from distributed import Client
 
     case = "cluster" if amm else "cluster-amm-off"
     root = base / case
     config = write_config(root, data, f"bench-{case}", trials)
-    specs = [WorkerSpec(f"compile-{i}", {"compile": 1}, env=fake_hailo_env(**delays)) for i in range(compile_workers)]
+    specs = [WorkerSpec(f"compile-{i}", {"compile": 1}, env=fake_hailo_env(**delays), nthreads=compile_threads) for i in range(compile_workers)]
     specs.append(WorkerSpec("pi-0", {"hailo8l": 1}, env=fake_hailo_env(DEVICE, **delays)))
     with DaskCluster(base / f"dask-{case}", specs, scheduler_env=None if amm else AMM_OFF) as cluster, Client(cluster.address) as client:
         client.register_plugin(byte_counter(), name=PLUGIN)
@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--work", type=Path, default=None, help="work (and keep stores and logs) here instead of a temporary directory")
     parser.add_argument("--only", choices=("local", "cluster"), default=None, help="run one case (no ratio)")
+    parser.add_argument("--compile-threads", type=int, default=1, help="--nthreads of each compile worker (its compile=1 resource still "
+                        "allows one build at a time; a second thread runs the light tasks that need the build's data)")
     parser.add_argument("--amm", choices=("on", "off", "both"), default="on", help="the scheduler's Active Memory Manager: on (Dask's "
                         "default: its ReduceReplicas policy drops broadcast copies no waiting task needs), off, or both, one cluster case each")
     args = parser.parse_args(argv)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         data_bytes = sum(p.stat().st_size for p in data.values())
         local = run_local(base, data, args.trials, env) if args.only != "cluster" else None
         clusters = [] if args.only == "local" else [
-            run_cluster(base, data, args.trials, args.compile_workers, env, delays, amm=amm)
+            run_cluster(base, data, args.trials, args.compile_workers, env, delays, amm=amm, compile_threads=args.compile_threads)
             for amm in {"on": [True], "off": [False], "both": [True, False]}[args.amm]
         ]
     if local is None or not clusters:
