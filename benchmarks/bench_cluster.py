@@ -18,8 +18,12 @@ by a Dask ``WorkerPlugin`` (keys that arrived whole, by scatter or replication; 
 compiled model; ``transfer_outgoing_bytes_total``). "Scattered once per worker" means each scattered key arrived once
 on each worker, however many trials ran.
 
-Usage: ``python benchmarks/bench_cluster.py [--trials 12] [--compile-workers 2] [--json out.json]`` (about 6-8 minutes
-on 2 cores with the defaults).
+``--amm both`` adds a second cluster case whose scheduler runs with Dask's Active Memory Manager off
+(``DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START=False``): by default its ReduceReplicas policy drops, every
+2 s, the broadcast copies of a key that no waiting task needs, and the next trial on that worker fetches it again.
+
+Usage: ``python benchmarks/bench_cluster.py [--trials 12] [--compile-workers 2] [--amm on|off|both] [--json out.json]``
+(about 6 minutes on 2 cores with the defaults, 8 with ``--amm both``).
 """
 
 from __future__ import annotations
@@ -122,7 +126,8 @@ def _tracking(root: Path, name: str) -> dict[str, Any]:
 
 # -- what each worker received, counted on the worker -------------------------------------------------------------------
 def byte_counter() -> Any:
-    """A WorkerPlugin recording every key that enters a worker's memory: how it arrived and its size."""
+    """A WorkerPlugin recording every key that enters a worker's memory: how it got there and its pickled size (Dask's
+    own ``sizeof`` counts a dataclass as its shell, which would hide the model and the compiled HEF)."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class ByteCounter(WorkerPlugin):
@@ -133,48 +138,70 @@ def byte_counter() -> Any:
             self.arrivals: list[tuple[str, str, int]] = []
 
         def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-            if finish != "memory":
+            if finish != "memory" or start == "memory":
                 return
-            from dask.sizeof import sizeof
+            import pickle
 
             how = {"released": "whole", "flight": "fetched", "executing": "computed"}.get(start, start)
-            self.arrivals.append((str(key), how, int(sizeof(self.worker.data[key])) if key in self.worker.data else -1))
+            try:
+                size = len(pickle.dumps(self.worker.data[key], protocol=pickle.HIGHEST_PROTOCOL))
+            except Exception:  # spilled, or not picklable here: unknown
+                size = -1
+            self.arrivals.append((str(key), how, size))
 
     return ByteCounter()
 
 
-def worker_counts(dask_worker: Any) -> dict[str, Any]:
+def worker_arrivals(dask_worker: Any) -> dict[str, Any]:
     plugin = dask_worker.plugins.get(PLUGIN)
-    arrivals = plugin.arrivals if plugin is not None else []
-    whole: dict[str, list[int]] = {}
-    for key, how, size in arrivals:
-        if how == "whole":
-            whole.setdefault(key, []).append(size)
-    return {
-        "name": dask_worker.name,
-        "whole_keys": len(whole),
-        "whole_max_arrivals": max((len(v) for v in whole.values()), default=0),
-        "whole_bytes": sum(sum(v) for v in whole.values()),
-        "fetched_bytes": sum(size for _, how, size in arrivals if how == "fetched"),
-        "fetched_count": sum(how == "fetched" for _, how, _ in arrivals),
-        "outgoing_bytes": int(dask_worker.transfer_outgoing_bytes_total),
-    }
+    return {"name": dask_worker.name, "arrivals": list(plugin.arrivals) if plugin is not None else [],
+            "outgoing_bytes": int(dask_worker.transfer_outgoing_bytes_total)}
 
 
-def run_cluster(base: Path, data: dict[str, Path], trials: int, compile_workers: int, env: dict[str, str], delays: dict[str, float]) -> dict[str, Any]:
+def classify(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per worker: the scattered keys (those that arrived whole somewhere) and how often each arrived there, by scatter
+    or fetched again from a peer; and the other keys fetched from peers (the compiled models, on a device worker)."""
+    scattered = {key for w in workers for key, how, _ in w["arrivals"] if how == "whole"}
+    out = []
+    for w in workers:
+        mine = [(k, how, size) for k, how, size in w["arrivals"] if how in ("whole", "fetched")]
+        per_key: dict[str, int] = {}
+        for key, _, _ in mine:
+            if key in scattered:
+                per_key[key] = per_key.get(key, 0) + 1
+        out.append({
+            "name": w["name"],
+            "scattered_keys": len(per_key),
+            "scattered_arrivals": sum(per_key.values()),
+            "scattered_bytes": sum(size for k, _, size in mine if k in scattered),
+            "scattered_max_arrivals": max(per_key.values(), default=0),
+            "other_fetched": sum(k not in scattered for k, _, _ in mine),
+            "other_fetched_bytes": sum(size for k, _, size in mine if k not in scattered),
+            "outgoing_bytes": w["outgoing_bytes"],
+        })
+    return out
+
+
+AMM_OFF = {"DASK_DISTRIBUTED__SCHEDULER__ACTIVE_MEMORY_MANAGER__START": "False"}
+
+
+def run_cluster(base: Path, data: dict[str, Path], trials: int, compile_workers: int, env: dict[str, str], delays: dict[str, float],
+                amm: bool = True, compile_threads: int = 1) -> dict[str, Any]:
     from distributed import Client
 
-    root = base / "cluster"
-    config = write_config(root, data, "bench-cluster", trials)
-    specs = [WorkerSpec(f"compile-{i}", {"compile": 1}, env=fake_hailo_env(**delays)) for i in range(compile_workers)]
+    case = "cluster" if amm else "cluster-amm-off"
+    root = base / case
+    config = write_config(root, data, f"bench-{case}", trials)
+    specs = [WorkerSpec(f"compile-{i}", {"compile": 1}, env=fake_hailo_env(**delays), nthreads=compile_threads) for i in range(compile_workers)]
     specs.append(WorkerSpec("pi-0", {"hailo8l": 1}, env=fake_hailo_env(DEVICE, **delays)))
-    with DaskCluster(base / "dask", specs) as cluster, Client(cluster.address) as client:
+    with DaskCluster(base / f"dask-{case}", specs, scheduler_env=None if amm else AMM_OFF) as cluster, Client(cluster.address) as client:
         client.register_plugin(byte_counter(), name=PLUGIN)
         cmd = [sys.executable, "-m", "hailo_sweep.cli", "run", str(config), "--cluster", cluster.address]
-        print(f"[cluster] {compile_workers} compile + 1 device workers at {cluster.address}: hailo-sweep run {config.name} --cluster ...", flush=True)
-        wall = run_command(cmd, root, env, base / "cluster.log")
-        workers = list(client.run(worker_counts).values())
-    result = measure(root, "bench-cluster", wall)
+        print(f"[{case}] {compile_workers} compile + 1 device workers at {cluster.address}: hailo-sweep run {config.name} --cluster ...", flush=True)
+        wall = run_command(cmd, root, env, base / f"{case}.log")
+        workers = classify(list(client.run(worker_arrivals).values()))
+    result = measure(root, f"bench-{case}", wall)
+    result["case"] = case
     result["workers"] = sorted(workers, key=lambda w: str(w["name"]))
     return result
 
@@ -187,27 +214,35 @@ def run_local(base: Path, data: dict[str, Path], trials: int, env: dict[str, str
     return measure(root, "bench-local", wall)
 
 
-def report(local: dict[str, Any], cluster: dict[str, Any], data_bytes: int, args: argparse.Namespace) -> dict[str, Any]:
-    ratio_wall = cluster["per_min_wall"] / local["per_min_wall"]
-    ratio_span = cluster["per_min_span"] / local["per_min_span"]
+def report(local: dict[str, Any], clusters: list[dict[str, Any]], data_bytes: int, args: argparse.Namespace) -> dict[str, Any]:
     print()
     print(f"{args.trials} trials each; compile {args.compile_delay:g} s + device {args.device_delay:g} s of sleep in the fakes; {os.cpu_count()} CPUs")
-    print(f"{'case':<8} {'evaluated':>9} {'wall s':>8} {'span s':>8} {'evals/min (wall)':>17} {'evals/min (span)':>17}")
-    for case, r in (("local", local), ("cluster", cluster)):
-        print(f"{case:<8} {r['evaluated']:>9} {r['wall_s']:>8.1f} {r['span_s']:>8.1f} {r['per_min_wall']:>17.2f} {r['per_min_span']:>17.2f}")
-    print(f"ratio cluster/local: {ratio_wall:.2f}x over wall time, {ratio_span:.2f}x over the trials' span (target >= 1.7x)")
-    mean, worst = cluster.get("driver_s_mean"), cluster.get("driver_s_max")
-    if mean is None:
-        print("driver overhead: no time.driver_s metric on the cluster's trials")
-    else:
-        print(f"driver overhead per trial (time.driver_s, {cluster['driver_s_trials']} trials): mean {mean:.3f} s, max {worst:.3f} s (target < 0.3 s)")
-    print(f"calibration + evaluation files: {data_bytes} bytes; the driver says it scattered {cluster.get('scattered_bytes_driver')} bytes")
-    for w in cluster["workers"]:
-        print(f"  {w['name']:<10} received whole {w['whole_bytes']:>10} bytes in {w['whole_keys']} keys (each at most {w['whole_max_arrivals']}x), "
-              f"fetched {w['fetched_bytes']:>9} bytes in {w['fetched_count']} keys, sent to peers {w['outgoing_bytes']:>10} bytes")
-    once = all(w["whole_max_arrivals"] <= 1 for w in cluster["workers"])
-    print(f"scattered data sent once per worker, not per trial: {'yes' if once else 'NO'}")
-    return {"ratio_wall": ratio_wall, "ratio_span": ratio_span, "scattered_once_per_worker": once}
+    print(f"{'case':<16} {'evaluated':>9} {'wall s':>8} {'span s':>8} {'evals/min (wall)':>17} {'evals/min (span)':>17}  ratio (wall, span)")
+    print(f"{'local':<16} {local['evaluated']:>9} {local['wall_s']:>8.1f} {local['span_s']:>8.1f} {local['per_min_wall']:>17.2f} {local['per_min_span']:>17.2f}")
+    verdict: dict[str, Any] = {}
+    for r in clusters:
+        wall, span = r["per_min_wall"] / local["per_min_wall"], r["per_min_span"] / local["per_min_span"]
+        print(f"{r['case']:<16} {r['evaluated']:>9} {r['wall_s']:>8.1f} {r['span_s']:>8.1f} {r['per_min_wall']:>17.2f} {r['per_min_span']:>17.2f}  {wall:.2f}x, {span:.2f}x")
+        verdict[r["case"]] = {"ratio_wall": wall, "ratio_span": span}
+    print("target: >= 1.7x the trials per minute of one local worker")
+    print(f"calibration + evaluation files: {data_bytes} bytes")
+    for r in clusters:
+        mean, worst = r.get("driver_s_mean"), r.get("driver_s_max")
+        print(f"[{r['case']}]")
+        if mean is None:
+            print("  driver overhead: no time.driver_s metric on the trials")
+        else:
+            print(f"  driver overhead per trial (time.driver_s, {r['driver_s_trials']} trials): mean {mean:.3f} s, max {worst:.3f} s (target < 0.3 s)")
+        print(f"  the driver says it scattered {r.get('scattered_bytes_driver')} bytes (cluster.scattered_bytes)")
+        for w in r["workers"]:
+            print(f"  {w['name']:<10} scattered keys: {w['scattered_keys']}, arrived {w['scattered_arrivals']}x ({w['scattered_bytes']} bytes pickled, "
+                  f"each key at most {w['scattered_max_arrivals']}x); other keys fetched from peers: {w['other_fetched']} ({w['other_fetched_bytes']} bytes); "
+                  f"sent to peers {w['outgoing_bytes']} bytes (Dask's count)")
+        once = all(w["scattered_max_arrivals"] <= 1 for w in r["workers"])
+        total = sum(w["scattered_bytes"] for w in r["workers"])
+        print(f"  scattered data arrived once per worker, not per trial: {'yes' if once else 'NO'} ({total} bytes of scattered keys arrived in all)")
+        verdict[r["case"]]["scattered_once_per_worker"] = once
+    return verdict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-delay", type=float, default=10.0)
     parser.add_argument("--device-delay", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--work", type=Path, default=None, help="work (and keep stores and logs) here instead of a temporary directory")
+    parser.add_argument("--only", choices=("local", "cluster"), default=None, help="run one case (no ratio)")
+    parser.add_argument("--compile-threads", type=int, default=1, help="--nthreads of each compile worker (its compile=1 resource still "
+                        "allows one build at a time; a second thread runs the light tasks that need the build's data)")
+    parser.add_argument("--amm", choices=("on", "off", "both"), default="on", help="the scheduler's Active Memory Manager: on (Dask's "
+                        "default: its ReduceReplicas policy drops broadcast copies no waiting task needs), off, or both, one cluster case each")
     args = parser.parse_args(argv)
     from hailo_sweep.examples import digits
 
@@ -224,14 +265,21 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("OPTUNA_STORAGE", "MLFLOW_TRACKING_URI", "HAILO_FAKE_DEVICES")}
     env.update(fake_hailo_env(**delays), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
-        base = Path(tmp)
+        base = args.work or Path(tmp)
         data = digits.build(base / "data", n_calib=256, n_eval=100)
         data_bytes = sum(p.stat().st_size for p in data.values())
-        local = run_local(base, data, args.trials, env)
-        cluster = run_cluster(base, data, args.trials, args.compile_workers, env, delays)
-    verdict = report(local, cluster, data_bytes, args)
+        local = run_local(base, data, args.trials, env) if args.only != "cluster" else None
+        clusters = [] if args.only == "local" else [
+            run_cluster(base, data, args.trials, args.compile_workers, env, delays, amm=amm, compile_threads=args.compile_threads)
+            for amm in {"on": [True], "off": [False], "both": [True, False]}[args.amm]
+        ]
+    if local is None or not clusters:
+        print(json.dumps(local or clusters, indent=2, default=str))
+        return 0
+    verdict = report(local, clusters, data_bytes, args)
     if args.json is not None:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "local": local, "cluster": cluster, **verdict}, indent=2, default=str))
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json), "work": str(args.work)}, "local": local, "clusters": clusters,
+                                         "verdict": verdict}, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0
 

@@ -82,9 +82,11 @@ class WorkerSpec:
 class DaskCluster:
     """A scheduler and workers as subprocesses; a context manager. ``address`` is the scheduler's (tcp:// or tls://)."""
 
-    def __init__(self, directory: Path, workers: Sequence[WorkerSpec] = (), *, tls: TlsFiles | None = None, timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, directory: Path, workers: Sequence[WorkerSpec] = (), *, tls: TlsFiles | None = None, timeout_s: float = START_TIMEOUT_S,
+                 scheduler_env: Mapping[str, str] | None = None):
         self.directory = Path(directory)
         self.tls = tls
+        self.scheduler_env = dict(scheduler_env or {})  # e.g. DASK_DISTRIBUTED__SCHEDULER__... settings
         self.timeout_s = timeout_s
         self.address = ""
         self._initial = list(workers)
@@ -129,7 +131,7 @@ class DaskCluster:
         args = [*dask_command(), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)]
         if self.tls is not None:
             args += ["--protocol", "tls", *self.tls.flags()]
-        proc = self._spawn("scheduler", args, {})
+        proc = self._spawn("scheduler", args, self.scheduler_env)
         deadline = time.monotonic() + self.timeout_s
         while True:  # the file is written once the scheduler listens; the process may die first (a port, a flag)
             address = _read_address(scheduler_file)
@@ -158,6 +160,9 @@ class DaskCluster:
         """Until ``n`` workers run (Dask's ``Client.wait_for_workers``), in rounds of a second so that a worker that
         exits meanwhile fails the wait at once, with its log."""
         from distributed import Client
+
+        if n < 1:
+            return
 
         deadline = time.monotonic() + self.timeout_s
         with Client(self.address, security=self.security(), timeout=self.timeout_s) as client:

@@ -51,9 +51,10 @@ class ClusterConfig(BaseModel):
     def uses_tls(self) -> bool:
         return self.tls_ca_file is not None
 
-    def resolved(self, config_file: Path | None) -> ClusterConfig:
+    def resolved(self, config_file: Path | None, *, check: bool = True) -> ClusterConfig:
         """A copy whose TLS paths are absolute (relative ones are relative to ``config_file``'s folder), each checked to
-        be an existing file. ``config_file`` None: relative paths are relative to the current directory."""
+        be an existing file unless ``check`` is False (``connect`` checks them again before use). ``config_file``
+        None: relative paths are relative to the current directory."""
         base = config_file.parent if config_file is not None else Path.cwd()
         update: dict[str, Path] = {}
         for key in TLS_KEYS:
@@ -63,7 +64,8 @@ class ClusterConfig(BaseModel):
             path = Path(os.path.expanduser(str(value)))
             update[key] = path if path.is_absolute() else (base / path).absolute()
         copy = self.model_copy(update=update)
-        copy.check_files(config_file)
+        if check:
+            copy.check_files(config_file)
         return copy
 
     def check_files(self, config_file: Path | None = None) -> None:
