@@ -197,6 +197,9 @@ def _sweep_config(name: str, root: Path, data: Path, trials: int, search: dict[s
     raw["search"] = search
     raw["objective"] = {"metric": "total.snr_db", "stage": "device", "direction": "maximize"}
     raw["constraints"] = []
+    for metric in (raw.get("metrics") or {}).values():  # task metrics: the file beside the shipped config
+        file, _, function = metric["function"].rpartition(":")
+        metric["function"] = f"{REPO / 'configs' / 'real' / file}:{function}"
     raw["trials"] = trials
     raw["stores"] = {"root": str(root)}
     raw["diagnostics"] = {"layer_noise": False, "determinism_samples": 2}
@@ -219,6 +222,7 @@ def _study_rows(config: Path) -> list[dict[str, Any]]:
         if "mlflow_run_id" in t.user_attrs:
             metrics = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics
             row["optimize_s"] = metrics.get("time.optimize_s")
+            row["task"] = {k: v for k, v in metrics.items() if k.startswith("device.task.")}
         rows.append(row)
     return rows
 
@@ -290,6 +294,9 @@ def bench_model(name: str, work: Path, evaluations: int, n_calib: int, n_eval: i
     result["ours_level0_db"] = baseline["value"]
     result["ours_best_db"] = max(r["value"] for r in done)
     result["ours_best_params"] = max(done, key=lambda r: r["value"])["params"]
+    if baseline.get("task"):  # task metrics of the config (decoded strings, text masks): level 0 and the best trial
+        result["ours_level0_task"] = baseline["task"]
+        result["ours_best_task"] = max(done, key=lambda r: r["value"]).get("task")
     first = {m: next((r for r in done if r["params"].get("calibration_method", "minmax") == m), None) for m in ("minmax", "percentile")}
     all16 = _child(["-m", "hailo_sweep.cli", "run", str(_sweep_config(name, root, data, 1, {**{k: [v[0]] for k, v in space.items()}, "all_16bit": ["all"]}, "-all16")), "--trials", "1"])
     rows16 = _study_rows(root / f"{name}-all16.yaml") if all16["rc"] == 0 else []
