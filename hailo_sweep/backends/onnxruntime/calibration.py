@@ -43,7 +43,7 @@ from onnxruntime.quantization.calibrate import (
 
 from hailo_sweep.atomic import atomic_write
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
-from hailo_sweep.onnx_runner import batches
+from hailo_sweep.onnx_runner import batches, chunk_size
 
 #: histogram bins: ORT's Percentile default (2048); for Entropy ORT's default 128/128 equals MinMax exactly (pitfall
 #: P3: the KL search then has one candidate), so the histogram gets 256 bins for 128 quantized bins: 65 candidate
@@ -54,7 +54,7 @@ ENTROPY_BINS = 256
 ENTROPY_QUANTIZED_BINS = 128
 BATCH_BYTES = 192 * 2**20  # intermediate outputs of one histogram run at most this large
 MAX_BATCH = 32
-MINMAX_BATCH = 8  # rows per MinMax run: the session's own intermediate buffers grow with the batch
+MINMAX_BATCH = 8  # rows per MinMax run at most (fewer for large inputs, see minmax): the session's buffers grow with the batch
 CACHE_VERSION = b"calibration-v3"  # v3: histograms binned by _bin
 
 
@@ -99,7 +99,9 @@ class Calibrator:
         if not path.is_file():
             with self._scratch() as (model_path, tmp):
                 calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax)
-                calibrator.collect_data(_Reader(self.data, self.input_name, MINMAX_BATCH, self.fixed))
+                # at most MINMAX_BATCH rows and about CALL_ELEMENTS input values per run: 8 frames of 480x640 took
+                # the session past 9 GB, one frame per run stays near 1 GB (the reductions' outputs are scalars)
+                calibrator.collect_data(_Reader(self.data, self.input_name, chunk_size(self.data, MINMAX_BATCH), self.fixed))
                 table = calibrator.compute_data()
                 del calibrator
             self.passes.append("minmax")
