@@ -109,3 +109,38 @@ def test_rejects_values_the_qdq_input_cannot_hold(optimized: dict[str, Optimized
         layer_noise(model.handle["fp"], model.handle["qdq"], frames[1].astype(np.float32) / 255.0, tmp_path)
     with pytest.raises(ValueError, match="at least one"):
         layer_noise(model.handle["fp"], model.handle["qdq"], frames[1][:0], tmp_path)
+
+
+@pytest.mark.parametrize("per_call", [1, 5, SAMPLES])
+def test_streamed_energies_equal_ort_all_at_once(optimized: dict[str, OptimizedModel], frames: tuple[np.ndarray, np.ndarray], tmp_path: Path, per_call: int) -> None:
+    """Summing each layer's energies over calls (bounded memory) gives ORT's own SNR of every sample's tensors at once."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    model = optimized["host"]
+    inputs = feed(frames[1], "host", NORM, DOMAIN)
+
+    class Once(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.fed = False
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.fed:
+                return None
+            self.fed = True
+            return {"input": inputs}
+
+    acts = {}
+    for role in ("fp", "qdq"):
+        modify_model_output_intermediate_tensors(str(model.handle[role]), str(tmp_path / f"{role}.aug.onnx"))
+        acts[role] = collect_activations(str(tmp_path / f"{role}.aug.onnx"), Once())
+    expected = {name: e["xmodel_err"] for name, e in compute_activation_error(create_activation_matching(acts["qdq"], acts["fp"])).items() if "xmodel_err" in e}
+    noise = layer_noise(model.handle["fp"], model.handle["qdq"], inputs, tmp_path / "ours", max_samples=SAMPLES, samples_per_call=per_call)
+    assert len(noise) == sum(HOST_LAYERS.values()) == 9  # as counted in the module docstring
+    for n in noise:
+        assert n.snr_db == pytest.approx(expected[n.layer], abs=1e-3), n.layer

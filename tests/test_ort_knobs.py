@@ -237,3 +237,18 @@ def test_trials_that_change_only_non_calibration_knobs_do_not_recalibrate(setup:
     assert again.params["ort.calibration_passes"] == "cached"
     table = json.loads((setup.root / "e2" / "q1.ranges.json").read_text())
     assert table["data"]  # the merged table quantize_static read
+
+
+@pytest.mark.parametrize("kind", ["percentile", "entropy"])
+def test_binning_counts_like_numpy_histogram(kind: str) -> None:
+    """The histogram pass's binning: np.histogram's counts over the same range, but for elements on a bin edge."""
+    from hailo_sweep.backends.onnxruntime.calibration import _bin, _edges
+
+    x = np.random.default_rng(3).standard_normal(200_000).astype(np.float32) * 3.0
+    top = float(np.abs(x).max())
+    lo = 0.0 if kind == "percentile" else -top
+    expected, edges = np.histogram(np.abs(x) if kind == "percentile" else x, bins=512, range=(lo, top))
+    counts = _bin(x.copy(), kind, top, 512)
+    assert counts.sum() == x.size  # the extreme value lands in the last bin, nothing falls out
+    assert np.abs(counts - expected).sum() <= 10  # at most a handful moved across an edge by float rounding
+    assert np.array_equal(_edges(kind, top, 512), edges.astype(np.float32))

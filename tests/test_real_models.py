@@ -150,3 +150,23 @@ def test_corpus_model_sweeps_through_the_cli(tmp_path: Path, corpus_models: dict
                 assert 0.0 <= run.data.metrics[f"device.{out}.top1_agreement"] <= 1.0
         for task in raw.get("metrics") or {}:  # the sequence readers: the decoded string's match rate
             assert 0.0 <= run.data.metrics[f"device.task.{task}"] <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------------- task metrics
+def test_detector_text_mask_iou_by_hand() -> None:
+    """configs/real/metrics.py:text_map_iou on two 2x3 maps: text where the probability exceeds 0.3 (not at 0.3)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("corpus_metrics", REPO / "configs" / "real" / "metrics.py")
+    assert spec is not None and spec.loader is not None
+    metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metrics)
+    key = "sigmoid_0.tmp_0"
+    reference = np.array([[[[0.9, 0.8, 0.1], [0.2, 0.5, 0.0]]], [[[0.1, 0.2, 0.0], [0.0, 0.1, 0.3]]]], np.float32)  # (N, 1, H, W)
+    quantized = np.array([[[[0.9, 0.2, 0.4], [0.3, 0.6, 0.0]]], [[[0.2, 0.0, 0.1], [0.3, 0.0, 0.2]]]], np.float32)
+    # sample 0: float mask {(0,0), (0,1), (1,1)}, quantized {(0,0), (0,2), (1,1)} (0.3 is not text): 2 shared of 4 -> 0.5
+    # sample 1: no text in either -> 1.0
+    iou = metrics.text_map_iou({key: reference}, {key: quantized}, None)
+    assert iou.shape == (2,)
+    assert iou.tolist() == [0.5, 1.0]
+    assert metrics.text_map_iou({key: reference}, {key: reference}, None).tolist() == [1.0, 1.0]

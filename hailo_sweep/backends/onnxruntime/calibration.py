@@ -12,8 +12,9 @@ the installed ``onnxruntime/quantization/calibrate.py``):
   chunks its histograms are re-binned against an edge array (``np.histogram(bins=array)`` sorts every block: about
   10x slower). Here the augmented model is ORT's (``create_calibrator(...).infer_session``) but each run's outputs are
   folded at once into a fixed-range histogram per tensor (the range is the MinMax pass's, so every run uses the same
-  uniform bins, numpy's fast path) and dropped. The thresholds are then computed by ORT's own ``HistogramCollector``
-  from those histograms, exactly as a single all-in-memory pass would bin them. Memory: one inference batch.
+  uniform bins, counted by ``np.bincount``) and dropped. The thresholds are then computed by ORT's own ``HistogramCollector``
+  from those histograms, as a single all-in-memory pass would bin them (up to elements within float rounding of a bin
+  edge, see ``_bin``). Memory: one inference batch.
 
 Histograms are cached (``.npz``, no pickle), so every percentile value of a sweep comes from one pass. Ranges of the
 clipped tensors (``clipping_scope``) are merged into the MinMax table: one table per trial, written as the
@@ -42,7 +43,7 @@ from onnxruntime.quantization.calibrate import (
 
 from hailo_sweep.atomic import atomic_write
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
-from hailo_sweep.onnx_runner import batches
+from hailo_sweep.onnx_runner import batches, chunk_size
 
 #: histogram bins: ORT's Percentile default (2048); for Entropy ORT's default 128/128 equals MinMax exactly (pitfall
 #: P3: the KL search then has one candidate), so the histogram gets 256 bins for 128 quantized bins: 65 candidate
@@ -53,8 +54,8 @@ ENTROPY_BINS = 256
 ENTROPY_QUANTIZED_BINS = 128
 BATCH_BYTES = 192 * 2**20  # intermediate outputs of one histogram run at most this large
 MAX_BATCH = 32
-MINMAX_BATCH = 8  # rows per MinMax run: the session's own intermediate buffers grow with the batch
-CACHE_VERSION = b"calibration-v2"
+MINMAX_BATCH = 8  # rows per MinMax run at most (fewer for large inputs, see minmax): the session's buffers grow with the batch
+CACHE_VERSION = b"calibration-v3"  # v3: histograms binned by _bin
 
 
 def sha(data: bytes) -> str:
@@ -86,7 +87,9 @@ class Calibrator:
         self.data = np.ascontiguousarray(data, dtype=np.float32)
         self.input_name = input_name
         self.cache_dir = cache_dir
-        self.key = sha(b"|".join([CACHE_VERSION, sha(self.model_bytes).encode(), sha(self.data.tobytes()).encode(), input_name.encode()]))[:24]
+        # the data's hash from its buffer (tobytes would copy it: 150-250 MB for 256 frames of 224x224 or 64 of 480x640)
+        data_sha = hashlib.sha256(memoryview(self.data).cast("B")).hexdigest()
+        self.key = sha(b"|".join([CACHE_VERSION, sha(self.model_bytes).encode(), data_sha.encode(), input_name.encode()]))[:24]
         self.fixed = fixed_batch  # the model's fixed batch size (every run has exactly that many rows), or None
         self.passes: list[str] = []  # calibration passes this object actually ran (not served from the cache)
 
@@ -96,7 +99,9 @@ class Calibrator:
         if not path.is_file():
             with self._scratch() as (model_path, tmp):
                 calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax)
-                calibrator.collect_data(_Reader(self.data, self.input_name, MINMAX_BATCH, self.fixed))
+                # at most MINMAX_BATCH rows and about CALL_ELEMENTS input values per run: 8 frames of 480x640 took
+                # the session past 9 GB, one frame per run stays near 1 GB (the reductions' outputs are scalars)
+                calibrator.collect_data(_Reader(self.data, self.input_name, chunk_size(self.data, MINMAX_BATCH), self.fixed))
                 table = calibrator.compute_data()
                 del calibrator
             self.passes.append("minmax")
@@ -174,13 +179,9 @@ class Calibrator:
                 for name, value in zip(fetch, outputs, strict=True):
                     if valid < len(part) and value.ndim and value.shape[0] == len(part):
                         value = value[:valid]  # a padded fixed batch: the repeated rows are not counted twice
-                    flat = value.reshape(-1)
-                    if kind == "percentile":  # ORT's symmetric percentile bins |x| over [0, max|x|]
-                        h, e = np.histogram(np.abs(flat), bins=bins, range=(0.0, tops[name] or 1.0))
-                    else:  # entropy bins x over [-t, t], t = max|x|
-                        h, e = np.histogram(flat, bins=bins, range=(-(tops[name] or 1.0), tops[name] or 1.0))
+                    h = _bin(value.reshape(-1), kind, tops[name] or 1.0, bins)
                     counts[name] = counts[name] + h if name in counts else h
-                    edges.setdefault(name, e.astype(np.float32))
+                    edges.setdefault(name, _edges(kind, tops[name] or 1.0, bins))
                 del outputs
             del session, calibrator
         self.passes.append(kind)
@@ -221,6 +222,27 @@ class _Scratch:
     def __exit__(self, *exc: object) -> None:
         self._quiet.__exit__(*exc)
         self._tmp.cleanup()
+
+
+def _bin(flat: np.ndarray, kind: str, top: float, bins: int) -> np.ndarray:
+    """Counts of ``flat`` (overwritten: a run's output, used once) in ``bins`` uniform bins: |x| over [0, top] for
+    percentile (ORT's symmetric percentile), x over [-top, top] for entropy; values on the top edge go in the last bin.
+
+    ``np.histogram`` with a range gives the same counts up to elements within float rounding of a bin edge (it
+    re-checks every element against the edges array: about 2x slower, and binning is half of a histogram pass)."""
+    if kind == "percentile":
+        scaled = np.abs(flat, out=flat)
+    else:
+        scaled = np.add(flat, np.float32(top), out=flat)
+        top *= 2.0
+    scaled *= np.float32(bins / top)
+    index = scaled.astype(np.intp)
+    np.clip(index, 0, bins - 1, out=index)
+    return np.bincount(index, minlength=bins).astype(np.int64)
+
+
+def _edges(kind: str, top: float, bins: int) -> np.ndarray:
+    return np.linspace(0.0 if kind == "percentile" else -top, top, bins + 1).astype(np.float32)
 
 
 def _scalar(value: np.ndarray) -> np.float32:

@@ -23,34 +23,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader
-from onnxruntime.quantization.qdq_loss_debug import (
-    collect_activations,
-    compute_activation_error,
-    create_activation_matching,
-    modify_model_output_intermediate_tensors,
-)
+from onnxruntime.quantization.qdq_loss_debug import create_activation_matching, modify_model_output_intermediate_tensors
 
 from hailo_sweep.backends.base import LayerNoise
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
-from hailo_sweep.onnx_runner import batches, declared_batch
+from hailo_sweep.onnx_runner import batches, chunk_size, declared_batch
 
 log = logging.getLogger(__name__)
 
 #: SNR values are clamped to this magnitude, like ``hailo_sweep.metrics.SNR_CAP_DB`` (identical tensors -> +cap)
 SNR_CAP_DB = 200.0
 _FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
+LAYER_NOISE_CHUNK = 4  # samples per call on a dynamic batch: every layer's tensors of a call are held at once
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16}
-
-
-class _BatchReader(CalibrationDataReader):
-    """Feeds one array to the named input: in one batch, or in batches of the model's fixed batch size."""
-
-    def __init__(self, input_name: str, data: np.ndarray, fixed_batch: int | None):
-        self._batches = iter([{input_name: batch} for batch, _ in batches(data, fixed_batch, chunk=len(data))])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
 
 
 def _input_spec(path: Path) -> tuple[str, type, int | None]:
@@ -113,24 +98,56 @@ def _typed_dequantize_outputs(model_path: Path, typed_path: Path) -> Path:
     return typed_path
 
 
-def _activations(model_path: Path, augmented_path: Path, inputs: np.ndarray, role: str) -> dict[str, list[np.ndarray]]:
-    """Every float tensor of the model on ``inputs`` (cast to the model's input dtype), keyed by tensor name."""
-    input_name, dtype, batch = _input_spec(model_path)
-    data = _as_input(inputs, dtype, role)
-    model_path = _typed_dequantize_outputs(model_path, augmented_path.with_suffix(".typed.onnx"))
-    modify_model_output_intermediate_tensors(str(model_path), str(augmented_path))
-    return collect_activations(str(augmented_path), _BatchReader(input_name, data, batch))
+class _Tapped:
+    """A model augmented to return every intermediate float tensor (ORT's debugging tool), run one chunk at a time."""
+
+    def __init__(self, model_path: Path, augmented_path: Path, inputs: np.ndarray, role: str):
+        input_name, dtype, self.batch = _input_spec(model_path)
+        self.input_name = input_name
+        self.data = _as_input(inputs, dtype, role)
+        model_path = _typed_dequantize_outputs(model_path, augmented_path.with_suffix(".typed.onnx"))
+        modify_model_output_intermediate_tensors(str(model_path), str(augmented_path))
+        augmented = onnx.load(str(augmented_path), load_external_data=False)
+        # every saved tensor leaves through a Reshape the tool appends: its graph output -> the tensor it saves
+        appended = {o.name for o in augmented.graph.output} - {o.name for o in onnx.load(str(model_path), load_external_data=False).graph.output}
+        self.saved = {n.output[0]: n.input[0] for n in augmented.graph.node if n.op_type == "Reshape" and n.output[0] in appended}
+        del augmented
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as collect_activations runs it
+        opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = False  # every tensor is an output: an arena would keep a second copy of them all
+        self.session = ort.InferenceSession(str(augmented_path), opts, providers=["CPUExecutionProvider"])
+        self.output_of = {tensor: output for output, tensor in self.saved.items()}
+
+    def run(self, start: int, stop: int, tensors: list[str]) -> dict[str, np.ndarray]:
+        """The named saved tensors (flattened) of samples ``start:stop``, padded to the fixed batch by repeating the last.
+
+        The padding stays in: a tensor's sample axis is not known (time-major layers), and both models see it alike.
+        """
+        part = self.data[start:stop]
+        batch, _ = next(batches(part, self.batch, chunk=len(part)))
+        outputs = [self.output_of[t] for t in tensors]
+        return dict(zip(tensors, self.session.run(outputs, {self.input_name: batch}), strict=True))
 
 
 def layer_noise(
-    float_model_path: Path, qdq_model_path: Path, inputs: np.ndarray, work_dir: Path, max_samples: int = 32
+    float_model_path: Path,
+    qdq_model_path: Path,
+    inputs: np.ndarray,
+    work_dir: Path,
+    max_samples: int = 32,
+    samples_per_call: int | None = None,
 ) -> list[LayerNoise]:
     """Cumulative SNR (dB) of every quantized activation of the QDQ model against the float model, noisiest first.
 
     ``inputs`` are in the QDQ model's feed domain (uint8 frames when its input is uint8); the float model gets the
-    same values as float32 when its input is float. Only the first ``max_samples`` samples are used: the tensors of
-    every layer are held in memory. Layer names are the float model's tensor names; graph outputs have
-    ``kind="output"``. Scratch models are written under ``work_dir``.
+    same values as float32 when its input is float. Only the first ``max_samples`` samples are used. Both models run
+    ``samples_per_call`` samples at a time (default: the model's fixed batch, else about ``CALL_ELEMENTS`` input
+    values, at most 4 samples) and each layer's signal and noise energies are summed over the calls, so memory holds
+    one call's tensors of every layer, not every sample's: the SNR is ORT's ``compute_signal_to_quantization_noice_ratio``
+    (the norm of all samples' float tensor over the norm of their difference), computed without concatenating.
+    Layer names are the float model's tensor names; graph outputs have ``kind="output"``. Scratch models are written
+    under ``work_dir``.
     """
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -140,22 +157,35 @@ def layer_noise(
     float_model_path, qdq_model_path = Path(float_model_path), Path(qdq_model_path)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    float_model = onnx.load(str(float_model_path), load_external_data=False)
+    skipped = _skipped_tensors(float_model)
+    signal: dict[str, float] = {}
+    noise_energy: dict[str, float] = {}
     with quiet_quantizer():
-        float_acts = _activations(float_model_path, work_dir / "float.augmented.onnx", data, "float")
-        qdq_acts = _activations(qdq_model_path, work_dir / "qdq.augmented.onnx", data, "QDQ")
-        matching = create_activation_matching(qdq_acts, float_acts)
-        float_model = onnx.load(str(float_model_path), load_external_data=False)
-        skipped = _skipped_tensors(float_model)
-        paired = {name: match for name, match in matching.items() if "float" in match and name not in skipped}
-        errors = compute_activation_error(paired)
+        fp = _Tapped(float_model_path, work_dir / "float.augmented.onnx", data, "float")
+        qdq = _Tapped(qdq_model_path, work_dir / "qdq.augmented.onnx", data, "QDQ")
+        # which float tensor pairs with which QDQ tensor: ORT's own matching rules, applied to the names only
+        pairs = create_activation_matching({t: [t] for t in qdq.output_of}, {t: [t] for t in fp.output_of})
+        wanted = {name: (m["float"][0], m["post_qdq"][0]) for name, m in pairs.items() if "float" in m and name not in skipped}
+        step = fp.batch or qdq.batch or samples_per_call or min(LAYER_NOISE_CHUNK, chunk_size(data))
+        for start in range(0, len(data), step):
+            floats = fp.run(start, start + step, sorted({f for f, _ in wanted.values()}))
+            quantized = qdq.run(start, start + step, sorted({q for _, q in wanted.values()}))
+            for name, (f_name, q_name) in wanted.items():
+                reference = floats[f_name]
+                diff = reference - quantized[q_name]
+                signal[name] = signal.get(name, 0.0) + float(np.dot(reference, reference))
+                noise_energy[name] = noise_energy.get(name, 0.0) + float(np.dot(diff, diff))
+            del floats, quantized
     graph_outputs = {o.name for o in float_model.graph.output}
+    eps = float(np.finfo(float).eps)  # ORT's floor on both norms
     noise = [
         LayerNoise(
             layer=name,
-            snr_db=float(np.clip(err["xmodel_err"], -SNR_CAP_DB, SNR_CAP_DB)),
+            snr_db=float(np.clip(20 * np.log10(max(np.sqrt(signal[name]), eps) / max(np.sqrt(noise_energy[name]), eps)), -SNR_CAP_DB, SNR_CAP_DB)),
             kind="output" if name in graph_outputs else "activation",
         )
-        for name, err in errors.items()
+        for name in signal
     ]
     return sorted(noise, key=lambda n: (n.snr_db, n.layer))
 
