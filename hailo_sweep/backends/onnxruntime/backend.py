@@ -2,7 +2,9 @@
 
 - prepare: ``quant_pre_process`` once per sweep (cached by content hash), plus the in-model normalization variant.
 - optimize: the recipe of ``recipe.py`` (CLE, bias correction, calibration method, 4-bit and 16-bit overrides).
-- emulate: the float-optimized model, and the QDQ model with graph optimizations off (fake-quant in float).
+- emulate: the float-optimized model, and the QDQ model with graph optimizations off (fake-quant in float). A float
+  model that no optimization changed (no equalization, no bias correction) is the prepared float model itself: its
+  outputs are computed once per sweep and input set and reused (param ``ort.fp_optimized`` says so).
 - compile: the QDQ model with each output's DequantizeLinear stripped, so outputs are raw uint8/uint16 like a HEF's;
   the output scale/zero-point travel inside the model's metadata.
 - device: ONNX Runtime's integer kernels (``ORT_ENABLE_ALL``); raw outputs are dequantized by our code.
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 RAW_INPUT_SUFFIX = "_raw"
 OPSET_MIN = 13  # per-channel QDQ needs opset >= 13 (pitfall P5)
+FLOAT_OUTPUTS_KEPT = 4  # unchanged-float-model outputs kept in memory (one per placement and input set in a sweep)
 
 
 def _sha(data: bytes) -> str:
@@ -72,6 +75,7 @@ class OnnxRuntimeBackend(Backend):
         self._float_path: Path | None = None  # pre-processed float model, input as in the original
         self._float_norm_path: Path | None = None  # same with Mul/Add normalization prepended (raw input)
         self._noise_ranking: dict[str, list[str]] = {}  # placement -> activation tensors, noisiest first
+        self._float_outputs: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # (unchanged float model, inputs digest) -> outputs
 
     # -- facts ---------------------------------------------------------------------------------------------
     @classmethod
@@ -151,10 +155,12 @@ class OnnxRuntimeBackend(Backend):
         params: dict[str, str | int | float] = {}
 
         model = onnx.load(str(base_path))
+        float_changed = False  # whether an optimization below rewrote the float model
         if in_model:
             details.append("normalization: in the model (Mul 1/std, Add -mean/std)" + ("; uint8 input, scale 1, zero point 0" if uint8_input else ""))
         if recipe.equalize:
             model, pairs = cross_layer_equalize(model)
+            float_changed = True
             details.append(f"cross_layer_equalization: {pairs} Conv pairs")
             params["ort.equalized_pairs"] = pairs
 
@@ -178,6 +184,7 @@ class OnnxRuntimeBackend(Backend):
         qdq = quantize.quantize(model, table, recipe, overrides, work_dir / "q1.onnx")
         if recipe.bias_correction:
             model, corrected = bias_correction(model, qdq, calibration.astype(np.float32), input_name)
+            float_changed = True
             details.append(f"bias_correction: {corrected} layers (re-quantized with the same activation ranges)")
             params["ort.bias_corrected_layers"] = corrected
             qdq = quantize.quantize(model, table, recipe, overrides, work_dir / "q2.onnx")
@@ -186,16 +193,21 @@ class OnnxRuntimeBackend(Backend):
         details.append(f"calibration: {recipe.clipping}, {len(calibration)} samples" + (f" (passes run now: {', '.join(calibrator.passes)})" if calibrator.passes else " (cached ranges)"))
         params["ort.calibration_passes"] = ",".join(calibrator.passes) or "cached"
 
-        fp_path = work_dir / "model.fp.onnx"
         qdq_path = work_dir / "model.qdq.onnx"
-        atomic_write(fp_path, lambda tmp: onnx.save(model, str(tmp)))
+        if float_changed:
+            fp_path = work_dir / "model.fp.onnx"
+            atomic_write(fp_path, lambda tmp: onnx.save(model, str(tmp)))
+            params["ort.fp_optimized"] = "rewritten float model: emulated in this trial"
+        else:  # nothing rewrote the float model: it is the prepared one, whose outputs every such trial shares
+            fp_path = base_path
+            params["ort.fp_optimized"] = "unchanged float model: the prepared model's outputs, run once per sweep and reused"
         atomic_write(qdq_path, lambda tmp: onnx.save(qdq, str(tmp)))
         params["ort.calibrate_method"] = recipe.calibrate_method
         return OptimizedModel(
             settings=settings,
             script=recipe.render(details),
             script_name="recipe.txt",
-            handle={"fp": fp_path, "qdq": qdq_path, "uint8_input": uint8_input},
+            handle={"fp": fp_path, "qdq": qdq_path, "uint8_input": uint8_input, "fp_unchanged": not float_changed},
             params=params,
         )
 
@@ -232,12 +244,27 @@ class OnnxRuntimeBackend(Backend):
         outputs = self.context.model_io.output_names
         axes = self.context.output_batch_axes
         if context is EmulationContext.FP_OPTIMIZED:
-            sess = session(model.handle["fp"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-            return run_chunked(sess, inputs.astype(np.float32), outputs, axes)
+            if not model.handle.get("fp_unchanged"):
+                sess = session(model.handle["fp"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+                return run_chunked(sess, inputs.astype(np.float32), outputs, axes)
+            return dict(self._unchanged_float_outputs(Path(model.handle["fp"]), inputs))
         if context is EmulationContext.QUANTIZED:
             sess = session(model.handle["qdq"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
             return run_chunked(sess, inputs if model.handle["uint8_input"] else inputs.astype(np.float32), outputs, axes)
         raise UnsupportedSetting(f"emulation context {context.value} is not available on the onnxruntime backend")
+
+    def _unchanged_float_outputs(self, path: Path, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The prepared float model's outputs on ``inputs``, computed once per (model, inputs) and kept read-only."""
+        key = (str(path), hashlib.blake2b(np.ascontiguousarray(inputs).data, digest_size=16).hexdigest() + f"|{inputs.shape}|{inputs.dtype}")
+        if key not in self._float_outputs:
+            sess = session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+            outs = run_chunked(sess, inputs.astype(np.float32), self.context.model_io.output_names, self.context.output_batch_axes)
+            for arr in outs.values():
+                arr.flags.writeable = False  # shared by every trial that reuses it
+            if len(self._float_outputs) >= FLOAT_OUTPUTS_KEPT:
+                self._float_outputs.pop(next(iter(self._float_outputs)))
+            self._float_outputs[key] = outs
+        return self._float_outputs[key]
 
     def compile(self, model: OptimizedModel, work_dir: Path) -> CompiledModel:
         qdq = graph.dequantize_pass_through_outputs(onnx.load(str(model.handle["qdq"])))
