@@ -85,6 +85,11 @@ VARIANTS: dict[str, Variant | None] = {
     "startup budget/5, independent": Variant(_share(0.2, 3, 10), multivariate=False),
     "startup budget/5, ei 64": Variant(_share(0.2, 3, 10), n_ei=64),
     "startup budget/5, ei 8": Variant(_share(0.2, 3, 10), n_ei=8),
+    "startup budget/6 2..10, ei 8": Variant(_share(1 / 6, 2, 10), n_ei=8),
+    "startup budget/6 3..10": Variant(_share(1 / 6, 3, 10)),
+    "startup budget/6 3..10, ei 8": Variant(_share(1 / 6, 3, 10), n_ei=8),
+    "startup fixed 5, ei 8": Variant(_fixed(5), n_ei=8),
+    "startup budget/6 2..10, independent": Variant(_share(1 / 6, 2, 10), multivariate=False),
 }
 
 
