@@ -493,6 +493,20 @@ def test_device_metrics_and_output_quant_metadata(prepared: Prepared, frames: Fr
     assert output_dequantizers(onnx.load(str(compiled.path))) == {}
 
 
+def test_a_second_run_of_one_activation_keeps_the_first_runs_latency(prepared: Prepared, frames: Frames) -> None:
+    """The determinism re-run only compares bytes: it is not warmed up or latency-timed again."""
+    x = frames.eval("host")
+    runner = prepared.backend.device(prepared.compile(settings()))
+    with runner:
+        first = runner.run(x)
+        again = runner.run(x[:8])
+    assert first.metrics["latency_ms"] > 0 and again.metrics["latency_ms"] == first.metrics["latency_ms"]
+    for name in OUTPUTS:
+        np.testing.assert_array_equal(again.raw[name], first.raw[name][:8])
+    with runner:  # a new activation measures afresh
+        assert runner.run(x[:8]).metrics["latency_ms"] > 0
+
+
 def test_device_runner_must_be_activated(prepared: Prepared, frames: Frames) -> None:
     runner = prepared.backend.device(prepared.compile(settings()))
     with pytest.raises(RuntimeError, match="with"):
