@@ -32,6 +32,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 SIZES = (64, 128, 256)
+#: the plain script's point (MinMax, per-channel weights, nothing else), every knob fixed: the sweep's baseline is not
+#: used, because projecting the backend's defaults gives a declared knob's first choice where the defaults leave it
+#: unset (percentile calibration with configs/digits.yaml)
+PLAIN_POINT: dict[str, list[object]] = {
+    "optimization_level": [0], "compression_level": [0], "normalization_placement": ["host"], "output_16bit": ["none"],
+    "equalization": ["disabled"], "bias_correction": ["disabled"], "calibration_method": ["minmax"],
+}
 #: the proposed changes outside this helper's files, applied in the subprocess only: (1) sqlite stores (Optuna's and
 #: MLflow's) in WAL mode with synchronous=NORMAL, set on every new connection; (2) the fed calibration and evaluation
 #: sets computed once per sweep and placement instead of once per trial (``pipeline.run_trial`` calls ``feed`` twice)
@@ -41,43 +48,42 @@ import sqlalchemy, sqlalchemy.event
 def _wal(conn, record):
     if type(conn).__module__.startswith("sqlite3"):
         cur = conn.cursor(); cur.execute("PRAGMA journal_mode=WAL"); cur.execute("PRAGMA synchronous=NORMAL"); cur.close()
-import hailo_sweep.pipeline as _pipeline
-_fed, _feed = {}, _pipeline.feed
+import importlib
+try:
+    _runs = importlib.import_module("hailo_sweep.trial")  # where run_trial feeds the data sets after the sweep/ split
+except ImportError:
+    _runs = importlib.import_module("hailo_sweep.pipeline")
+_fed, _feed = {}, _runs.feed
 def _memo_feed(data, placement, normalization, domain):
     key = (id(data), placement)
     if key not in _fed:
         _fed[key] = (data, _feed(data, placement, normalization, domain))
     return _fed[key][1]
-_pipeline.feed = _memo_feed
+_runs.feed = _memo_feed
 """
 
 
 def sweep_once(root: Path, out: Path) -> None:
-    """In the subprocess: the real sweep over the points, each trial's wall time by its calibration size."""
+    """In the subprocess: the real sweep over the points, each trial's wall time by its calibration size.
+
+    Only ``hailo_sweep.config`` and ``hailo_sweep.sweep.Sweep`` are used (and the example's data module), so that the
+    same function runs another revision's code (``--before``) whatever its internal layout."""
     import warnings
 
     import optuna
 
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sys.path.insert(0, str(HERE))
-    from bench_peers import example  # noqa: E402
-    from bench_search import make_backend  # noqa: E402
-
-    from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig
+    from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, load_config
     from hailo_sweep.sweep import Sweep
 
-    config, space = example(root, False)
-    backend = make_backend(config, root / "probe")
-    baseline = space.params_of(space.project(backend.default_settings(space.max_calibset_size(), space.output_names)))
-    # the plain script's point: MinMax, per-channel, nothing else (the projected baseline takes a declared knob's first
-    # choice where the backend's default leaves it unset, e.g. percentile calibration in configs/digits.yaml)
-    plain = {"optimization_level": 0, "equalization": "disabled", "bias_correction": "disabled", "calibration_method": "minmax",
-             "weights_granularity": "per_channel", "normalization_placement": "host", "output_16bit": "none"}
-    search = {k: [plain.get(k, v)] for k, v in baseline.items()} | {"calibset_size": list(SIZES)}
+    shutil.copytree(REPO / "configs", root / "configs")
+    subprocess.run([sys.executable, "-m", "hailo_sweep.examples.digits", str(root / "sweeps" / "data" / "digits")], check=True, capture_output=True)
+    config = load_config(root / "configs" / "digits.yaml")
     cfg = config.model_copy(update={
-        "name": "bench-walltime", "search": SearchSpaceConfig(**search), "trials": len(SIZES),
-        "sampler": SamplerConfig(name="grid", seed=0), "diagnostics": DiagnosticsConfig(),
+        "name": "bench-walltime", "backend": "onnxruntime", "search": SearchSpaceConfig(**PLAIN_POINT, calibset_size=list(SIZES)),
+        "trials": len(SIZES), "constraints": [], "sampler": SamplerConfig(name="grid", seed=0), "diagnostics": DiagnosticsConfig(),
+        "objective": config.objective.model_copy(update={"metric": "logits.mae", "stage": "device", "direction": "minimize"}),
         "stores": config.stores.model_copy(update={"root": root / "stores"}),
     })
     Sweep(cfg).run()
