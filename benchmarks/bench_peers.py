@@ -12,7 +12,7 @@ Protocol (one run, one machine):
 - fully 8-bit by default: the tool's space is configs/digits.yaml's ``search`` with every 16-bit and 4-bit choice
   removed; every exported model is checked (no float compute layer, no tensor wider than 8 bit);
 - ``--evaluations`` (30) evaluations per search, seeds ``--first-seed`` .. + ``--seeds`` (5); a reused duplicate is free, as
-  in the sweep. The tool's searches run the sweep's own sampler setup (``hailo_sweep.sampling``) and baseline, and answer
+  in the sweep. The tool's searches run the sweep's own sampler setup (``hailo_sweep.sweep.sampling``) and baseline, and answer
   each point with the real pipeline (``run_trial``), memoized per point (the embedded backend is deterministic), so
   seeds and samplers share measurements;
 - wall time: ``hailo-sweep run`` on a few points (the real sweep, MLflow and Optuna included) vs the plain script
@@ -49,8 +49,9 @@ from optuna.trial import TrialState
 
 from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, SweepConfig, load_config
 from hailo_sweep.data import feed
-from hailo_sweep.pipeline import load_inputs, prepare_sweep, run_trial
-from hailo_sweep.sampling import make_sampler, next_unevaluated, point_key
+from hailo_sweep.pipeline import load_inputs, prepare_sweep
+from hailo_sweep.trial import run_trial
+from hailo_sweep.sweep.sampling import make_sampler, next_unevaluated, point_key
 from hailo_sweep.search_space import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ constraint, the 30 paired group means of per-sample emulated errors the sweep re
 stage times. The sampler studies then look each suggested point up in that table instead of recomputing it, which makes
 5 seeds x several settings affordable while every number still comes from a real trial.
 
-Each study mirrors ``hailo_sweep.sweep._TrialRunner``: settings from ``SearchSpace.suggest``, a repeated point reuses
+Each study mirrors ``hailo_sweep.sweep.runner.TrialRunner``: settings from ``SearchSpace.suggest``, a repeated point reuses
 the earlier result without a compile, the pruner sees the group means after emulation (only when pruning is on), and
 constraints go through ``trial.set_constraint`` so that Optuna's ``best_trial`` and the pruner's reference are feasible.
 
@@ -51,10 +51,11 @@ from hailo_sweep import metrics as m
 from hailo_sweep.backends import backend_class
 from hailo_sweep.backends.base import Backend, BackendContext
 from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, SweepConfig, load_config
-from hailo_sweep.pipeline import TrialResult, load_inputs, prepare_sweep, run_trial
-from hailo_sweep.sampling import make_sampler, next_unevaluated
+from hailo_sweep.pipeline import load_inputs, prepare_sweep
+from hailo_sweep.trial import TrialResult, run_trial
+from hailo_sweep.sweep.sampling import make_sampler, next_unevaluated
 from hailo_sweep.search_space import SearchSpace
-from hailo_sweep.sweep import constraint_values, objective_of
+from hailo_sweep.sweep.objective import constraint_values, objective_of
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from hailo_sweep.backends.base import Backend, LayerNoise
 from hailo_sweep.data import feed
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.pipeline import Prepared
-from hailo_sweep.recording import ArtifactUploader
+from hailo_sweep.sweep.recording import ArtifactUploader
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.tracking import RunRecord, Tracker
 

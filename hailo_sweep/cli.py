@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import os
-import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -65,6 +64,9 @@ def run(
     config: ConfigArg,
     trials: Annotated[Optional[int], typer.Option("--trials", "-n", min=1, help="total trials for the sweep (default: the config's)")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="local worker processes")] = 1,
+    cluster: Annotated[Optional[str], typer.Option(
+        "--cluster", metavar="ADDRESS", help="a Dask scheduler (tcp://HOST:8786): compile and device stages run on its workers",
+    )] = None,
 ) -> None:
     """Run (or resume) the sweep described by CONFIG."""
     from hailo_sweep.config import load_config
@@ -75,13 +77,23 @@ def run(
     from hailo_sweep.selection import load_study, top_trials
     from hailo_sweep.sweep import Sweep
 
-    if jobs == 1:
+    if cluster or cfg.cluster.address:
+        if jobs != 1:
+            raise UserInputError("--jobs runs local worker processes; with a cluster the Dask workers run the trials",
+                                 file=config, key="--jobs", fix="drop --jobs, or drop --cluster (and cluster.address)")
+        from hailo_sweep.commands.run import run_on_cluster
+
+        summary = run_on_cluster(cfg, cluster, trials, _direction(cfg))
+        best_number, best_value = summary.best_number, summary.best_value
+    elif jobs == 1:
         with RichObserver(console) as observer:
             observer.set_direction(_direction(cfg))
             summary = Sweep(cfg, observer).run(trials)
         best_number, best_value = summary.best_number, summary.best_value
     else:
-        best_number, best_value = _run_jobs(cfg, config, trials or cfg.trials, jobs)
+        from hailo_sweep.commands.run import run_jobs
+
+        best_number, best_value = run_jobs(cfg, config, trials or cfg.trials, jobs)
     study, _ = load_study(cfg)
     print_trials(top_trials(study, 5), study.user_attrs.get("objective", {}).get("keys", ["value"])[0])
     if best_number is not None:
@@ -89,72 +101,6 @@ def run(
     else:
         console.print("[yellow]no feasible completed trial yet[/]")
     hint(("browse the runs", f"ui {config}"), ("export the best", f"best {config} --export out/{cfg.name}"))
-
-
-def _run_jobs(cfg: Any, config: Path, total: int, jobs: int) -> tuple[int | None, float | None]:
-    """``init`` here, then ``jobs`` worker processes; their output goes to sweeps/<name>/logs/."""
-    import subprocess
-    import sys
-    import time
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from hailo_sweep.selection import load_study
-    from hailo_sweep.sweep import NullObserver, Sweep, budget_used, chosen_trial
-
-    from rich.markup import escape
-
-    class Messages(NullObserver):  # the pre-flight's messages (calibration, device), once, before the workers start
-        def message(self, text: str) -> None:
-            console.print(f"[yellow]{escape(text)}[/]", soft_wrap=True)
-
-    sweep = Sweep(cfg, Messages())
-    sweep.init()
-    from hailo_sweep.faults import interrupts_end_trials, not_yet_retried, resume_line, signals_held, signame_of
-
-    for t in sweep.requeued:  # interrupted trials enqueued again: the workers take them first
-        console.print(resume_line(t), highlight=False)
-    log_dir = sweep.stores.work_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for index in range(jobs):
-        log = (log_dir / f"worker-{index}.log").open("ab")
-        cmd = [sys.executable, "-m", "hailo_sweep.cli", "worker", str(config), "--trials", str(total), "--worker-index", str(index)]
-        # its own process group: a terminal's Ctrl-C reaches this process only, which forwards it once (below)
-        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}, process_group=0)
-        procs.append((popen, log))
-    console.print(f"{jobs} workers started; their output: {log_dir}", soft_wrap=True)
-    study, _ = load_study(cfg)
-    try:
-        with interrupts_end_trials(), Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task(f"{jobs} workers", total=total)
-            while any(p.poll() is None for p, _ in procs):
-                progress.update(task, completed=min(budget_used(study, count_running=False), total))
-                time.sleep(1.0)
-            progress.update(task, completed=min(budget_used(study, count_running=False), total))
-    except KeyboardInterrupt as exc:  # forward the signal to every worker, wait until each has recorded its trial
-        sig = signal.SIGTERM if signame_of(exc) == "SIGTERM" else signal.SIGINT
-        with signals_held():
-            for p, _ in procs:
-                if p.poll() is None:
-                    p.send_signal(sig)
-            for p, log in procs:
-                p.wait()
-                log.close()
-        for t in not_yet_retried(study):
-            console.print(f"trial {t.number} interrupted ({t.user_attrs['interrupted']}) in stage {t.user_attrs.get('failed_stage', '?')}: the next `hailo-sweep run` retries it", highlight=False)
-        console.print(f"interrupted: {jobs} workers stopped, their trials are on record (see {log_dir})", soft_wrap=True)
-        raise
-    failed = []
-    for index, (proc, log) in enumerate(procs):
-        log.close()
-        if proc.returncode != 0:
-            failed.append(index)
-    if failed:
-        err_console.print(f"[bold red]error:[/] worker(s) {failed} exited with an error; see {log_dir}")
-        raise typer.Exit(code=1)
-    best = chosen_trial(study)
-    return (best.number, best.values[0]) if best is not None else (None, None)
 
 
 @app.command()
@@ -255,7 +201,7 @@ def diagnose(
 
     cfg = load_config(config)
     quiet()
-    from hailo_sweep.diagnose.command import diagnose_files, diagnose_trial
+    from hailo_sweep.commands.diagnose import diagnose_files, diagnose_trial
 
     if trial is not None:
         result = diagnose_trial(cfg, trial, report)
@@ -315,7 +261,7 @@ def best(
 def verify(export_dir: Annotated[Path, typer.Argument(help="a directory written by `best --export`")]) -> None:
     """Rebuild an exported model from its lock file; report whether outputs, metrics and (where deterministic) bytes match."""
     quiet()
-    from hailo_sweep.reproduce import verify as verify_export
+    from hailo_sweep.commands.reproduce import verify as verify_export
 
     v = verify_export(export_dir)
     for name, diff in v.outputs_max_abs_diff.items():

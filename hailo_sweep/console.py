@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from hailo_sweep.errors import RunFailed, UserInputError
+from hailo_sweep.errors import ClusterUnreachable, RunFailed, UserInputError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -54,7 +54,7 @@ def quiet() -> None:
 
 def handles_errors(fn: F) -> F:
     """Turn the tool's own errors into a clear message and an exit code (1: a run-time failure, 2: bad input, 3: a store
-    is down).
+    is down or the Dask scheduler unreachable).
 
     The store errors are matched by the modules that define them, and only when those modules have been loaded:
     an error raised before MLflow was imported cannot be an MLflow error, and importing it here would cost a second.
@@ -69,15 +69,18 @@ def handles_errors(fn: F) -> F:
         except RunFailed as exc:  # a run-time failure (a stage failed), not the user's input: exit 1
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=1) from None
+        except ClusterUnreachable as exc:  # the Dask scheduler is down or out of reach, like a store: exit 3
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=3) from None
         except KeyboardInterrupt as exc:  # the interrupted trial is on record (faults.py); 128 + the signal, as a shell reports it
             raise typer.Exit(code=143 if getattr(exc, "signame", "SIGINT") == "SIGTERM" else 130) from None
         except Exception as exc:
-            faults = sys.modules.get("hailo_sweep.faults")
+            faults = sys.modules.get("hailo_sweep.sweep.faults")
             if faults is not None and isinstance(exc, faults.StoresFull):  # the trial is on record as failed: one line
                 err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=1) from None
             store_errors = tuple(
-                getattr(sys.modules[mod], name) for mod, name in (("hailo_sweep.sweep", "StoreUnavailable"), ("hailo_sweep.tracking", "TrackingUnavailable"))
+                getattr(sys.modules[mod], name) for mod, name in (("hailo_sweep.sweep.storage", "StoreUnavailable"), ("hailo_sweep.tracking", "TrackingUnavailable"))
                 if mod in sys.modules
             )
             if store_errors and isinstance(exc, store_errors):

@@ -1,7 +1,8 @@
 """The device stage of a trial and what it is compared with; no knowledge of any toolchain, Optuna or MLflow.
 
-``run_device`` runs the compiled model on the backend's device, again after a ``TransientDeviceError`` (a runtime
-timeout) up to ``Backend.device_retries`` times; the retries used are the metric ``device.retries``.
+``run_device`` runs the compiled model on a device from its ``DeviceSpec`` (on this machine or on a device host), again
+after a ``TransientDeviceError`` (a runtime timeout) up to ``DeviceSpec.retries`` times; the retries used are the metric
+``device.retries``.
 ``compare_with_emulation`` compares the device's raw integers with the most hardware-faithful emulation the backend
 offers (bit-exact where present, else quantized): that is ``agreement.*`` and the LSB histograms the
 ``device_disagrees`` finding reads. Where bit-exact emulation exists, the quantized emulation differs from the hardware
@@ -11,12 +12,13 @@ by normal rounding; that drift is measured apart (``emulation_drift.*``) and fla
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from hailo_sweep import lsb_metrics as lsb
 from hailo_sweep import metrics as m
-from hailo_sweep.backends.base import Backend, CompiledModel, DeviceOutputs, EmulationContext, TransientDeviceError
+from hailo_sweep.backends.base import DeviceOutputs, DeviceSpec, EmulationContext, TransientDeviceError
 
 DEVICE_PREFIX = "device"
 AGREEMENT_PREFIX = "agreement"
@@ -35,8 +37,8 @@ Repeat = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
 
 def run_device(
-    backend: Backend,
-    compiled: CompiledModel,
+    spec: DeviceSpec,
+    compiled_path: Path,
     evaluation: np.ndarray,
     determinism_samples: int,
     notes: list[str],
@@ -44,16 +46,16 @@ def run_device(
 ) -> tuple[DeviceOutputs, Repeat | None]:
     """The device's outputs on ``evaluation`` (and, with ``determinism_samples``, the first ones again).
 
-    Attempted up to ``1 + backend.device_retries`` times on transient device errors only; each attempt opens the device
+    Attempted up to ``1 + spec.retries`` times on transient device errors only; each attempt opens the device
     afresh (a failed run releases it). Each retry is a note with its reason; ``device.retries`` is set on every outcome.
     """
-    attempts = 1 + max(0, int(backend.device_retries))
+    attempts = 1 + max(0, int(spec.retries))
     attempt = 0
     try:
         while True:
             try:
                 repeat = None
-                with backend.device(compiled) as runner:
+                with spec.open(compiled_path) as runner:
                     dev = runner.run(evaluation)
                     if determinism_samples:
                         # the same inputs again: a device must return the same bytes

@@ -33,3 +33,24 @@ class BackendUnavailable(UserInputError):
 
 class RunFailed(RuntimeError):
     """A run-time failure (a stage of a trial failed on this machine), not bad input: the CLI prints it and exits 1."""
+
+
+class ResourceMissing(RunFailed):
+    """No Dask worker offers a resource the sweep needs (``compile``, the target's device), after waiting for one:
+    a run-time failure (exit 1), raised before any trial starts. ``missing``: the resource names."""
+
+    def __init__(self, missing: list[str], message: str):
+        self.missing = list(missing)
+        super().__init__(message)
+
+
+class ClusterUnreachable(Exception):
+    """The Dask scheduler cannot be reached (an outage like a store that is down, not bad input): the CLI exits 3.
+    ``address`` is the address as given, with any password replaced by ``***``."""
+
+    def __init__(self, address: str, reason: str, timeout_s: float):
+        self.address = address
+        super().__init__(
+            f"cannot reach the Dask scheduler at {address} within {timeout_s:g} s ({reason}); "
+            "check that `dask scheduler` runs there and that its port is reachable from this machine"
+        )

@@ -196,7 +196,7 @@ def _manifest(
 
 def finalize(config: SweepConfig) -> dict[str, Any]:
     """After the workers: reconcile the records, tag the best run and register its model under the alias ``best``."""
-    from hailo_sweep.sweep import reconcile
+    from hailo_sweep.sweep.faults import reconcile
 
     study, stores = load_study(config)
     tracker = Tracker(stores.mlflow_uri, config.name, stores.artifact_location)

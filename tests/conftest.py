@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from hailo_sweep.examples import digits
+from tests.dask_cluster import dask_cluster  # noqa: F401  (a scheduler and workers on 127.0.0.1, for the --cluster tests)
 from tests.hailo_fixtures import hailo_fakes, tiny_model  # noqa: F401  (fixtures of the hailo backend tests)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,6 +25,7 @@ from hailo_sweep.backends.base import BackendContext, DeviceOutputs, LayerNoise,
 from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
 from hailo_sweep.data import feed
 from hailo_sweep.diagnose import findings as fd
+from hailo_sweep.diagnose import stats as stats_mod
 from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, run_all
 from hailo_sweep.diagnose.ladder import dominant_step, explain, ladder_steps
 from hailo_sweep.diagnose.plots import ladder_plot, layer_noise_plot, lsb_histogram_plot
@@ -323,16 +324,16 @@ def test_calibration_coverage_is_per_channel() -> None:
 
 def test_block_wise_statistics_match_whole_array_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Large arrays are reduced in blocks; with tiny blocks the results must equal numpy on the whole array."""
-    monkeypatch.setattr(fd, "_BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(stats_mod, "BLOCK_ELEMENTS", 100)
     rng = np.random.default_rng(1)
     x = rng.normal(50.0, 20.0, (37, 3, 8, 9)).astype(np.float32)
     whole = x.astype(np.float64)
-    stats = fd._moments(x)
+    stats = stats_mod.moments(x)
     assert stats.mean == pytest.approx(whole.mean(), rel=1e-12) and stats.std == pytest.approx(whole.std(), rel=1e-12)
     assert (stats.min, stats.max) == (float(x.min()), float(x.max()))
     ref, cand = rng.normal(size=(37, 5)), rng.normal(size=(37, 5))
-    assert fd._nmae(ref, cand) == pytest.approx(np.abs(ref - cand).mean() / np.abs(ref).mean(), rel=1e-12)
-    assert fd._integral(np.rint(x)) and not fd._integral(x)
+    assert stats_mod.nmae(ref, cand) == pytest.approx(np.abs(ref - cand).mean() / np.abs(ref).mean(), rel=1e-12)
+    assert stats_mod.integral(np.rint(x)) and not stats_mod.integral(x)
     cal = x[:10]
     found = fd.check_calibration_coverage(cal, x)
     assert found is not None

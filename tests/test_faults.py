@@ -28,11 +28,13 @@ from optuna.trial import TrialState
 from hailo_sweep import atomic
 from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
 from hailo_sweep.config import load_config
-from hailo_sweep.pipeline import prepare_sweep, run_trial
+from hailo_sweep.pipeline import prepare_sweep
+from hailo_sweep.trial import run_trial
 from hailo_sweep.settings import Settings
-from hailo_sweep.sweep import Sweep, budget_used, open_storage, resolve_stores
-from hailo_sweep import sweep as sweep_module
-from hailo_sweep.recording import ArtifactUploader
+from hailo_sweep.stores import resolve_stores
+from hailo_sweep.sweep import Sweep, budget_used, open_storage
+from hailo_sweep.sweep import orchestrate as sweep_module
+from hailo_sweep.sweep.recording import ArtifactUploader
 from hailo_sweep.tracking import Tracker, TrackingUnavailable
 from tests.conftest import cli
 from tests.fault_worker import SMALL_SPACE, Processes, assert_artifacts_whole, hailo_sweep, launcher, wait_until

@@ -480,7 +480,8 @@ def test_whole_sweep_runs_on_the_hailo_backend(hailo_fakes: FakeHailo, write_con
     from mlflow.tracking import MlflowClient
 
     from hailo_sweep.config import load_config
-    from hailo_sweep.sweep import Sweep, resolve_stores
+    from hailo_sweep.stores import resolve_stores
+    from hailo_sweep.sweep import Sweep
 
     search = {
         "optimization_level": [1, 2],

@@ -24,8 +24,9 @@ from hailo_sweep.backends.hailo.runtime import DeviceLock, HailoDeviceError
 from hailo_sweep.config import DiagnosticsConfig, load_config
 from hailo_sweep.diagnose.findings import check_optimization_level
 from hailo_sweep.errors import UserInputError
-from hailo_sweep.pipeline import StageTimeout, TrialResult, prepare_sweep, run_trial
-from hailo_sweep.reproduce import is_reproducible
+from hailo_sweep.pipeline import prepare_sweep
+from hailo_sweep.trial import StageTimeout, TrialResult, run_trial
+from hailo_sweep.commands.reproduce import is_reproducible
 from hailo_sweep.settings import Settings
 
 DEVICE = "0000:01:00.0"
@@ -336,7 +337,7 @@ def test_real_suite_skips_where_the_sdk_lacks_the_noise_analysis() -> None:
 def one_trial(config: object, settings: Settings) -> TrialResult:
     """One trial of ``config`` through the pipeline (prepare once, then run_trial), as a sweep runs it."""
     from hailo_sweep.backends.hailo.backend import HailoBackend as Backend
-    from hailo_sweep.sweep import resolve_stores
+    from hailo_sweep.stores import resolve_stores
 
     work = resolve_stores(config).work_dir  # type: ignore[arg-type]
     prepared = prepare_sweep(config, work)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from hailo_sweep.recording import ArtifactUploader
+from hailo_sweep.sweep.recording import ArtifactUploader
 from hailo_sweep.tracking import RunRecord, Tracker
 
 

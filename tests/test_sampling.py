@@ -10,7 +10,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, load_config
-from hailo_sweep.sampling import make_sampler, next_unevaluated, point_key, startup_trials
+from hailo_sweep.sweep.sampling import make_sampler, next_unevaluated, point_key, startup_trials
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.sweep import Sweep, budget_used
 from tests.test_sweep_api import open_stores

@@ -25,7 +25,8 @@ from hailo_sweep.cli import app
 from hailo_sweep.config import DiagnosticsConfig, load_config
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.onnx_runner import run_chunked, session
-from hailo_sweep.pipeline import Prepared, TrialResult, prepare_sweep, run_trial
+from hailo_sweep.pipeline import Prepared, prepare_sweep
+from hailo_sweep.trial import TrialResult, run_trial
 from hailo_sweep.settings import Settings
 from hailo_sweep.task_metrics import TaskMetric
 from tests import structural_models as sm

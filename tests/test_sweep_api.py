@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 from hailo_sweep import pipeline
 from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
 from hailo_sweep.config import load_config
-from hailo_sweep.sweep import Sweep, budget_used, resolve_stores
+from hailo_sweep.stores import resolve_stores
+from hailo_sweep.sweep import Sweep, budget_used
 from hailo_sweep.tracking import redact_url
 
 

@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 
 from hailo_sweep.config import load_config
 from hailo_sweep.selection import chosen_trial, is_feasible
-from hailo_sweep.sweep import Sweep, resolve_stores
+from hailo_sweep.stores import resolve_stores
+from hailo_sweep.sweep import Sweep
 from tests.conftest import cli
 
 SMALL = {"optimization_level": [0, 1], "compression_level": [0, 1], "calibset_size": [64], "normalization_placement": ["host"], "output_16bit": ["none", "all"]}

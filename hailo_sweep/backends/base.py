@@ -138,7 +138,7 @@ class LayerNoise:
 
 class TransientDeviceError(RuntimeError):
     """A device failure worth another attempt (e.g. a runtime timeout): the pipeline retries the device stage a
-    bounded number of times (``Backend.device_retries``) before failing the trial. Backends raise it only for errors
+    bounded number of times (``DeviceSpec.retries``) before failing the trial. Backends raise it only for errors
     their runtime documents as transient; everything else fails the trial at once."""
 
 
@@ -163,15 +163,26 @@ class DeviceRunner(abc.ABC):
         """Run the batch; return raw outputs, their quantization and our dequantization, keyed by ONNX output name."""
 
 
+class DeviceSpec(abc.ABC):
+    """How to run a compiled model on a device, as plain data: made where the model was compiled (``Backend.device_spec``),
+    opened where the device is, which may be another machine. Subclasses live in modules that import neither the
+    compiler nor anything of the sweep, so a device host needs only the runtime.
+    """
+
+    #: further attempts of the device stage after a ``TransientDeviceError`` (0: none)
+    retries: int = 0
+
+    @abc.abstractmethod
+    def open(self, compiled_path: Path) -> DeviceRunner:
+        """A runner for the compiled file at ``compiled_path`` (use it as a context manager)."""
+
+
 class Backend(abc.ABC):
     """One toolchain behind the trial's stages. Subclasses set ``name`` and implement the abstract stages."""
 
     name: ClassVar[str]
     #: file kind of the compiled model, e.g. "hef" or "onnx-int8"
     compiled_kind: ClassVar[str]
-    #: further attempts of the device stage after a ``TransientDeviceError`` (0: none)
-    device_retries: int = 0
-
     def __init__(self, context: BackendContext):
         self.context = context
 
@@ -252,8 +263,12 @@ class Backend(abc.ABC):
         """Build the deployable file, written atomically under ``work_dir``."""
 
     @abc.abstractmethod
+    def device_spec(self, compiled: CompiledModel) -> DeviceSpec:
+        """What a device host needs to run ``compiled`` (its file travels apart), see ``DeviceSpec``."""
+
     def device(self, compiled: CompiledModel) -> DeviceRunner:
         """A runner for the compiled model on this backend's device (use it as a context manager)."""
+        return self.device_spec(compiled).open(Path(compiled.path))
 
     def layer_noise(self, model: OptimizedModel, inputs: np.ndarray) -> list[LayerNoise]:
         """Per-layer SNR of the quantized model against float on ``inputs`` (feed domain), noisiest first.

@@ -20,6 +20,14 @@ so a sweep on the fakes is meaningful, NOT Hailo's algorithms (which are closed 
   / qp_scale + qp_zp)``, ``x = (q - qp_zp) * qp_scale``).
 
 HAR and HEF files written by the fakes are this file's own formats (a zip, a JSON blob); only the fakes read them.
+
+Slow stages, for benchmarks (sleeps, so a measurement sees the scheduling and not this machine's CPU); each is read
+from the environment when the stage runs, so a worker process started with the variable has it. Default 0 (no sleep):
+
+- ``HAILO_FAKE_COMPILE_DELAY_S``: seconds ``ClientRunner.compile()`` sleeps before it returns the HEF;
+- ``HAILO_FAKE_DEVICE_DELAY_S``: seconds the fake device sleeps each time a compiled model is loaded onto it
+  (``InferModel.configure()``, ``VDevice.configure()``): once per device stage, however many inferences it then runs,
+  so the device metrics (latency, throughput) stay the fake's own.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ import base64
 import fnmatch
 import io
 import json
+import os
 import re
+import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +76,14 @@ _KINDS = {
     **{op: ("activation", "activation") for op in _ACTIVATIONS},
 }
 MIN_OPSET = 11  # Round and Clip(min, max inputs), used to emulate the quantized hidden layers (see ``chain_model``)
+
+
+def stage_delay(variable: str) -> None:
+    """Sleep ``float($variable)`` seconds (unset, empty or 0: not at all); see the module docstring."""
+    value = os.environ.get(variable, "").strip()
+    seconds = float(value) if value else 0.0
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 class ParsingError(Exception):

@@ -29,7 +29,6 @@ from hailo_sweep.backends.base import (
     Backend,
     BackendContext,
     CompiledModel,
-    DeviceRunner,
     EmulationContext,
     LayerNoise,
     OptimizedModel,
@@ -40,7 +39,8 @@ from hailo_sweep.backends.hailo.device import check_before_sweep
 from hailo_sweep.backends.hailo.layout import to_nhwc, to_onnx_layout
 from hailo_sweep.backends.hailo.naming import HnGraph, OnnxOutput, parse_hn, read_onnx_outputs, short_name
 from hailo_sweep.backends.hailo.options import RECOMMENDED_CALIBSET, HailoOptions
-from hailo_sweep.backends.hailo.runtime import DeviceOptions, HailoDeviceRunner, OutputNaming
+from hailo_sweep.backends.hailo.device_spec import HailoDeviceSpec
+from hailo_sweep.backends.hailo.runtime import DeviceOptions, OutputNaming
 from hailo_sweep.backends.hailo.script import SCRIPT_NAME, check_extra_lines, check_layer_names, model_script
 from hailo_sweep.errors import UnsupportedSetting
 from hailo_sweep.settings import COMPRESSION_LEVELS, OPTIMIZATION_LEVELS, Settings
@@ -395,15 +395,13 @@ class HailoBackend(Backend):
             params={"hef_target": self.context.target, "hef_sha256": hashlib.sha256(hef).hexdigest()[:16]},
         )
 
-    def device(self, compiled: CompiledModel) -> DeviceRunner:
-        hrt = import_hailort()
+    def device_spec(self, compiled: CompiledModel) -> HailoDeviceSpec:
         prepared = self._ready()
-        return HailoDeviceRunner(
-            hrt=hrt,
-            hef_path=Path(compiled.path),
+        return HailoDeviceSpec(
             hef_target=str(compiled.params.get("hef_target", self.context.target)),
             naming=OutputNaming(prepared.onnx_outputs, prepared.graph.vstream_to_onnx()),
             options=self._device_options(),
+            retries=self.device_retries,
         )
 
 

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from hailo_sweep.backends.base import (
     CompiledModel,
     DeviceOutputs,
     DeviceRunner,
+    DeviceSpec,
     EmulationContext,
     LayerNoise,
     OptimizedModel,
@@ -275,13 +277,24 @@ class OnnxRuntimeBackend(Backend):
         path = atomic_write(work_dir / "model.int8.onnx", lambda tmp: onnx.save(stripped, str(tmp)))
         return CompiledModel(path=path, size_bytes=path.stat().st_size, kind=self.compiled_kind)
 
-    def device(self, compiled: CompiledModel) -> DeviceRunner:
-        return OrtDeviceRunner(compiled.path, self.context.model_io.output_names, self.context.output_batch_axes)
+    def device_spec(self, compiled: CompiledModel) -> OrtDeviceSpec:
+        return OrtDeviceSpec(self.context.model_io.output_names, dict(self.context.output_batch_axes or {}))
 
     @property
     def fixed_batch(self) -> int | None:
         """The model's fixed batch size (every run and calibration batch has exactly this many samples), or None."""
         return declared_batch(self.context.model_io.input_shape)
+
+
+@dataclass
+class OrtDeviceSpec(DeviceSpec):
+    """The integer model's outputs and their batch axes: all a host with ONNX Runtime needs to run it."""
+
+    output_names: tuple[str, ...]
+    batch_axes: dict[str, int]
+
+    def open(self, compiled_path: Path) -> DeviceRunner:
+        return OrtDeviceRunner(Path(compiled_path), self.output_names, self.batch_axes)
 
 
 class OrtDeviceRunner(DeviceRunner):

@@ -352,5 +352,6 @@ class ClientRunner:
         if self._state not in (States.QUANTIZED_MODEL, States.COMPILED_MODEL) or self._quant is None:
             raise RuntimeError(f"compile needs a quantized model (hailo-api.md §1.5), this runner is {self._state.name}")
         _LOG.info("Compiling network")
+        core.stage_delay("HAILO_FAKE_COMPILE_DELAY_S")
         self._state = States.COMPILED_MODEL
         return core.hef_bytes(str(self._hw_arch), self._need_graph(), self._quant, self._onnx)

@@ -413,6 +413,7 @@ class VDevice:
     def configure(self, hef: HEF, configure_params_by_name: dict[str, Any] = {}) -> list[ConfiguredNetwork]:  # noqa: B006 - as in py:L3563
         self._need_open()
         _check_compatible(self._ids, hef._model.hw_arch)
+        core.stage_delay("HAILO_FAKE_DEVICE_DELAY_S")
         return [ConfiguredNetwork(self, hef._model)]
 
     def create_infer_model(self, hef_source: str | bytes, name: str = "") -> InferModel:
@@ -523,6 +524,7 @@ class InferModel:
             _check_conversion("H2D", stream._info.format.type, stream._user.type)
         for stream in self._outputs.values():
             _check_conversion("D2H", stream._info.format.type, stream._user.type)
+        core.stage_delay("HAILO_FAKE_DEVICE_DELAY_S")
         return ConfiguredInferModel(self)
 
 

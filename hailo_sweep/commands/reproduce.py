@@ -26,7 +26,8 @@ from hailo_sweep.config import DiagnosticsConfig, SweepConfig, check_file
 from hailo_sweep.data import feed
 from hailo_sweep.errors import RunFailed, UserInputError
 from hailo_sweep.model_io import file_sha256
-from hailo_sweep.pipeline import prepare_sweep, run_trial
+from hailo_sweep.pipeline import prepare_sweep
+from hailo_sweep.trial import run_trial
 from hailo_sweep.selection import LOCK_FILE
 from hailo_sweep.settings import Settings
 

@@ -27,7 +27,9 @@ from hailo_sweep.diagnose.findings import Evidence, Finding, run_all
 from hailo_sweep.diagnose.ladder import explain
 from hailo_sweep.diagnose.report import render_report, write_report
 from hailo_sweep.errors import RunFailed, UserInputError
-from hailo_sweep.pipeline import DEVICE_PREFIX, prepare_sweep, run_trial
+from hailo_sweep.device_stage import DEVICE_PREFIX
+from hailo_sweep.pipeline import prepare_sweep
+from hailo_sweep.trial import run_trial
 from hailo_sweep.search_space import SearchSpace
 from hailo_sweep.stores import resolve_stores
 from hailo_sweep.tracking import Tracker

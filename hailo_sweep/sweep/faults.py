@@ -69,6 +69,9 @@ def interrupts_end_trials() -> Iterator[None]:
         if fired:
             return  # already stopping
         fired.append(signal.Signals(signum).name)
+        if _deferring["depth"]:
+            _deferring["pending"] = fired[0]  # raised when the step in progress is whole (signals_deferred)
+            return
         raise SweepInterrupted(fired[0])
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -125,6 +128,26 @@ def signals_held() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+_deferring = {"depth": 0, "pending": None}  # see signals_deferred (main thread only, like every signal handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Under ``interrupts_end_trials``, a SIGINT or SIGTERM that arrives while the block runs is raised right after it:
+    a step that writes to both stores (a trial created and its run opened) is done whole or not at all. (Blocking the
+    signal with ``pthread_sigmask`` would not do: another thread of the process, e.g. Dask's event loop, receives it
+    and Python runs the handler in the main thread all the same.)"""
+    _deferring["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferring["depth"] -= 1
+        pending = _deferring["pending"]
+        if _deferring["depth"] == 0 and pending is not None:
+            _deferring["pending"] = None
+            raise SweepInterrupted(str(pending))
 
 
 def record_interrupted(trial: optuna.Trial, tracker: Tracker, run_id: str | None, stage: str, signame: str) -> None:
