@@ -12,7 +12,7 @@ Two readings of "budget n", both reported:
 - ``own``: a study of exactly n evaluations for each n (its start-up phase sized to n, as a sweep with ``trials: n``
   gets it); its best at the end.
 
-Each TPE variant differs in one lever from the sweep's setup (``hailo_sweep.sampling.make_sampler``): the start-up
+Each TPE variant differs in one lever from the sweep's setup (``hailo_sweep.sweep.sampling.make_sampler``): the start-up
 length, ``multivariate``/``group``, ``n_ei_candidates``. Output: per variant, the mean best at each budget and where it
 is above the random sampler's mean.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_peers import Evaluator, best_curve, example, load_points, point_runner, save_points, table_key, tool_search  # noqa: E402
 from bench_search import make_backend  # noqa: E402
 
-from hailo_sweep import sampling  # noqa: E402
+from hailo_sweep.sweep import sampling  # noqa: E402
 from hailo_sweep.config import SamplerConfig  # noqa: E402
 from hailo_sweep.pipeline import prepare_sweep  # noqa: E402
 
