@@ -114,11 +114,16 @@ class Evaluator:
         return self.cache[key]
 
 
-def tool_search(space: SearchSpace, evaluate: Evaluator, sampler: str, seed: int, budget: int, baseline: dict[str, Any]) -> list[dict[str, Any]]:
-    """One study as the sweep runs it: baseline first, the sweep's sampler, repeats free and replaced."""
-    cfg = SamplerConfig(name=sampler, seed=seed)  # type: ignore[arg-type]
-    points = space.point_count()
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(cfg, budget=budget, points=points, choices=space.choices(), seed=seed))
+def tool_search(space: SearchSpace, evaluate: Evaluator, sampler: str | SamplerConfig, seed: int, budget: int, baseline: dict[str, Any],
+                points: int | None = None, factory: Callable[[int, int, int], optuna.samplers.BaseSampler] | None = None) -> list[dict[str, Any]]:
+    """One study as the sweep runs it: baseline first, the sweep's sampler (``sampler``: a name, or a whole config
+    whose seed is replaced by ``seed``; ``factory(budget, points, seed)``: another sampler, for comparisons), repeats
+    free and replaced."""
+    cfg = (SamplerConfig(name=sampler, seed=seed) if isinstance(sampler, str)  # type: ignore[arg-type]
+           else sampler.model_copy(update={"seed": seed}))
+    points = space.point_count() if points is None else points
+    chosen = factory(budget, points, seed) if factory is not None else make_sampler(cfg, budget=budget, points=points, choices=space.choices(), seed=seed)
+    study = optuna.create_study(direction="minimize", sampler=chosen)
     study.enqueue_trial(baseline)
     trace: list[dict[str, Any]] = []
 
@@ -149,6 +154,33 @@ def tool_search(space: SearchSpace, evaluate: Evaluator, sampler: str, seed: int
     return trace
 
 
+def point_runner(prepared: Any, backend: Any, space: SearchSpace, config: SweepConfig, work: Path, mixed: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """One point through the real pipeline (``run_trial``): its objective, stage seconds and precision check."""
+
+    def run_point(params: dict[str, Any]) -> dict[str, Any]:
+        settings = space.settings_from_params(params)
+        t = time.perf_counter()
+        result = run_trial(prepared, backend, settings, work, diagnostics=config.diagnostics)
+        value = result.metrics.get(OBJECTIVE) if result.ok else None
+        checked = precision_report(onnx.load(str(result.compiled.path))) if result.compiled is not None else None
+        shutil.rmtree(work, ignore_errors=True)
+        entry = {"value": value, "seconds": time.perf_counter() - t, "error": result.error, "precision": checked}
+        return {**entry, "value": counted(entry, mixed)}
+
+    return run_point
+
+
+def load_points(evaluate: Evaluator, table_file: Path) -> None:
+    """Reuse the measurements of an earlier run (``table_file`` is keyed on everything that decides them)."""
+    if table_file.is_file():
+        evaluate.cache = {point_key(e["params"]): e["result"] for e in json.loads(table_file.read_text())}
+        print(f"  {len(evaluate.cache)} tool points reused from {table_file}", flush=True)
+
+
+def save_points(evaluate: Evaluator, table_file: Path) -> None:
+    table_file.write_text(json.dumps([{"params": dict(k), "result": v} for k, v in evaluate.cache.items()]))
+
+
 def counted(entry: dict[str, Any], mixed: bool) -> float | None:
     """An evaluation's value, or None (not a candidate) when its exported model is not fully 8-bit in an 8-bit
     comparison: a float compute layer left (e.g. INC's fp32 fallback) or a tensor of another width."""
@@ -158,7 +190,7 @@ def counted(entry: dict[str, Any], mixed: bool) -> float | None:
     return float(entry["value"])
 
 
-def _table_key(config: SweepConfig, mixed: bool) -> str:
+def table_key(config: SweepConfig, mixed: bool) -> str:
     import hashlib
 
     h = hashlib.sha256()
@@ -287,29 +319,17 @@ def main() -> None:
             work = root / "trial"
             precision: list[dict[str, Any]] = []
 
-            def run_point(params: dict[str, Any]) -> dict[str, Any]:
-                settings = space.settings_from_params(params)
-                t = time.perf_counter()
-                result = run_trial(prepared, backend, settings, work, diagnostics=config.diagnostics)
-                value = result.metrics.get(OBJECTIVE) if result.ok else None
-                checked = precision_report(onnx.load(str(result.compiled.path))) if result.compiled is not None else None
-                shutil.rmtree(work, ignore_errors=True)
-                entry = {"value": value, "seconds": time.perf_counter() - t, "error": result.error, "precision": checked}
-                return {**entry, "value": counted(entry, args.mixed)}
-
             # measurements are kept between runs (e.g. for held-out seeds), keyed on everything that decides them
-            table_file = args.cache / f"tool-points-{_table_key(config, args.mixed)}.json"
-            evaluate = Evaluator(run_point)
-            if table_file.is_file():
-                evaluate.cache = {point_key(e["params"]): e["result"] for e in json.loads(table_file.read_text())}
-                print(f"  {len(evaluate.cache)} tool points reused from {table_file}", flush=True)
+            table_file = args.cache / f"tool-points-{table_key(config, args.mixed)}.json"
+            evaluate = Evaluator(point_runner(prepared, backend, space, config, work, args.mixed))
+            load_points(evaluate, table_file)
             baseline = space.params_of(space.project(backend.default_settings(space.max_calibset_size(), space.output_names)))
             tool: dict[str, list[list[float | None]]] = {}
             t0 = time.perf_counter()
             for sampler in ("tpe", "random"):
                 tool[f"hailo-sweep {sampler}"] = [[e["value"] for e in tool_search(space, evaluate, sampler, s, n_eval, baseline)] for s in seeds]
             print(f"  hailo-sweep searches: {time.perf_counter() - t0:.0f} s ({len(evaluate.cache)} distinct points measured)", flush=True)
-            table_file.write_text(json.dumps([{"params": dict(k), "result": v} for k, v in evaluate.cache.items()]))
+            save_points(evaluate, table_file)
             precision.extend(e["precision"] for e in evaluate.cache.values() if e.get("precision"))
     finally:
         pass

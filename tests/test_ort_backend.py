@@ -248,6 +248,40 @@ def test_fp_optimized_at_level_0_is_the_preprocessed_float_model(prepared: Prepa
         np.testing.assert_allclose(fp[name], original[name], rtol=0, atol=1e-4)
 
 
+def test_an_unchanged_float_model_is_emulated_once_and_says_so(prepared: Prepared, frames: Frames) -> None:
+    """No equalization, no bias correction: the float model is the prepared one; two such trials (other calibration
+    sizes) share one run of it on the same inputs, the outputs are read-only, and the params say what happened."""
+    first = prepared.optimize(settings(level=0))
+    second = prepared.optimize(Settings(0, 0, CALIB // 2, "host", ()))
+    preprocessed = prepared.backend.context.work_dir / "prepared" / str(prepared.facts["cache_key"]) / "float.pre.onnx"
+    for optimized in (first, second):
+        assert Path(optimized.handle["fp"]) == preprocessed  # no copy written per trial
+        assert str(optimized.params["ort.fp_optimized"]).startswith("unchanged float model")
+    x = frames.eval("host")
+    a = prepared.backend.emulate(first, x, EmulationContext.FP_OPTIMIZED)
+    b = prepared.backend.emulate(second, x.copy(), EmulationContext.FP_OPTIMIZED)  # equal content, another array
+    expected = run_onnx(preprocessed, ENABLE_ALL, x)
+    for name in OUTPUTS:
+        assert b[name] is a[name]  # reused, not recomputed
+        np.testing.assert_array_equal(a[name], expected[name])
+        with pytest.raises(ValueError):
+            a[name][...] = 0  # shared between trials: nobody may change it
+    other = x[: N_EVAL // 2] + 0.25  # other inputs: computed for them, not served from the cache
+    c = prepared.backend.emulate(first, other, EmulationContext.FP_OPTIMIZED)
+    for name, values in run_onnx(preprocessed, ENABLE_ALL, other).items():
+        np.testing.assert_array_equal(c[name], values)
+
+
+def test_a_rewritten_float_model_is_emulated_in_its_trial(prepared: Prepared, frames: Frames) -> None:
+    optimized = prepared.optimize(settings(level=1))  # cross-layer equalization rewrites the float weights
+    assert Path(optimized.handle["fp"]).name == "model.fp.onnx" and not optimized.handle["fp_unchanged"]
+    assert str(optimized.params["ort.fp_optimized"]).startswith("rewritten float model")
+    x = frames.eval("host")
+    fp = prepared.backend.emulate(optimized, x, EmulationContext.FP_OPTIMIZED)
+    for name, values in run_onnx(Path(optimized.handle["fp"]), ENABLE_ALL, x).items():
+        np.testing.assert_array_equal(fp[name], values)
+
+
 def test_bit_exact_emulation_is_refused(prepared: Prepared, frames: Frames) -> None:
     assert EmulationContext.BIT_EXACT not in prepared.backend.emulation_contexts()
     with pytest.raises(UnsupportedSetting, match="bit_exact"):
@@ -457,6 +491,20 @@ def test_device_metrics_and_output_quant_metadata(prepared: Prepared, frames: Fr
     assert device.quant["logits"].bits == 16 and device.quant["featmap"].bits == 8
     # the compiled model has no DequantizeLinear left at its outputs: they are raw integers
     assert output_dequantizers(onnx.load(str(compiled.path))) == {}
+
+
+def test_a_second_run_of_one_activation_keeps_the_first_runs_latency(prepared: Prepared, frames: Frames) -> None:
+    """The determinism re-run only compares bytes: it is not warmed up or latency-timed again."""
+    x = frames.eval("host")
+    runner = prepared.backend.device(prepared.compile(settings()))
+    with runner:
+        first = runner.run(x)
+        again = runner.run(x[:8])
+    assert first.metrics["latency_ms"] > 0 and again.metrics["latency_ms"] == first.metrics["latency_ms"]
+    for name in OUTPUTS:
+        np.testing.assert_array_equal(again.raw[name], first.raw[name][:8])
+    with runner:  # a new activation measures afresh
+        assert runner.run(x[:8]).metrics["latency_ms"] > 0
 
 
 def test_device_runner_must_be_activated(prepared: Prepared, frames: Frames) -> None:

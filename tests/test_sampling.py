@@ -16,7 +16,7 @@ from hailo_sweep.sweep import Sweep, budget_used
 from tests.test_sweep_api import open_stores
 
 
-@pytest.mark.parametrize(("budget", "points", "expected"), [(30, 1000, 6), (5, 1000, 3), (100, 1000, 10), (30, 4, 2), (20, None, 4)])
+@pytest.mark.parametrize(("budget", "points", "expected"), [(30, 1000, 3), (5, 1000, 3), (48, 1000, 5), (100, 1000, 10), (300, 1000, 10), (30, 4, 2), (20, None, 3)])
 def test_startup_phase_is_sized_to_the_budget_and_the_space(budget: int, points: int | None, expected: int) -> None:
     assert startup_trials(budget, points) == expected
 
@@ -24,7 +24,7 @@ def test_startup_phase_is_sized_to_the_budget_and_the_space(budget: int, points:
 def test_tpe_models_the_knobs_jointly_with_the_sized_start_up() -> None:
     sampler = make_sampler(SamplerConfig(), budget=30, points=500, choices={}, seed=3)
     assert isinstance(sampler, optuna.samplers.TPESampler)
-    assert sampler._n_startup_trials == 6 and sampler._multivariate and sampler._group  # noqa: SLF001 (no public getter)
+    assert sampler._n_startup_trials == 3 and sampler._multivariate and sampler._group  # noqa: SLF001 (no public getter)
     fixed = make_sampler(SamplerConfig(startup_trials=2, multivariate=False), budget=30, points=500, choices={}, seed=3)
     assert fixed._n_startup_trials == 2 and not fixed._multivariate  # noqa: SLF001
     assert isinstance(make_sampler(SamplerConfig(name="random"), budget=30, points=5, choices={}, seed=0), optuna.samplers.RandomSampler)

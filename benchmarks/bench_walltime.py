@@ -1,0 +1,199 @@
+"""A trial's wall time against a plain script doing the same measurements (issue 12: at most 1.3x), side by side.
+
+One run alternates, round after round, on the same points (the embedded backend's defaults: MinMax, per-channel,
+host normalization; 64, 128 and 256 calibration frames):
+- ``hailo-sweep``: the real sweep (``Sweep.run``: Optuna, MLflow, the record stage, the uploads) on exactly those
+  points, in a subprocess; each trial's wall time as the sweep measures it (``timing.wall_s``), matched to its point;
+- ``before`` (``--before REV``): the same with the code of another revision (``git archive`` of REV, first on the path), to show what a change saved in the same run;
+- ``proposed`` (``--proposed``): this revision with changes outside this helper's files, measured without applying
+  them (hooks in the subprocess, see ``PROPOSED_HOOK``): sqlite stores in WAL mode with ``synchronous=NORMAL``, and
+  the fed data sets computed once per sweep instead of once per trial;
+- ``plain``: ``peers/qs_random.py --timing``: quantize_static, one QDQ emulation run, one integer run, per point.
+
+The ratio of a round is the sum of a variant's trial walls over the plain script's sum in that round; the report gives
+each round's ratio and their mean and spread (the machine is shared: only ratios taken side by side mean much).
+
+Usage: ``python benchmarks/bench_walltime.py [--rounds 3] [--before REV] [--proposed] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+SIZES = (64, 128, 256)
+#: the plain script's point (MinMax, per-channel weights, nothing else), every knob fixed: the sweep's baseline is not
+#: used, because projecting the backend's defaults gives a declared knob's first choice where the defaults leave it
+#: unset (percentile calibration with configs/digits.yaml)
+PLAIN_POINT: dict[str, list[object]] = {
+    "optimization_level": [0], "compression_level": [0], "normalization_placement": ["host"], "output_16bit": ["none"],
+    "equalization": ["disabled"], "bias_correction": ["disabled"], "calibration_method": ["minmax"],
+}
+#: the proposed changes outside this helper's files, applied in the subprocess only: (1) sqlite stores (Optuna's and
+#: MLflow's) in WAL mode with synchronous=NORMAL, set on every new connection; (2) the fed calibration and evaluation
+#: sets computed once per sweep and placement instead of once per trial (``pipeline.run_trial`` calls ``feed`` twice)
+PROPOSED_HOOK = """
+import sqlalchemy, sqlalchemy.event
+@sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "connect")
+def _wal(conn, record):
+    if type(conn).__module__.startswith("sqlite3"):
+        cur = conn.cursor(); cur.execute("PRAGMA journal_mode=WAL"); cur.execute("PRAGMA synchronous=NORMAL"); cur.close()
+import importlib
+try:
+    _runs = importlib.import_module("hailo_sweep.trial")  # where run_trial feeds the data sets after the sweep/ split
+except ImportError:
+    _runs = importlib.import_module("hailo_sweep.pipeline")
+_fed, _feed = {}, _runs.feed
+def _memo_feed(data, placement, normalization, domain):
+    key = (id(data), placement)
+    if key not in _fed:
+        _fed[key] = (data, _feed(data, placement, normalization, domain))
+    return _fed[key][1]
+_runs.feed = _memo_feed
+"""
+
+
+def sweep_once(root: Path, out: Path) -> None:
+    """In the subprocess: the real sweep over the points, each trial's wall time by its calibration size.
+
+    Only ``hailo_sweep.config`` and ``hailo_sweep.sweep.Sweep`` are used (and the example's data module), so that the
+    same function runs another revision's code (``--before``) whatever its internal layout."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, load_config
+    from hailo_sweep.sweep import Sweep
+
+    shutil.copytree(REPO / "configs", root / "configs")
+    subprocess.run([sys.executable, "-m", "hailo_sweep.examples.digits", str(root / "sweeps" / "data" / "digits")], check=True, capture_output=True)
+    config = load_config(root / "configs" / "digits.yaml")
+    cfg = config.model_copy(update={
+        "name": "bench-walltime", "backend": "onnxruntime", "search": SearchSpaceConfig(**PLAIN_POINT, calibset_size=list(SIZES)),
+        "trials": len(SIZES), "constraints": [], "sampler": SamplerConfig(name="grid", seed=0), "diagnostics": DiagnosticsConfig(),
+        "objective": config.objective.model_copy(update={"metric": "logits.mae", "stage": "device", "direction": "minimize"}),
+        "stores": config.stores.model_copy(update={"root": root / "stores"}),
+    })
+    Sweep(cfg).run()
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{root / 'stores' / 'sweeps' / 'optuna.db'}")
+    walls = {str(t.params["calibset_size"]): t.user_attrs["timing"] for t in study.get_trials(deepcopy=False)}
+    out.write_text(json.dumps(walls))
+
+
+def run_sweep(variant: str, checkout: Path, root: Path, wal: bool) -> dict[str, dict[str, float]]:
+    work = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=root))
+    out = work / "walls.json"
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    code = (PROPOSED_HOOK if wal else "") + f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_walltime as b; from pathlib import Path; b.sweep_once(Path({str(work)!r}), Path({str(out)!r}))"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    walls = json.loads(out.read_text())
+    shutil.rmtree(work, ignore_errors=True)
+    return walls
+
+
+def run_plain(ort_py: Path, model: Path, data: Path, root: Path) -> dict[str, float]:
+    walls = {}
+    for n in SIZES:
+        out = root / "plain.json"
+        spec = {"method": "minmax", "per_channel": True, "n": n}
+        subprocess.run([str(ort_py), str(HERE / "peers" / "qs_random.py"), str(model), str(data), str(out), "--timing", json.dumps(spec), "--repeat", "1"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        walls[str(n)] = json.loads(out.read_text())["walls"][0]
+    return walls
+
+
+def plain_data(root: Path) -> tuple[Path, Path]:
+    """The example's model and its data file for the plain script (as bench_peers writes it)."""
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    from bench_peers import example
+    from bench_search import make_backend
+
+    from hailo_sweep.data import feed
+    from hailo_sweep.pipeline import prepare_sweep
+
+    config, _ = example(root / "plain-example", False)
+    backend = make_backend(config, root / "plain-work")
+    with backend:
+        prepared = prepare_sweep(config, root / "plain-work", backend)
+        ds = prepared.dataset
+        calib = feed(ds.calibration, "host", prepared.normalization, config.data.domain).astype(np.float32)
+        evaluation = feed(ds.evaluation, "host", prepared.normalization, config.data.domain).astype(np.float32)
+        data = root / "data.npz"
+        np.savez(data, calib=calib, eval=evaluation, **{f"ref_{k}": v for k, v in prepared.reference.items()})
+    return Path(config.model), data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", help="a git revision to measure beside this one (its files from git archive)")
+    parser.add_argument("--proposed", action="store_true", help="also this revision with the proposed store and feed changes (see PROPOSED_HOOK)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hailo-sweep" / "peers")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    from bench_peers import ensure_venv
+
+    root = Path(tempfile.mkdtemp(prefix="hs-bench-walltime-"))
+    variants: list[tuple[str, Path, bool]] = [("hailo-sweep", REPO, False)]
+    try:
+        if args.before:
+            before = root / "before"
+            before.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before], check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+            variants.insert(0, (f"before ({args.before})", before, False))
+        if args.proposed:
+            variants.append(("proposed (WAL, feed once)", REPO, True))
+        ort_py = ensure_venv(args.cache, "ort")
+        model, data = plain_data(root)
+        rounds: list[dict[str, Any]] = []
+        for r in range(args.rounds):
+            order = variants if r % 2 == 0 else variants[::-1]  # alternate the order: drift hits every variant alike
+            result: dict[str, Any] = {"plain": run_plain(ort_py, model, data, root)}
+            for label, checkout, wal in order:
+                result[label] = run_sweep(label.split()[0], checkout, root, wal)
+            rounds.append(result)
+            line = "; ".join(f"{label} {sum(t['wall_s'] for t in result[label].values()) / sum(result['plain'].values()):.2f}x" for label, _, _ in variants)
+            print(f"round {r + 1}: plain {sum(result['plain'].values()):.2f} s; {line}", flush=True)
+        print(f"\nper trial, mean over {args.rounds} rounds (s): calibration size -> wall [stages]")
+        for label, _, _ in variants:
+            cells = []
+            for n in map(str, SIZES):
+                wall = statistics.fmean(rd[label][n]["wall_s"] for rd in rounds)
+                stages = {k.removesuffix("_s"): statistics.fmean(rd[label][n].get(k, 0.0) for rd in rounds)
+                          for k in rounds[0][label][n] if k not in ("wall_s", "stages_s", "overhead_s")}
+                cells.append(f"{n}: {wall:.2f} [" + " ".join(f"{k} {v:.2f}" for k, v in stages.items()) + "]")
+            print(f"  {label}: " + "; ".join(cells))
+        print(f"  plain: " + "; ".join(f"{n}: {statistics.fmean(rd['plain'][str(n)] for rd in rounds):.2f}" for n in SIZES))
+        print("\nratio to the plain script (sum of the 3 trials), per round and mean ± sample std")
+        summary = {}
+        for label, _, _ in variants:
+            ratios = [sum(t["wall_s"] for t in rd[label].values()) / sum(rd["plain"].values()) for rd in rounds]
+            sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+            summary[label] = {"ratios": ratios, "mean": statistics.fmean(ratios), "std": sd, "median": statistics.median(ratios)}
+            print(f"  {label:<28} {' '.join(f'{x:.2f}' for x in ratios)}  mean {statistics.fmean(ratios):.2f} ± {sd:.2f}, "
+                  f"median {statistics.median(ratios):.2f} "
+                  f"(target <= 1.3x) -> {'ok' if statistics.fmean(ratios) <= 1.3 else 'MISSED'}")
+        if args.json:
+            args.json.write_text(json.dumps({"rounds": rounds, "summary": summary}, indent=1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
