@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import errno
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -94,7 +95,7 @@ def load_config(path: str | Path) -> SweepConfig:
         raise UserInputError(
             "this is an ONNX model, not a sweep config",
             file=path,
-            fix=f"write a starter config from the model first: hailo-sweep new {path.name} -o {path.stem}.yaml, then pass the .yaml",
+            fix=f"write a starter config from the model first: hailo-sweep new {shlex.quote(str(path))} -o {shlex.quote(path.stem + '.yaml')} (add --calibration and --evaluation with your data), then pass the .yaml",
         )
     path = check_file(path, what="config file", fix="pass the path of an existing YAML sweep config")
     try:

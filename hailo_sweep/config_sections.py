@@ -218,7 +218,7 @@ class SamplerConfig(StrictModel):
 
     name: Literal["tpe", "random", "grid"] = "tpe"
     seed: int | None = 0
-    startup_trials: int | Literal["auto"] = "auto"  # TPE's random start-up trials; auto: a fifth of the budget, 3-10
+    startup_trials: int | Literal["auto"] = "auto"  # TPE's random start-up trials; auto: a tenth of the budget, 3-10 (at most half the points)
     multivariate: bool = True  # TPE models the knobs jointly, by groups of knobs that occur together
     replace_repeats: bool = True  # a re-proposed evaluated point is free and an unevaluated one is enqueued instead
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class Prepared:
     facts: dict[str, str | float] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)  # sweep-wide findings (e.g. calibration coverage)
     task_metrics: tuple[TaskMetric, ...] = ()
+    fed: dict[str, Any] = field(default_factory=dict, repr=False)  # placement -> trial.Fed, made once (trial.fed_for)
 
     def backend_context(self) -> BackendContext:
         return backend_context(self.config, self.model_io, self.normalization, self.work_dir)

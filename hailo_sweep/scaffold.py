@@ -240,7 +240,7 @@ def render(model: Path, out: Path, calibration: Path | None, evaluation: Path | 
         "  normalization_placement: [host]   # add model once normalization is set",
         "  output_16bit: [none, all]",
         "objective: {metric: total.snr_db, stage: device, direction: maximize}",
-        "diagnostics: {layer_noise: false}   # per-layer noise takes long on large models; true explains each trial",
+        "diagnostics: {layer_noise: 'off'}   # per-layer noise takes long on large models; best: for the best trials at the end, per_trial: every trial",
         "trials: 16",
     ]
     return "\n".join(lines) + "\n"

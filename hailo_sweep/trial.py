@@ -108,10 +108,18 @@ class Fed:
 
 
 def fed_for(prepared: Prepared, settings: Settings) -> Fed:
-    ds, norm, domain = prepared.dataset, prepared.normalization, prepared.config.data.domain
+    """The data sets as fed for ``settings``' normalization placement; made once per sweep and placement, read-only
+    (every trial of the sweep reads the same arrays; a backend that needs another form makes its own copy)."""
     placement = settings.normalization_placement
-    # the whole calibration set: settings.calibset_size says how many entries to calibrate on (Backend.optimize)
-    return Fed(feed(ds.calibration, placement, norm, domain), feed(ds.evaluation, placement, norm, domain))
+    fed = prepared.fed.get(placement)
+    if fed is None:
+        ds, norm, domain = prepared.dataset, prepared.normalization, prepared.config.data.domain
+        # the whole calibration set: settings.calibset_size says how many entries to calibrate on (Backend.optimize)
+        fed = Fed(feed(ds.calibration, placement, norm, domain), feed(ds.evaluation, placement, norm, domain))
+        for array in (fed.calibration, fed.evaluation):
+            array.flags.writeable = False
+        prepared.fed[placement] = fed
+    return fed
 
 
 def build(

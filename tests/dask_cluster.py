@@ -149,7 +149,7 @@ class DaskCluster:
         if spec.name in self._procs:
             raise ValueError(f"a process named {spec.name!r} already runs")
         args = [*dask_command(), "worker", self.address, "--name", spec.name, "--nthreads", str(spec.nthreads),
-                "--no-dashboard", "--local-directory", str(self.directory / spec.name), "--nanny" if spec.nanny else "--no-nanny",
+                "--host", "127.0.0.1", "--no-dashboard", "--local-directory", str(self.directory / spec.name), "--nanny" if spec.nanny else "--no-nanny",
                 *spec.resources_flag()]
         if self.tls is not None:
             args += self.tls.flags()

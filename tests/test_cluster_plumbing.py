@@ -131,8 +131,6 @@ def test_tls_scheduler_accepts_a_client_with_the_config_files(dask_cluster: Star
         connect(ClusterConfig(connect_timeout_s=1), plain_address)
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI passes cfg.cluster to connect() without resolved(cfg.source): relative TLS paths "
-                   "are taken from the current directory, not the config's folder (issue 13; remove this mark once wired)")
 def test_cli_reads_relative_tls_files_next_to_the_config(dask_cluster: StartCluster, write_config: WriteConfig, tmp_path: Path) -> None:
     tls = make_tls_files(tmp_path / "tls")
     cluster = dask_cluster([], tls=tls)  # no worker: the run gets as far as waiting for one, over TLS

@@ -66,6 +66,13 @@ def test_a_lock_naming_an_unknown_backend_is_refused(sweep, export, tmp_path) ->
     refused(sweep["root"], tampered(export, tmp_path, edit), "not a valid lock file", "backend", "'onnxruntime' or 'hailo'")
 
 
+def test_edited_settings_are_refused_not_rebuilt(sweep, export, tmp_path) -> None:
+    def edit(lock: dict) -> None:
+        lock["settings"]["calibset_size"] = 2 * int(lock["settings"]["calibset_size"])
+
+    refused(sweep["root"], tampered(export, tmp_path, edit), "settings_sha256 does not match", "settings")
+
+
 def test_a_file_name_outside_the_export_directory_is_never_read(sweep, export, tmp_path) -> None:
     def edit(lock: dict) -> None:
         lock["files"]["compiled"]["name"] = "../../../../../../../../etc/passwd"

@@ -100,6 +100,7 @@ class Lock(_LockPart):
     target: str
     seed: int | None = None
     settings: dict[str, Any]
+    settings_sha256: str | None = None  # of the settings as exported: an edited lock is refused, not rebuilt
     model: InputFile
     data: LockData
     config: dict[str, Any]
@@ -165,6 +166,9 @@ def checked_inputs(export_dir: Path, lock: Lock, into: Path) -> tuple[SweepConfi
     are recorded (a lock whose config points elsewhere is refused, never rebuilt from)."""
     lock_path = export_dir / LOCK_FILE
     fix = "verify needs the exact model and data of the sweep; restore them or export again"
+    if lock.settings_sha256 is not None and hashlib.sha256(json.dumps(lock.settings, sort_keys=True).encode()).hexdigest() != lock.settings_sha256:
+        raise UserInputError("the settings in the lock file differ from the ones exported (settings_sha256 does not match)",
+                             file=lock_path, key="settings", fix=_FIX)
     try:
         config = SweepConfig.model_validate(lock.config)
         settings = Settings.from_params(lock.settings)

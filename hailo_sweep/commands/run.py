@@ -26,7 +26,7 @@ def run_on_cluster(cfg: SweepConfig, address: str | None, trials: int | None, di
     from hailo_sweep.cluster.connect import connect
     from hailo_sweep.cluster.driver import ClusterLoop
 
-    client = connect(cfg.cluster, address)
+    client = connect(cfg.cluster.resolved(cfg.source), address)  # TLS files relative to the config file
     try:
         with RichObserver(console) as observer:
             observer.set_direction(direction)
