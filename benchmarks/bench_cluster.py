@@ -31,12 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +42,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_workers import run_command  # noqa: E402  (one way to time a CLI run in its own process group)
 from tests.dask_cluster import DaskCluster, WorkerSpec, fake_hailo_env  # noqa: E402  (the same harness as the tests)
 
 RUN_TIMEOUT_S = 1800
@@ -64,23 +63,6 @@ def write_config(root: Path, data: dict[str, Path], name: str, trials: int) -> P
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def run_command(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
-    """Run ``cmd`` in its own process group (killed with it on timeout); returns the wall seconds."""
-    start = time.perf_counter()
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "COLUMNS": "200"}, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            code = proc.wait(timeout=RUN_TIMEOUT_S)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    wall = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {code}; see {log}:\n{log.read_text(errors='replace')[-3000:]}")
-    return wall
 
 
 def measure(root: Path, name: str, wall: float) -> dict[str, Any]:
@@ -198,7 +180,7 @@ def run_cluster(base: Path, data: dict[str, Path], trials: int, compile_workers:
         client.register_plugin(byte_counter(), name=PLUGIN)
         cmd = [sys.executable, "-m", "hailo_sweep.cli", "run", str(config), "--cluster", cluster.address]
         print(f"[{case}] {compile_workers} compile + 1 device workers at {cluster.address}: hailo-sweep run {config.name} --cluster ...", flush=True)
-        wall = run_command(cmd, root, env, base / f"{case}.log")
+        wall = run_command(cmd, root, base / f"{case}.log", env, RUN_TIMEOUT_S)
         workers = classify(list(client.run(worker_arrivals).values()))
     result = measure(root, f"bench-{case}", wall)
     result["case"] = case
@@ -210,7 +192,7 @@ def run_local(base: Path, data: dict[str, Path], trials: int, env: dict[str, str
     root = base / "local"
     config = write_config(root, data, "bench-local", trials)
     print(f"[local] hailo-sweep run {config.name}", flush=True)
-    wall = run_command([sys.executable, "-m", "hailo_sweep.cli", "run", str(config)], root, {**env, "HAILO_FAKE_DEVICES": DEVICE}, base / "local.log")
+    wall = run_command([sys.executable, "-m", "hailo_sweep.cli", "run", str(config)], root, base / "local.log", {**env, "HAILO_FAKE_DEVICES": DEVICE}, RUN_TIMEOUT_S)
     return measure(root, "bench-local", wall)
 
 

@@ -75,14 +75,14 @@ def make_root(base: Path, case: str, data: Path, trials: int, stores: dict[str, 
     return config, name
 
 
-def run_command(cmd: list[str], cwd: Path, log: Path) -> float:
+def run_command(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None, timeout_s: float = RUN_TIMEOUT_S) -> float:
     """Run ``cmd`` in its own process group (killed with it on timeout or interrupt); returns the wall seconds."""
     start = time.perf_counter()
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "COLUMNS": "200"})
+                                env={**(os.environ if env is None else env), "COLUMNS": "200"})
         try:
-            code = proc.wait(timeout=RUN_TIMEOUT_S)
+            code = proc.wait(timeout=timeout_s)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
