@@ -152,11 +152,11 @@ class ClusterLoop:
                 for item in list(self._inflight):
                     self._advance(item, study, runner, prepared, fed_eval, evaluation)
         except KeyboardInterrupt as exc:
-            self._interrupt(study, runner, signame_of(exc))
+            self._stop_all(study, runner, signame_of(exc))
             exc.trial_recorded = True  # type: ignore[attr-defined]
             raise
-        except BaseException:
-            self._cancel_all(study, runner, "the sweep stopped")
+        except BaseException as exc:
+            self._stop_all(study, runner, f"the sweep stopped: {type(exc).__name__}")
             raise
         finally:
             if amm_was_running:
@@ -232,7 +232,7 @@ class ClusterLoop:
         self._finish(item, study, runner, lambda: self._assemble(item.running, built, run, prepared, fed_eval[placement]))
 
     def _finish(self, item: _InFlight, study: optuna.Study, runner: TrialRunner, produce: Callable[[], TrialResult]) -> None:
-        """Record the trial and tell Optuna. An interrupt while recording leaves it in flight, for ``_interrupt``."""
+        """Record the trial and tell Optuna. An interrupt while recording leaves it in flight, for ``_stop_all``."""
         trial = item.running.trial
         try:
             value = runner.finish(item.running, produce)
@@ -330,22 +330,14 @@ class ClusterLoop:
             return self._failed_build(item, reason)
         return self._assemble(item.running, item.built, reason, self._runner.prepared, np.empty(0))
 
-    def _interrupt(self, study: optuna.Study, runner: TrialRunner, signame: str) -> None:
-        """Ctrl-C / SIGTERM: every trial in flight is cancelled, on record as interrupted, and runs again next start."""
+    def _stop_all(self, study: optuna.Study, runner: TrialRunner, reason: str) -> None:
+        """The sweep stops (Ctrl-C / SIGTERM, or an error such as a resource gone): every trial in flight is cancelled,
+        on record as interrupted with ``reason``, and runs again at the next start."""
         for item in self._inflight:
             for future in (item.build, item.device):
                 if future is not None:
                     future.cancel()
-            runner.interrupted(item.running.trial, item.running, signame)
-            study.tell(item.running.trial, state=optuna.trial.TrialState.FAIL)
-        self._inflight.clear()
-
-    def _cancel_all(self, study: optuna.Study, runner: TrialRunner, why: str) -> None:
-        for item in self._inflight:
-            for future in (item.build, item.device):
-                if future is not None:
-                    future.cancel()
-            runner.interrupted(item.running.trial, item.running, "an error")
+            runner.interrupted(item.running.trial, item.running, reason)
             study.tell(item.running.trial, state=optuna.trial.TrialState.FAIL)
         self._inflight.clear()
 
