@@ -107,10 +107,9 @@ class Fed:
     evaluation: np.ndarray
 
 
-def fed_for(prepared: Prepared, settings: Settings) -> Fed:
-    """The data sets as fed for ``settings``' normalization placement; made once per sweep and placement, read-only
-    (every trial of the sweep reads the same arrays; a backend that needs another form makes its own copy)."""
-    placement = settings.normalization_placement
+def fed_for(prepared: Prepared, placement: str) -> Fed:
+    """The data sets as fed for a normalization placement; made once per sweep and placement, read-only (every trial
+    of the sweep, and the cluster's scatter, read the same arrays; a backend that needs another form copies)."""
     fed = prepared.fed.get(placement)
     if fed is None:
         ds, norm, domain = prepared.dataset, prepared.normalization, prepared.config.data.domain
@@ -224,7 +223,7 @@ def run_trial(
     result = TrialResult(settings=settings)
     ladder = Ladder(result, on_stage, timeouts or {})
     diag = diagnostics or DiagnosticsConfig()
-    fed = fed_for(prepared, settings)
+    fed = fed_for(prepared, settings.normalization_placement)
 
     def after_emulate(emulations: Emulations) -> None:
         measure_emulations(result, prepared, emulations)

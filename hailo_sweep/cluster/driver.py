@@ -29,13 +29,12 @@ from hailo_sweep.cluster.device_task import check_device_host, run_on_device
 from hailo_sweep.cluster.payloads import Built, BuildJob, DeviceJob, DeviceRun, SweepPayload
 from hailo_sweep.cluster.resources import providers, wait_for_resources, worker_resources
 from hailo_sweep.config import SweepConfig
-from hailo_sweep.data import feed
 from hailo_sweep.errors import ResourceMissing, UserInputError
 from hailo_sweep.pipeline import Prepared
 from hailo_sweep.sweep.budget import Budget, BudgetSpent, waiting
 from hailo_sweep.sweep.faults import signals_deferred, signame_of
 from hailo_sweep.sweep.runner import RunningTrial, TrialFailed, TrialRunner
-from hailo_sweep.trial import Ladder, assess, finalize, measure_emulations
+from hailo_sweep.trial import Ladder, assess, fed_for, finalize, measure_emulations
 from hailo_sweep.trial_result import StageTiming, TrialResult
 
 COMPILE = "compile"  # the resource a compile host declares
@@ -118,7 +117,6 @@ class ClusterLoop:
         slots = int(sum(worker_resources(self.client)[a].get(COMPILE, 0) for a in hosts[COMPILE])) + cfg.cluster.queued
         amm_was_running = self._hold_replicas()
         payload, calibration, evaluation = self._scatter(prepared, runner.backend, runner, hosts)
-        fed_eval: dict[str, np.ndarray] = {}
         asking = True
         try:
             while True:
@@ -150,7 +148,7 @@ class ClusterLoop:
                     wait(futures, timeout=1.0, return_when="FIRST_COMPLETED")
                 self._check_resources()
                 for item in list(self._inflight):
-                    self._advance(item, study, runner, prepared, fed_eval, evaluation)
+                    self._advance(item, study, runner, prepared, evaluation)
         except KeyboardInterrupt as exc:
             self._stop_all(study, runner, signame_of(exc))
             exc.trial_recorded = True  # type: ignore[attr-defined]
@@ -197,8 +195,7 @@ class ClusterLoop:
         return {"cluster.scattered_bytes": float(self.scattered_bytes), "cluster.device_bytes": float(self.device_bytes)}
 
     # -- one trial's progress ------------------------------------------------------------------------------
-    def _advance(self, item: _InFlight, study: optuna.Study, runner: TrialRunner, prepared: Prepared,
-                 fed_eval: dict[str, np.ndarray], evaluation: Any) -> None:
+    def _advance(self, item: _InFlight, study: optuna.Study, runner: TrialRunner, prepared: Prepared, evaluation: Any) -> None:
         cfg = self.config
         if item.device is None:
             if item.build.status == "pending":
@@ -226,10 +223,8 @@ class ClusterLoop:
         run = self._result_of(item.device, "device")
         assert item.built is not None
         built = item.built
-        placement = item.running.settings.normalization_placement
-        if placement not in fed_eval:
-            fed_eval[placement] = feed(prepared.dataset.evaluation, placement, prepared.normalization, cfg.data.domain)
-        self._finish(item, study, runner, lambda: self._assemble(item.running, built, run, prepared, fed_eval[placement]))
+        evaluation_fed = fed_for(prepared, item.running.settings.normalization_placement).evaluation
+        self._finish(item, study, runner, lambda: self._assemble(item.running, built, run, prepared, evaluation_fed))
 
     def _finish(self, item: _InFlight, study: optuna.Study, runner: TrialRunner, produce: Callable[[], TrialResult]) -> None:
         """Record the trial and tell Optuna. An interrupt while recording leaves it in flight, for ``_stop_all``."""
@@ -347,8 +342,8 @@ class ClusterLoop:
         cfg = self.config
         ds = prepared.dataset
         placements = runner.space.choices()["normalization_placement"]
-        calibration = {p: feed(ds.calibration, p, prepared.normalization, cfg.data.domain) for p in placements}
-        evaluation = {p: feed(ds.evaluation, p, prepared.normalization, cfg.data.domain) for p in placements}
+        calibration = {p: fed_for(prepared, p).calibration for p in placements}
+        evaluation = {p: fed_for(prepared, p).evaluation for p in placements}
         model_bytes = Path(cfg.model).read_bytes()
         key = hashlib.sha256(f"{cfg.name}|{prepared.model_sha256}|{ds.calibration_sha256}|{ds.evaluation_sha256}".encode()).hexdigest()[:16]
         payload = SweepPayload(key, backend.name, backend.context, Path(cfg.model).name, model_bytes)
