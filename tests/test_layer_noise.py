@@ -144,3 +144,12 @@ def test_streamed_energies_equal_ort_all_at_once(optimized: dict[str, OptimizedM
     assert len(noise) == sum(HOST_LAYERS.values()) == 9  # as counted in the module docstring
     for n in noise:
         assert n.snr_db == pytest.approx(expected[n.layer], abs=1e-3), n.layer
+
+
+def test_ranking_samples_shrink_for_large_inputs_but_keep_a_floor():
+    from hailo_sweep.backends.onnxruntime.noise import RANKING_SAMPLES, ranking_samples
+
+    assert ranking_samples(np.zeros((64, 3, 224, 224), np.uint8)) == RANKING_SAMPLES
+    detector = ranking_samples(np.zeros((2, 3, 480, 640), np.uint8))
+    assert 4 <= detector < RANKING_SAMPLES
+    assert ranking_samples(np.zeros((2, 3, 4000, 4000), np.uint8)) == 4

@@ -48,7 +48,7 @@ from hailo_sweep.backends.onnxruntime.equalize import (
     bias_correction,
     cross_layer_equalize,
 )
-from hailo_sweep.backends.onnxruntime.noise import layer_noise
+from hailo_sweep.backends.onnxruntime.noise import layer_noise, ranking_samples
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
 from hailo_sweep.backends.onnxruntime.recipe import Recipe, check
 from hailo_sweep.data import is_uint8_domain
@@ -185,7 +185,7 @@ class OnnxRuntimeBackend(Backend):
         table = quantize.ranges(model, calibrator, recipe)
         qdq = quantize.quantize(model, table, recipe, overrides, work_dir / "q1.onnx")
         if recipe.bias_correction:
-            model, corrected = bias_correction(model, qdq, calibration.astype(np.float32), input_name)
+            model, corrected = bias_correction(model, qdq, calibration.astype(np.float32, copy=False), input_name)
             float_changed = True
             details.append(f"bias_correction: {corrected} layers (re-quantized with the same activation ranges)")
             params["ort.bias_corrected_layers"] = corrected
@@ -231,7 +231,7 @@ class OnnxRuntimeBackend(Backend):
                 if uint8:
                     qdq = graph.make_input_uint8(qdq, input_name)
                 onnx.save(qdq, str(scratch / "q.onnx"))
-                ranked = layer_noise(base_path, scratch / "q.onnx", calibration, scratch, max_samples=32)
+                ranked = layer_noise(base_path, scratch / "q.onnx", calibration, scratch, max_samples=ranking_samples(calibration))
                 names = [n.layer for n in ranked if n.kind == "activation"]
                 atomic_write_text(cache, json.dumps(names))
                 self._noise_ranking[placement] = names

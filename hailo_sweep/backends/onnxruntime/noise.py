@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 SNR_CAP_DB = 200.0
 _FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 LAYER_NOISE_CHUNK = 4  # samples per call on a dynamic batch: every layer's tensors of a call are held at once
+RANKING_SAMPLES = 32  # samples behind the once-per-sweep ranking of noisy layers, for inputs up to RANKING_ELEMENTS / 32
+RANKING_ELEMENTS = 8 << 20  # input values behind the ranking: 32 samples of 3x224x224, 9 of 3x480x640
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16}
 
 
@@ -188,6 +190,16 @@ def layer_noise(
         for name in signal
     ]
     return sorted(noise, key=lambda n: (n.snr_db, n.layer))
+
+
+def ranking_samples(inputs: np.ndarray) -> int:
+    """Samples for the once-per-sweep ranking: ``RANKING_SAMPLES``, fewer for large inputs (at least 4).
+
+    The ranking only orders layers, so it needs fewer samples than an error figure; on a 480x640 detector 32 samples
+    run one at a time through both models cost minutes before the first trial.
+    """
+    per_sample = max(1, int(np.prod(np.asarray(inputs).shape[1:])))
+    return int(np.clip(RANKING_ELEMENTS // per_sample, 4, RANKING_SAMPLES))
 
 
 def noisiest(noise: Sequence[LayerNoise], k: int) -> list[str]:
