@@ -192,7 +192,9 @@ def _sweep_config(name: str, root: Path, data: Path, trials: int, search: dict[s
     raw["model"] = str(data / "model.onnx")
     raw["data"]["calibration"] = str(data / "calib.npy")
     raw["data"]["evaluation"] = str(data / "eval.npz")
-    raw["data"].pop("labels_key", None)
+    with np.load(data / "eval.npz") as made:
+        if raw["data"].get("labels_key") not in made.files:  # the config's labels only when the data made has them
+            raw["data"].pop("labels_key", None)
     raw["backend"] = "onnxruntime"
     raw["search"] = search
     raw["objective"] = {"metric": "total.snr_db", "stage": "device", "direction": "maximize"}
