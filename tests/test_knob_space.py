@@ -113,4 +113,5 @@ def test_the_embedded_baseline_stays_plain_minmax_when_the_search_declares_other
     # quantize_static's defaults, not each knob's first declared choice
     assert (baseline.calibration_method, baseline.equalization, baseline.bias_correction, baseline.weights_granularity) == (
         "minmax", "disabled", "disabled", "per_channel")
+    assert baseline.all_16bit is None, "a knob the search leaves alone stays at the level's default, as in every proposed trial"
     backend.validate(baseline)
