@@ -5,15 +5,14 @@ host normalization; 64, 128 and 256 calibration frames):
 - ``hailo-sweep``: the real sweep (``Sweep.run``: Optuna, MLflow, the record stage, the uploads) on exactly those
   points, in a subprocess; each trial's wall time as the sweep measures it (``timing.wall_s``), matched to its point;
 - ``before`` (``--before REV``): the same with the code of another revision (``git archive`` of REV, first on the path), to show what a change saved in the same run;
-- ``proposed`` (``--proposed``): this revision with changes outside this helper's files, measured without applying
-  them (hooks in the subprocess, see ``PROPOSED_HOOK``): sqlite stores in WAL mode with ``synchronous=NORMAL``, and
-  the fed data sets computed once per sweep instead of once per trial;
+- ``rollback`` (``--rollback``): this revision with its sqlite stores left in sqlite's default rollback-journal mode
+  (``hailo_sweep.sqlite_journal.use_wal`` disabled in the subprocess), to show what WAL mode saves in the same run;
 - ``plain``: ``peers/qs_random.py --timing``: quantize_static, one QDQ emulation run, one integer run, per point.
 
 The ratio of a round is the sum of a variant's trial walls over the plain script's sum in that round; the report gives
 each round's ratio and their mean and spread (the machine is shared: only ratios taken side by side mean much).
 
-Usage: ``python benchmarks/bench_walltime.py [--rounds 3] [--before REV] [--proposed] [--json out.json]``.
+Usage: ``python benchmarks/bench_walltime.py [--rounds 3] [--before REV] [--rollback] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -39,27 +38,10 @@ PLAIN_POINT: dict[str, list[object]] = {
     "optimization_level": [0], "compression_level": [0], "normalization_placement": ["host"], "output_16bit": ["none"],
     "equalization": ["disabled"], "bias_correction": ["disabled"], "calibration_method": ["minmax"],
 }
-#: the proposed changes outside this helper's files, applied in the subprocess only: (1) sqlite stores (Optuna's and
-#: MLflow's) in WAL mode with synchronous=NORMAL, set on every new connection; (2) the fed calibration and evaluation
-#: sets computed once per sweep and placement instead of once per trial (``pipeline.run_trial`` calls ``feed`` twice)
-PROPOSED_HOOK = """
-import sqlalchemy, sqlalchemy.event
-@sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "connect")
-def _wal(conn, record):
-    if type(conn).__module__.startswith("sqlite3"):
-        cur = conn.cursor(); cur.execute("PRAGMA journal_mode=WAL"); cur.execute("PRAGMA synchronous=NORMAL"); cur.close()
-import importlib
-try:
-    _runs = importlib.import_module("hailo_sweep.trial")  # where run_trial feeds the data sets after the sweep/ split
-except ImportError:
-    _runs = importlib.import_module("hailo_sweep.pipeline")
-_fed, _feed = {}, _runs.feed
-def _memo_feed(data, placement, normalization, domain):
-    key = (id(data), placement)
-    if key not in _fed:
-        _fed[key] = (data, _feed(data, placement, normalization, domain))
-    return _fed[key][1]
-_runs.feed = _memo_feed
+#: the ``rollback`` variant: the sweep's sqlite stores are not switched to WAL mode
+ROLLBACK_HOOK = """
+import hailo_sweep.sqlite_journal as _journal
+_journal.use_wal = lambda url: None
 """
 
 
@@ -92,11 +74,11 @@ def sweep_once(root: Path, out: Path) -> None:
     out.write_text(json.dumps(walls))
 
 
-def run_sweep(variant: str, checkout: Path, root: Path, wal: bool) -> dict[str, dict[str, float]]:
+def run_sweep(variant: str, checkout: Path, root: Path, rollback: bool) -> dict[str, dict[str, float]]:
     work = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=root))
     out = work / "walls.json"
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    code = (PROPOSED_HOOK if wal else "") + f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_walltime as b; from pathlib import Path; b.sweep_once(Path({str(work)!r}), Path({str(out)!r}))"
+    code = (ROLLBACK_HOOK if rollback else "") + f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_walltime as b; from pathlib import Path; b.sweep_once(Path({str(work)!r}), Path({str(out)!r}))"
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     walls = json.loads(out.read_text())
     shutil.rmtree(work, ignore_errors=True)
@@ -141,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", help="a git revision to measure beside this one (its files from git archive)")
-    parser.add_argument("--proposed", action="store_true", help="also this revision with the proposed store and feed changes (see PROPOSED_HOOK)")
+    parser.add_argument("--rollback", action="store_true", help="also this revision with its sqlite stores in rollback-journal mode (no WAL)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hailo-sweep" / "peers")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -157,16 +139,16 @@ def main() -> None:
             archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before], check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
             variants.insert(0, (f"before ({args.before})", before, False))
-        if args.proposed:
-            variants.append(("proposed (WAL, feed once)", REPO, True))
+        if args.rollback:
+            variants.append(("rollback journal (no WAL)", REPO, True))
         ort_py = ensure_venv(args.cache, "ort")
         model, data = plain_data(root)
         rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
             order = variants if r % 2 == 0 else variants[::-1]  # alternate the order: drift hits every variant alike
             result: dict[str, Any] = {"plain": run_plain(ort_py, model, data, root)}
-            for label, checkout, wal in order:
-                result[label] = run_sweep(label.split()[0], checkout, root, wal)
+            for label, checkout, rollback in order:
+                result[label] = run_sweep(label.split()[0], checkout, root, rollback)
             rounds.append(result)
             line = "; ".join(f"{label} {sum(t['wall_s'] for t in result[label].values()) / sum(result['plain'].values()):.2f}x" for label, _, _ in variants)
             print(f"round {r + 1}: plain {sum(result['plain'].values()):.2f} s; {line}", flush=True)

@@ -21,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID
 
+from hailo_sweep import sqlite_journal
 from hailo_sweep.stores import redact_url  # noqa: F401  (re-exported: the tracking store's URLs are redacted too)
 
 MAX_PARAM_LEN = 6000
@@ -116,6 +117,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_location: str | None = None):
         quiet_mlflow_env()
+        sqlite_journal.use_wal(tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.artifact_location = artifact_location

@@ -104,6 +104,14 @@ def test_baseline_enqueued_once(sweep) -> None:
     }
 
 
+def test_both_sqlite_stores_were_written_in_wal_mode(sweep) -> None:
+    import sqlite3
+
+    for db in (sweep["root"] / "sweeps" / "optuna.db", sweep["root"] / "mlruns" / "mlflow.db"):
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal", db
+
+
 def test_best_export_loads_and_reproduces_its_device_metric(sweep, digits_data) -> None:
     root, config, study = sweep["root"], sweep["config"], sweep["study"]
     out = root / "out"

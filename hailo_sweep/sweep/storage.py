@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from hailo_sweep import sqlite_journal
 from hailo_sweep.stores import redact_url
 from hailo_sweep.sweep.budget import Budget, BudgetSpent
 from hailo_sweep.tracking import Tracker
@@ -108,6 +109,7 @@ def open_storage(
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}
+        sqlite_journal.use_wal(url)
     else:
         engine_kwargs["pool_pre_ping"] = True
     with warnings.catch_warnings():
