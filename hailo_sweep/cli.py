@@ -100,7 +100,13 @@ def run(
         console.print(f"best trial: [bold]{best_number}[/] (value {best_value:.6g})")
     else:
         console.print("[yellow]no feasible completed trial yet[/]")
-    hint(("browse the runs", f"ui {config}"), ("export the best", f"best {config} --export out/{cfg.name}"))
+    hint(("browse the runs", f"ui {config}"), ("export the best", f"best {config} --export {export_dir_for(config)}"))
+
+
+def export_dir_for(config: Path) -> str:
+    """Where the hints (and ``make demo``: ``out/$(basename $(notdir $(CONFIG)))``) export a sweep: out/ + the
+    config file's stem, e.g. ``out/digits`` for configs/digits.yaml (the stem does not change when the sweep is renamed)."""
+    return f"out/{config.stem}"
 
 
 @app.command()
@@ -233,7 +239,7 @@ def best(
 
     cfg = load_config(config)
     quiet()
-    from hailo_sweep.selection import export_best, load_study, log_front, pareto_front, top_trials
+    from hailo_sweep.selection import LOCK_FILE, export_best, load_study, log_front, pareto_front, top_trials
 
     study, stores = load_study(cfg)
     objective_key = study.user_attrs.get("objective", {}).get("keys", ["value"])[0]
@@ -248,10 +254,13 @@ def best(
         manifest = export_best(cfg, export, pick, allow_infeasible=allow_infeasible)
         reg = manifest["mlflow"]
         alias = "alias best" if reg.get("alias") else "[yellow]not aliased best: it misses a constraint[/]"
+        roles = {"compiled": "the compiled model", "script": "its model script"}
+        written = [f"{f['name']} ({roles.get(role, role)})" for role, f in manifest["files"].items()]
+        written += ["manifest.json (settings, metrics, how to feed the input)", f"{LOCK_FILE} (what `verify` rebuilds from)"]
         console.print(
-            f"exported trial {manifest['trial']} to [bold]{export}[/]: {', '.join(f['name'] for f in manifest['files'].values())}, manifest.json "
-            f"(registered model '{reg['registered_model']}' version {reg['version']}, {alias})",
-            soft_wrap=True,
+            f"exported trial {manifest['trial']} to [bold]{export}[/]: {', '.join(written)}; "
+            f"registered model '{reg['registered_model']}' version {reg['version']}, {alias}",
+            soft_wrap=True, highlight=False,
         )
         hint(("check that it rebuilds", f"verify {export}"))
 

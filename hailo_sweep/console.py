@@ -142,7 +142,7 @@ def print_trials(rows: Sequence[Any], objective_key: str, title: str | None = No
     The knobs that are the same in every listed trial are said once under the table, with the config key of each
     abbreviated column header; nothing is cut (a column too wide for the terminal folds).
     """
-    from hailo_sweep.knob_table import HEADERS, NUMERIC_KNOBS, knob_columns
+    from hailo_sweep.knob_table import HEADERS, NO_EFFECT, NUMERIC_KNOBS, knob_columns
 
     columns = knob_columns([r.params for r in rows])
     table = Table(title=title or f"top trials by {objective_key}", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), title_justify="left")
@@ -152,17 +152,20 @@ def print_trials(rows: Sequence[Any], objective_key: str, title: str | None = No
     for knob in columns.varying:
         table.add_column(HEADERS.get(knob, knob), justify="right" if knob in NUMERIC_KNOBS else "left", overflow="fold")
     table.add_column("fps", justify="right", no_wrap=True)
+    inert = False
     for r in rows:
         fps = r.metrics.get("device.throughput_fps")
+        cells = [columns.cell(knob, r.params) for knob in columns.varying]
+        inert = inert or NO_EFFECT in cells
         table.add_row(
             str(r.number),
             f"{r.value:.6g}",
             "[green]yes[/]" if r.feasible else f"[red]{why_infeasible(getattr(r, 'constraints', {}) or {})}[/]",
-            *(columns.cell(knob, r.params) for knob in columns.varying),
+            *cells,
             "-" if fps is None else f"{fps:.0f}",
         )
     console.print(table)
-    if columns.varying and columns.legend():
-        console.print(f"columns: {columns.legend()}; - = no effect under that calibration_method", highlight=False)
+    if columns.legend():
+        console.print(f"columns: {columns.legend()}" + ("; - = no effect under that calibration_method" if inert else ""), highlight=False)
     if columns.constant:
         console.print(f"same in every trial above: {columns.constants_line()}", highlight=False)

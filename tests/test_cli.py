@@ -217,3 +217,17 @@ def test_a_table_where_every_digits_knob_differs_fits_120_columns_uncut(monkeypa
     table_rows = [ln.split() for ln in text.splitlines() if ln.split() and ln.split()[0] in ("8", "30")]
     for value in ("percentile", "99.999", "outputs", "disabled", "enabled", "entropy", "first", "featmap", "1024", "model"):
         assert any(value in r for r in table_rows), value  # whole, not folded
+
+
+def test_the_run_hint_exports_where_make_demo_and_the_readme_do() -> None:
+    import shutil
+
+    from hailo_sweep.cli import export_dir_for
+
+    hinted = export_dir_for(Path("configs/digits.yaml"))
+    assert hinted == "out/digits"  # the config's stem, not the sweep's name (digits-hailo8l)
+    assert f"verify {hinted}" in (REPO / "README.md").read_text()
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"best configs/digits.yaml --export {hinted}\n" in dry
