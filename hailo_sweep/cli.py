@@ -69,9 +69,10 @@ def run(
     )] = None,
 ) -> None:
     """Run (or resume) the sweep described by CONFIG."""
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    check_input_files(cfg)  # a wrong path is refused before the heavy imports
     quiet()
     from hailo_sweep.progress import RichObserver
     from hailo_sweep.selection import load_study, top_trials
@@ -130,9 +131,10 @@ def new(
 @handles_errors
 def init(config: ConfigArg) -> None:
     """Create the study, the MLflow experiment and the parent run once, and enqueue the baseline (before starting workers)."""
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    check_input_files(cfg)  # a wrong path is refused before the heavy imports
     quiet()
     from hailo_sweep.sweep import Sweep
 
@@ -152,9 +154,10 @@ def worker(
     worker_index: Annotated[Optional[int], typer.Option("--worker-index", min=0, help="offsets the sampler seed; default: from the process id")] = None,
 ) -> None:
     """Join an initialized sweep and run trials until its budget is spent."""
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    check_input_files(cfg)  # a wrong path is refused before the heavy imports
     quiet()
     from hailo_sweep.progress import RichObserver
     from hailo_sweep.sweep import Sweep
@@ -203,9 +206,10 @@ def diagnose(
             "diagnose needs exactly one of --trial N or --compiled FILE",
             fix=f"e.g. {self_command()} diagnose {config} --trial 3, or {self_command()} diagnose {config} --compiled model.hef --outputs my_outputs.npz",
         )
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    check_input_files(cfg)  # a wrong path is refused before the heavy imports
     quiet()
     from hailo_sweep.commands.diagnose import diagnose_files, diagnose_trial
 
@@ -235,9 +239,11 @@ def best(
     allow_infeasible: Annotated[bool, typer.Option("--allow-infeasible", help="let --pick export a trial that misses a constraint (the alias 'best' stays where it is)")] = False,
 ) -> None:
     """Show the top trials (and the Pareto front); with --export, register the chosen model (alias 'best') and export it."""
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    if export is not None:  # the lock file records the model's and the data's digests
+        check_input_files(cfg)
     quiet()
     from hailo_sweep.selection import LOCK_FILE, export_best, load_study, log_front, pareto_front, top_trials
 

@@ -231,3 +231,18 @@ def test_the_run_hint_exports_where_make_demo_and_the_readme_do() -> None:
         pytest.skip("make is not installed")
     dry = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
     assert f"best configs/digits.yaml --export {hinted}\n" in dry
+
+
+def test_a_missing_model_or_data_file_is_refused_before_any_heavy_import(tmp_path: Path) -> None:
+    good = (REPO / "configs" / "digits.yaml").read_text()
+    (tmp_path / "c.yaml").write_text(good)  # its model and data paths are relative: none exists under tmp_path
+    for command in (("run",), ("worker",), ("init",), ("diagnose", "--trial", "0"), ("best", "--export", "out")):
+        code, out, heavy = probe(command[0], "c.yaml", *command[1:], cwd=tmp_path)
+        assert code == 2, (command, out)
+        assert "model file not found" in out and "c.yaml: model:" in out and "fix: point 'model' at" in " ".join(out.split()), (command, out)
+        assert heavy == [], command
+    (tmp_path / "d.yaml").write_text(good.replace("models/digits_cnn.onnx", str(REPO / "configs" / "models" / "digits_cnn.onnx")))
+    code, out, heavy = probe("run", "d.yaml", cwd=tmp_path)
+    assert code == 2 and "data.calibration" in out and "data file not found" in out, out
+    assert heavy == []
+    assert not list(tmp_path.glob("**/*.db")) and not (tmp_path / "out").exists(), "a path error wrote something"
