@@ -7,6 +7,7 @@ Optuna, onnxruntime, matplotlib) happens inside the command that needs it, after
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from pathlib import Path
@@ -73,28 +74,36 @@ def run(
 
     cfg = load_config(config)
     check_input_files(cfg)  # a wrong path is refused before the heavy imports
-    quiet()
-    from hailo_sweep.progress import RichObserver
-    from hailo_sweep.selection import load_study, top_trials
-    from hailo_sweep.sweep import Sweep
-
+    client = None
     if cluster or cfg.cluster.address:
         if jobs != 1:
             raise UserInputError("--jobs runs local worker processes; with a cluster the Dask workers run the trials",
                                  file=config, key="--jobs", fix="drop --jobs, or drop --cluster (and cluster.address)")
-        from hailo_sweep.commands.run import run_on_cluster
+        from hailo_sweep.cluster.connect import connect
 
-        summary = run_on_cluster(cfg, cluster, trials, _direction(cfg))
-        best_number, best_value = summary.best_number, summary.best_value
-    elif jobs == 1:
-        with RichObserver(console) as observer:
-            observer.set_direction(_direction(cfg))
-            summary = Sweep(cfg, observer).run(trials)
-        best_number, best_value = summary.best_number, summary.best_value
-    else:
-        from hailo_sweep.commands.run import run_jobs
+        # before the heavy imports: an unreachable scheduler is reported after the connect timeout, not that plus them
+        client = connect(cfg.cluster.resolved(cfg.source), cluster)  # TLS files relative to the config file
+    with contextlib.closing(client) if client is not None else contextlib.nullcontext():
+        quiet()
+        from hailo_sweep.progress import RichObserver
+        from hailo_sweep.sweep import Sweep
 
-        best_number, best_value = run_jobs(cfg, config, trials or cfg.trials, jobs)
+        if client is not None:
+            from hailo_sweep.commands.run import run_on_cluster
+
+            summary = run_on_cluster(cfg, client, trials, _direction(cfg))
+            best_number, best_value = summary.best_number, summary.best_value
+        elif jobs == 1:
+            with RichObserver(console) as observer:
+                observer.set_direction(_direction(cfg))
+                summary = Sweep(cfg, observer).run(trials)
+            best_number, best_value = summary.best_number, summary.best_value
+        else:
+            from hailo_sweep.commands.run import run_jobs
+
+            best_number, best_value = run_jobs(cfg, config, trials or cfg.trials, jobs)
+    from hailo_sweep.selection import load_study, top_trials
+
     study, _ = load_study(cfg)
     print_trials(top_trials(study, 5), study.user_attrs.get("objective", {}).get("keys", ["value"])[0])
     if best_number is not None:

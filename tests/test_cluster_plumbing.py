@@ -20,6 +20,7 @@ from hailo_sweep.config import load_config
 from hailo_sweep.console import handles_errors
 from hailo_sweep.errors import ClusterUnreachable, ResourceMissing, UserInputError
 from tests.conftest import WriteConfig, cli
+from tests.test_cli import probe
 from tests.dask_cluster import DaskCluster, StartCluster, WorkerSpec
 from tests.hailo_fixtures import FakeHailo, TinyModel
 from tests.tls_files import make_tls_files
@@ -115,6 +116,10 @@ def test_cli_exits_3_for_an_unreachable_scheduler(write_config: WriteConfig, tmp
     result = cli(tmp_path, "run", str(config), "--cluster", UNREACHABLE)
     assert result.returncode == 3, result.stderr
     assert "127.0.0.1:1" in result.stderr and "secret" not in result.stdout + result.stderr
+    # the scheduler is tried before MLflow, Optuna and onnxruntime are imported: the wait is the connect timeout alone
+    code, out, heavy = probe("run", str(config), "--cluster", UNREACHABLE, cwd=tmp_path)
+    assert code == 3 and "cannot reach the Dask scheduler" in out, out
+    assert heavy == []
 
 
 def test_tls_scheduler_accepts_a_client_with_the_config_files(dask_cluster: StartCluster, tmp_path: Path) -> None:
