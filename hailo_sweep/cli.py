@@ -26,6 +26,10 @@ app = typer.Typer(
     help="Sweep Hailo quantization settings; track every trial in MLflow.",
 )
 
+#: the metavar of a flag (a bool option that takes no value): none. Typer 0.29's Rich help shows ``<bool>`` after a
+#: flag, as if it took a value, unless its metavar is given (its plain help and Typer <= 0.28 show nothing)
+FLAG = ""
+
 ConfigArg = Annotated[Path, typer.Argument(help="sweep config (YAML)", show_default=False)]
 
 
@@ -42,7 +46,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="print the version and exit")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="print the version and exit", metavar=FLAG)] = False,
 ) -> None:
     """Sweep Hailo quantization settings; track every trial in MLflow."""
 
@@ -126,7 +130,7 @@ def new(
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="calibration data (.npy/.npz)")] = None,
     evaluation: Annotated[Optional[Path], typer.Option("--evaluation", help="evaluation data (.npz with x and optional labels)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="config to write (default: MODEL.yaml here)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing config")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing config", metavar=FLAG)] = False,
 ) -> None:
     """Write a starter config from MODEL's inputs and outputs (and the data, if given), and check that it loads."""
     from hailo_sweep.scaffold import write_starter
@@ -245,7 +249,7 @@ def best(
     export: Annotated[Optional[Path], typer.Option("--export", help="write the chosen compiled model, its script and a manifest here")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="rows in the table")] = 10,
     pick: Annotated[Optional[int], typer.Option("--pick", min=0, help="export this trial instead (e.g. another point of the Pareto front)")] = None,
-    allow_infeasible: Annotated[bool, typer.Option("--allow-infeasible", help="let --pick export a trial that misses a constraint (the alias 'best' stays where it is)")] = False,
+    allow_infeasible: Annotated[bool, typer.Option("--allow-infeasible", help="let --pick export a trial that misses a constraint (the alias 'best' stays where it is)", metavar=FLAG)] = False,
 ) -> None:
     """Show the top trials (and the Pareto front); with --export, register the chosen model (alias 'best') and export it."""
     from hailo_sweep.config import check_input_files, load_config

@@ -246,3 +246,30 @@ def test_a_missing_model_or_data_file_is_refused_before_any_heavy_import(tmp_pat
     assert code == 2 and "data.calibration" in out and "data file not found" in out, out
     assert heavy == []
     assert not list(tmp_path.glob("**/*.db")) and not (tmp_path / "out").exists(), "a path error wrote something"
+
+
+TYPERS_OWN = ("--help", "--install-completion", "--show-completion")  # Typer's own options: their help is Typer's
+
+
+def test_our_flags_take_no_value_and_their_help_says_none(tmp_path: Path) -> None:
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"new", "best", "run"} <= set(commands)
+    seen = set()
+    for args in ([], *([name] for name in commands)):
+        result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert result.exit_code == 0, (args, result.output)
+        for line in result.output.splitlines():
+            cells = line.strip("│ ").split()
+            if cells and cells[0].startswith("--"):
+                seen.add(cells[0])
+                if cells[0] not in TYPERS_OWN:
+                    assert "<bool>" not in line, (args, line)  # a flag shown as if it took a value
+    assert {"--force", "--allow-infeasible", "--version"} <= seen
+    model, out = tmp_path / "m.onnx", tmp_path / "m.yaml"
+    model.write_bytes((REPO / "configs" / "models" / "digits_cnn.onnx").read_bytes())
+    out.write_text("taken\n")
+    refused = runner.invoke(app, ["new", str(model), "-o", str(out)])
+    assert refused.exit_code == 2 and out.read_text() == "taken\n"
+    forced = runner.invoke(app, ["new", str(model), "-o", str(out), "--force"])  # a flag: no value follows it
+    assert forced.exit_code == 0, forced.output
+    assert out.read_text() != "taken\n"
