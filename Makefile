@@ -46,7 +46,7 @@ ui: install
 
 # the distributed tests use a private PostgreSQL cluster and an MLflow server, started and stopped around pytest
 test: install
-	VENV_PY=$(BIN)/python bash .ci/services.sh $(BIN)/python -m pytest -q
+	VENV_PY=$(BIN)/python bash .ci/services.sh $(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf sweeps mlruns out

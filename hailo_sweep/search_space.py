@@ -178,9 +178,10 @@ class SearchSpace:
         out16 = encode_16bit(settings.output_16bit, self.output_names)
         if out16 not in choices["output_16bit"]:
             out16 = choices["output_16bit"][0]
-        algorithm = {
-            knob: (getattr(settings, knob) if getattr(settings, knob) in choices[knob] else choices[knob][0])
-            for knob in self.algorithm_knobs()
+        declared = self.algorithm_knobs()
+        algorithm = {  # an undeclared knob stays at the level's default, as in every trial the sampler proposes
+            knob: (None if knob not in declared else getattr(settings, knob) if getattr(settings, knob) in choices[knob] else choices[knob][0])
+            for knob in ALGORITHM_KNOBS
         }
         return replace(
             settings,

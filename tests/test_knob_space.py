@@ -98,3 +98,20 @@ def test_check_supported_names_the_refused_knob_value() -> None:
         s.check_supported(Settings(0, 0, 64, "model"), validate)
     assert info.value.key == "search.finetune"
     assert "finetune='enabled'" in str(info.value)
+
+
+def test_the_embedded_baseline_stays_plain_minmax_when_the_search_declares_other_statistics_first(tmp_path) -> None:
+    from hailo_sweep.backends.base import BackendContext
+    from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
+    from hailo_sweep.model_io import read_model_io
+    from tests.test_layer_noise import DOMAIN, MODEL, NORM
+
+    backend = OnnxRuntimeBackend(BackendContext(MODEL, "hailo8l", tmp_path, read_model_io(MODEL), NORM, DOMAIN))
+    s = space(calibration_method=["percentile", "entropy", "minmax"], equalization=["enabled", "disabled"],
+              bias_correction=["enabled", "disabled"], weights_granularity=["per_tensor", "per_channel"])
+    baseline = s.project(backend.default_settings(s.max_calibset_size(), ()))
+    # quantize_static's defaults, not each knob's first declared choice
+    assert (baseline.calibration_method, baseline.equalization, baseline.bias_correction, baseline.weights_granularity) == (
+        "minmax", "disabled", "disabled", "per_channel")
+    assert baseline.all_16bit is None, "a knob the search leaves alone stays at the level's default, as in every proposed trial"
+    backend.validate(baseline)

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from hailo_sweep.backends.onnxruntime import graph
+from hailo_sweep.backends.onnxruntime.weights import WeightTensor, output_producers, select_4bit_weights, weight_tensors
 from hailo_sweep.backends.onnxruntime.equalize import bias_correction, cross_layer_equalize
 
 DISABLE_ALL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -425,12 +426,12 @@ def test_read_output_quant_needs_metadata() -> None:
 
 @pytest.mark.parametrize("trans_b", [1, 0])
 def test_weight_tensors_lists_conv_and_gemm_weights(trans_b: int) -> None:
-    weights = graph.weight_tensors(cnn(trans_b=trans_b))
+    weights = weight_tensors(cnn(trans_b=trans_b))
     # sizes: w2 16*8*3*3, w3 16*16, wf 10*16, w1 8*1*3*3, w4 4*16
     assert [(w.name, w.size) for w in weights] == [("w2", 1152), ("w3", 256), ("wf", 160), ("w1", 72), ("w4", 64)]
     by_name = {w.name: w for w in weights}
-    assert by_name["wf"] == graph.WeightTensor("wf", "fc", "Gemm", 160, 0 if trans_b else 1)
-    assert by_name["w3"] == graph.WeightTensor("w3", "conv3", "Conv", 256, 0)
+    assert by_name["wf"] == WeightTensor("wf", "fc", "Gemm", 160, 0 if trans_b else 1)
+    assert by_name["w3"] == WeightTensor("w3", "conv3", "Conv", 256, 0)
 
 
 @pytest.mark.parametrize(
@@ -446,7 +447,7 @@ def test_weight_tensors_lists_conv_and_gemm_weights(trans_b: int) -> None:
     ],
 )
 def test_select_4bit_weights_takes_largest_that_fit(share: float, names: list[str], achieved: float) -> None:
-    chosen, got = graph.select_4bit_weights(cnn(), share)
+    chosen, got = select_4bit_weights(cnn(), share)
     assert [w.name for w in chosen] == names
     assert got == pytest.approx(achieved)
     assert got <= share + 1e-12
@@ -454,11 +455,11 @@ def test_select_4bit_weights_takes_largest_that_fit(share: float, names: list[st
 
 def test_select_4bit_weights_rejects_share_outside_unit_interval() -> None:
     with pytest.raises(ValueError):
-        graph.select_4bit_weights(cnn(), 1.2)
+        select_4bit_weights(cnn(), 1.2)
 
 
 def test_output_producers() -> None:
-    producers = graph.output_producers(cnn())
+    producers = output_producers(cnn())
     assert {name: node.name for name, node in producers.items()} == {"featmap": "head", "logits": "fc"}
 
 

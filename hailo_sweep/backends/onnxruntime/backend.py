@@ -88,13 +88,20 @@ class OnnxRuntimeBackend(Backend):
         return {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "cpu": _cpu_description()}
 
     def default_settings(self, calibset_size: int, output_names: tuple[str, ...]) -> Settings:
-        # quantize_static's own defaults (MinMax, no extras) on a 64-sample calibration set, normalization on the host.
+        # quantize_static's own defaults (MinMax, per-channel weights, no extras) on a 64-sample calibration set,
+        # normalization on the host. Each algorithm knob is named, so that the baseline stays this point when the
+        # search declares the knob (an unset knob would be projected onto its first declared choice).
         return Settings(
             optimization_level=0,
             compression_level=0,
             calibset_size=min(64, calibset_size),
             normalization_placement="host",
             output_16bit=(),
+            equalization="disabled",
+            bias_correction="disabled",
+            calibration_method="minmax",
+            weights_granularity="per_channel",
+            all_16bit="none",
         )
 
     def emulation_contexts(self) -> tuple[EmulationContext, ...]:

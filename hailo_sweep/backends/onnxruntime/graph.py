@@ -10,19 +10,18 @@ The measurements behind each edit are in docs/onnxruntime-quantization.md (secti
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hailo_sweep.backends.onnxruntime import graph_ops as ops
+
 #: metadata_props key under which ``strip_output_dequantize`` records each raw output's quantization
 OUTPUT_QUANT_KEY = "hailo_sweep.output_quant"
 
-# QuantizeLinear/DequantizeLinear live in the default domain, or in com.microsoft when ORT needs 4/16-bit types
-# below opset 21 (doc section 6.2).
-_QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
 _INTEGER_OUTPUT_TYPES = {
     TensorProto.UINT8: "uint8",
     TensorProto.INT8: "int8",
@@ -39,178 +38,6 @@ class OutputQuant:
     scale: float
     zero_point: int
     dtype: str  # numpy dtype name of the raw integers: uint8, int8, uint16 or int16
-
-
-@dataclass(frozen=True)
-class WeightTensor:
-    """A Conv/Gemm weight initializer, the unit the backend assigns a weight bit width to."""
-
-    name: str
-    node: str  # name of the (first) node using it; its first output's name when the node is unnamed
-    op_type: str  # "Conv" or "Gemm"
-    size: int  # number of elements
-    out_axis: int  # output-channel axis, the axis per-channel quantization uses
-
-
-# --------------------------------------------------------------------------------------------------------------
-# small graph helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _is_op(node: onnx.NodeProto, op_type: str) -> bool:
-    return node.op_type == op_type and node.domain in _QDQ_DOMAINS
-
-
-def _initializer_map(graph: onnx.GraphProto) -> dict[str, TensorProto]:
-    return {init.name: init for init in graph.initializer}
-
-
-def _constant_array(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
-    """Value of a constant tensor (initializer or Constant node output), or None when it is computed."""
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-    return None
-
-
-def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
-    return [node for node in graph.node if name in node.input]
-
-
-def _producer(graph: onnx.GraphProto, name: str) -> onnx.NodeProto | None:
-    for node in graph.node:
-        if name in node.output:
-            return node
-    return None
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
-    """A detached copy of a node, safe to keep while the graph's node list is rebuilt."""
-    clone = onnx.NodeProto()
-    clone.CopyFrom(node)
-    return clone
-
-
-def _copy_value(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
-    clone = onnx.ValueInfoProto()
-    clone.CopyFrom(value)
-    return clone
-
-
-def _all_tensor_names(graph: onnx.GraphProto) -> set[str]:
-    names = {v.name for v in graph.input} | {v.name for v in graph.output} | {v.name for v in graph.value_info}
-    names |= {init.name for init in graph.initializer}
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        for sub in _subgraphs(node):
-            names |= _all_tensor_names(sub)
-    names.discard("")
-    return names
-
-
-def _unique_name(graph: onnx.GraphProto, base: str) -> str:
-    taken = _all_tensor_names(graph)
-    if base not in taken:
-        return base
-    k = 1
-    while f"{base}_{k}" in taken:
-        k += 1
-    return f"{base}_{k}"
-
-
-def _replace_input(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Point every use of ``old`` (including uses from inside subgraphs) at ``new``."""
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for sub in _subgraphs(node):
-            _replace_input(sub, old, new)
-
-
-def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Rename a tensor everywhere it is produced, used or declared."""
-    _replace_input(graph, old, new)
-    for node in graph.node:
-        for i, name in enumerate(node.output):
-            if name == old:
-                node.output[i] = new
-    for collection in (graph.input, graph.output, graph.value_info):
-        for value in collection:
-            if value.name == old:
-                value.name = new
-    for init in graph.initializer:
-        if init.name == old:
-            init.name = new
-
-
-def _is_used(graph: onnx.GraphProto, name: str) -> bool:
-    if name in {o.name for o in graph.output}:
-        return True
-    for node in graph.node:
-        if name in node.input:
-            return True
-        if any(_is_used(sub, name) for sub in _subgraphs(node)):
-            return True
-    return False
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto, names: Iterable[str]) -> None:
-    unused = {name for name in names if name and not _is_used(graph, name)}
-    keep = [init for init in graph.initializer if init.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
-def _remove_nodes(graph: onnx.GraphProto, first_outputs: set[str]) -> None:
-    """Remove the nodes whose first output is in ``first_outputs`` (tensor names are unique, nodes may not be)."""
-    keep = [node for node in graph.node if not (node.output and node.output[0] in first_outputs)]
-    del graph.node[:]
-    graph.node.extend(keep)
-
-
-def _drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
-    keep = [v for v in graph.value_info if v.name not in names]
-    del graph.value_info[:]
-    graph.value_info.extend(keep)
-
-
-def _graph_input(graph: onnx.GraphProto, name: str) -> onnx.ValueInfoProto:
-    for value in graph.input:
-        if value.name == name:
-            return value
-    raise ValueError(f"the model has no graph input named {name!r}; inputs are {[v.name for v in graph.input]}")
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _q_output_type(graph: onnx.GraphProto, q_node: onnx.NodeProto) -> int:
-    """ONNX element type of a QuantizeLinear's output: its zero point's type, else ``output_dtype``, else uint8."""
-    if len(q_node.input) > 2 and q_node.input[2]:
-        zp = _constant_array(graph, q_node.input[2])
-        if zp is not None:
-            return helper.np_dtype_to_tensor_dtype(zp.dtype)
-    output_dtype = int(_attr(q_node, "output_dtype", 0))  # type: ignore[call-overload]
-    return output_dtype or TensorProto.UINT8
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,8 +68,8 @@ def prepend_normalization(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    old_input = _graph_input(graph, input_name)
-    if raw_input_name in _all_tensor_names(graph):
+    old_input = ops.graph_input(graph, input_name)
+    if raw_input_name in ops.all_tensor_names(graph):
         raise ValueError(f"raw_input_name {raw_input_name!r} is already a tensor name in the model")
     if old_input.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ValueError(f"input {input_name!r} must be float32 to prepend normalization")
@@ -266,11 +93,11 @@ def prepend_normalization(
     scale = np.broadcast_to(1.0 / std_arr, (channels,)).astype(np.float32).reshape(shape)
     bias = np.broadcast_to(-mean_arr / std_arr, (channels,)).astype(np.float32).reshape(shape)
 
-    scale_name = _unique_name(graph, f"{raw_input_name}_norm_scale")
+    scale_name = ops.unique_name(graph, f"{raw_input_name}_norm_scale")
     graph.initializer.append(numpy_helper.from_array(scale, scale_name))
-    bias_name = _unique_name(graph, f"{raw_input_name}_norm_bias")
+    bias_name = ops.unique_name(graph, f"{raw_input_name}_norm_bias")
     graph.initializer.append(numpy_helper.from_array(bias, bias_name))
-    scaled_name = _unique_name(graph, f"{raw_input_name}_norm_scaled")
+    scaled_name = ops.unique_name(graph, f"{raw_input_name}_norm_scaled")
     mul = helper.make_node("Mul", [raw_input_name, scale_name], [scaled_name], name=f"{raw_input_name}_norm_mul")
     add = helper.make_node("Add", [scaled_name, bias_name], [input_name], name=f"{raw_input_name}_norm_add")
 
@@ -279,11 +106,11 @@ def prepend_normalization(
     raw_input.name = raw_input_name
     normalized = onnx.ValueInfoProto()
     normalized.CopyFrom(old_input)  # the old input tensor is now internal; keep its declared type and shape
-    inputs = [raw_input if value.name == input_name else _copy_value(value) for value in graph.input]
+    inputs = [raw_input if value.name == input_name else ops.copy_value(value) for value in graph.input]
     del graph.input[:]
     graph.input.extend(inputs)
     graph.value_info.append(normalized)
-    nodes = [mul, add, *(_copy_node(node) for node in graph.node)]
+    nodes = [mul, add, *(ops.copy_node(node) for node in graph.node)]
     del graph.node[:]
     graph.node.extend(nodes)
     return out
@@ -299,9 +126,9 @@ def make_input_uint8(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    graph_input = _graph_input(graph, input_name)
-    consumers = _consumers(graph, input_name)
-    quantizers = [node for node in consumers if _is_op(node, "QuantizeLinear") and node.input[0] == input_name]
+    graph_input = ops.graph_input(graph, input_name)
+    consumers = ops.consumers(graph, input_name)
+    quantizers = [node for node in consumers if ops.is_op(node, "QuantizeLinear") and node.input[0] == input_name]
     if not quantizers:
         raise ValueError(f"input {input_name!r} is not consumed by a QuantizeLinear; quantize the model first")
     q_outputs = {node.output[0] for node in quantizers}
@@ -314,29 +141,29 @@ def make_input_uint8(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto
         _check_identity_quantizer(graph, q_node, input_name)
         if q_node.output[0] in graph_outputs:
             raise ValueError(f"the quantized input {q_node.output[0]!r} is a graph output; cannot remove its Q")
-        _replace_input(graph, q_node.output[0], input_name)
+        ops.replace_input(graph, q_node.output[0], input_name)
         removed_params.extend(q_node.input[1:])
-    _remove_nodes(graph, q_outputs)
-    _drop_value_info(graph, q_outputs)
-    _drop_unused_initializers(graph, removed_params)
+    ops.remove_nodes(graph, q_outputs)
+    ops.drop_value_info(graph, q_outputs)
+    ops.drop_unused_initializers(graph, removed_params)
     graph_input.type.tensor_type.elem_type = TensorProto.UINT8
     return out
 
 
 def _check_identity_quantizer(graph: onnx.GraphProto, q_node: onnx.NodeProto, input_name: str) -> None:
     """Raise unless ``q_node`` maps float pixel values to the same uint8 values (scale 1, zero point 0)."""
-    scale = _constant_array(graph, q_node.input[1])
+    scale = ops.constant_array(graph, q_node.input[1])
     if scale is None or scale.size != 1 or float(scale.reshape(-1)[0]) != 1.0:
         raise ValueError(
             f"the QuantizeLinear on input {input_name!r} has scale {None if scale is None else scale.tolist()}, "
             "not 1: quantize with TensorQuantOverrides {input: [{scale: 1, zero_point: 0, quant_type: QUInt8}]}"
         )
-    elem_type = _q_output_type(graph, q_node)
+    elem_type = ops.q_output_type(graph, q_node)
     if elem_type != TensorProto.UINT8:
         raise ValueError(
             f"the QuantizeLinear on input {input_name!r} produces {TensorProto.DataType.Name(elem_type)}, not UINT8"
         )
-    zero_point = _constant_array(graph, q_node.input[2]) if len(q_node.input) > 2 and q_node.input[2] else None
+    zero_point = ops.constant_array(graph, q_node.input[2]) if len(q_node.input) > 2 and q_node.input[2] else None
     if zero_point is not None and (zero_point.size != 1 or int(zero_point.reshape(-1)[0]) != 0):
         raise ValueError(
             f"the QuantizeLinear on input {input_name!r} has zero point {zero_point.tolist()}, not 0"
@@ -362,20 +189,20 @@ def strip_output_dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, di
     outputs = {value.name: value for value in graph.output}
     graph_inputs = {value.name for value in graph.input}
     dequantizers = [
-        _copy_node(node) for node in graph.node if _is_op(node, "DequantizeLinear") and node.output[0] in outputs
+        ops.copy_node(node) for node in graph.node if ops.is_op(node, "DequantizeLinear") and node.output[0] in outputs
     ]
     quant = {dq.output[0]: _output_quant(graph, dq) for dq in dequantizers}
-    _remove_nodes(graph, set(quant))
+    ops.remove_nodes(graph, set(quant))
     claimed: dict[str, str] = {}  # quantized tensor -> the output name it now carries
     removed_params: list[str] = []
     for dq in dequantizers:
         name, raw = dq.output[0], dq.input[0]
         if raw in graph_inputs or raw in outputs:
             raise ValueError(f"output {name!r}: its quantized tensor {raw!r} is a graph input/output; cannot strip")
-        float_users = [node.output[0] for node in _consumers(graph, name)]
+        float_users = [node.output[0] for node in ops.consumers(graph, name)]
         if float_users:  # the float output also feeds other nodes: keep a DequantizeLinear for them
-            dq.output[0] = _unique_name(graph, f"{name}_dequantized")
-            _replace_input(graph, name, dq.output[0])
+            dq.output[0] = ops.unique_name(graph, f"{name}_dequantized")
+            ops.replace_input(graph, name, dq.output[0])
             position = min(i for i, node in enumerate(graph.node) if node.output and node.output[0] in float_users)
             graph.node.insert(position, dq)
         else:
@@ -383,11 +210,11 @@ def strip_output_dequantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, di
         if raw in claimed:  # two outputs share one quantized tensor: copy it under the second name
             graph.node.append(helper.make_node("Identity", [claimed[raw]], [name], name=f"{name}_raw_identity"))
         else:
-            _drop_value_info(graph, {raw, name})
-            _rename_tensor(graph, raw, name)
+            ops.drop_value_info(graph, {raw, name})
+            ops.rename_tensor(graph, raw, name)
             claimed[raw] = name
         outputs[name].type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(quant[name].dtype))
-    _drop_unused_initializers(graph, removed_params)
+    ops.drop_unused_initializers(graph, removed_params)
     _write_output_quant(out, quant)
     return out, quant
 
@@ -412,15 +239,15 @@ def dequantize_pass_through_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
         source = producers.get(node.input[0])
         while source is not None and source.op_type == "Identity" and source.domain in ("", "ai.onnx"):
             source = producers.get(source.input[0])
-        if source is None or not _is_op(source, "DequantizeLinear"):
+        if source is None or not ops.is_op(source, "DequantizeLinear"):
             continue
-        dq = _copy_node(source)
+        dq = ops.copy_node(source)
         dq.output[0] = value.name
-        dq.name = _unique_name(graph, f"{value.name}_dequantize")
+        dq.name = ops.unique_name(graph, f"{value.name}_dequantize")
         replacements[value.name] = dq
     if replacements:
         nodes = [replacements.get(node.output[0], node) if node.output else node for node in graph.node]
-        nodes = [_copy_node(node) for node in nodes]
+        nodes = [ops.copy_node(node) for node in nodes]
         del graph.node[:]
         graph.node.extend(nodes)
     return out
@@ -428,7 +255,7 @@ def dequantize_pass_through_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _output_quant(graph: onnx.GraphProto, dq: onnx.NodeProto) -> OutputQuant:
     name = dq.output[0]
-    scale = _constant_array(graph, dq.input[1])
+    scale = ops.constant_array(graph, dq.input[1])
     if scale is None:
         raise ValueError(f"output {name!r}: the DequantizeLinear scale {dq.input[1]!r} is not a constant")
     if scale.size != 1:
@@ -436,14 +263,14 @@ def _output_quant(graph: onnx.GraphProto, dq: onnx.NodeProto) -> OutputQuant:
             f"output {name!r} is quantized per axis ({scale.size} scales); only per-tensor output quantization "
             "can be stripped"
         )
-    zero_point = _constant_array(graph, dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    zero_point = ops.constant_array(graph, dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
     if zero_point is not None:
         elem_type = helper.np_dtype_to_tensor_dtype(zero_point.dtype)
         zp_value = int(zero_point.reshape(-1)[0])
     else:
-        producer = _producer(graph, dq.input[0])
-        is_q = producer is not None and _is_op(producer, "QuantizeLinear")
-        elem_type = _q_output_type(graph, producer) if producer is not None and is_q else TensorProto.UINT8
+        producer = ops.producer(graph, dq.input[0])
+        is_q = producer is not None and ops.is_op(producer, "QuantizeLinear")
+        elem_type = ops.q_output_type(graph, producer) if producer is not None and is_q else TensorProto.UINT8
         zp_value = 0
     if elem_type not in _INTEGER_OUTPUT_TYPES:
         raise ValueError(
@@ -491,66 +318,3 @@ def read_output_quant(model: onnx.ModelProto) -> dict[str, OutputQuant]:
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"malformed {OUTPUT_QUANT_KEY!r} metadata in the model: {exc}") from exc
     raise ValueError(f"the model has no {OUTPUT_QUANT_KEY!r} metadata; run strip_output_dequantize on it first")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# weights: which tensors exist and which go to 4 bit
-# --------------------------------------------------------------------------------------------------------------
-
-
-def weight_tensors(model: onnx.ModelProto) -> list[WeightTensor]:
-    """The Conv and Gemm weight initializers, largest first (ties by name), each listed once."""
-    graph = model.graph
-    inits = _initializer_map(graph)
-    found: dict[str, WeightTensor] = {}
-    for node in graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
-            continue
-        name = node.input[1]
-        if name not in inits or name in found:
-            continue
-        trans_b = int(_attr(node, "transB", 0))  # type: ignore[call-overload]
-        out_axis = 0 if node.op_type == "Conv" or trans_b == 1 else 1
-        size = int(np.prod(inits[name].dims, dtype=np.int64))
-        found[name] = WeightTensor(
-            name=name, node=node.name or node.output[0], op_type=node.op_type, size=size, out_axis=out_axis
-        )
-    return sorted(found.values(), key=lambda w: (-w.size, w.name))
-
-
-def select_4bit_weights(model: onnx.ModelProto, share: float) -> tuple[list[WeightTensor], float]:
-    """Pick the weights to quantize at 4 bit: the largest tensors first, while their share stays <= ``share``.
-
-    Mirrors Hailo's ``compression_level`` (the backend maps level k to share 0.2*k). A tensor that would overshoot
-    is skipped and smaller ones are still considered, so a model whose largest layer holds most of the weights still
-    gets some 4-bit weights at low levels. Returns the tensors and the share of weight elements they hold.
-    """
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"share must be in [0, 1], got {share}")
-    weights = weight_tensors(model)
-    total = sum(w.size for w in weights)
-    chosen: list[WeightTensor] = []
-    taken = 0
-    for weight in weights:
-        if total == 0 or (taken + weight.size) / total > share + 1e-12:
-            continue
-        chosen.append(weight)
-        taken += weight.size
-    return chosen, (taken / total if total else 0.0)
-
-
-def tensor_producers(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, onnx.NodeProto]:
-    """Tensor name -> the node producing it, for the given tensors (absent names are left out)."""
-    wanted = set(names)
-    return {out: node for node in model.graph.node for out in node.output if out in wanted}
-
-
-def output_producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """Graph output name -> the node producing it (outputs that are graph inputs or constants are left out)."""
-    graph = model.graph
-    producers: dict[str, onnx.NodeProto] = {}
-    for value in graph.output:
-        node = _producer(graph, value.name)
-        if node is not None:
-            producers[value.name] = node
-    return producers

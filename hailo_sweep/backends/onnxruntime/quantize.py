@@ -16,7 +16,7 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData
 
-from hailo_sweep.backends.onnxruntime import graph
+from hailo_sweep.backends.onnxruntime.weights import WeightTensor, select_4bit_weights, tensor_producers, weight_tensors
 from hailo_sweep.backends.onnxruntime.calibration import Calibrator, merge, write_table
 from hailo_sweep.backends.onnxruntime.quiet import quiet_quantizer
 from hailo_sweep.backends.onnxruntime.recipe import Recipe
@@ -35,11 +35,11 @@ def uint8_input_override(input_name: str) -> Overrides:
 
 def overrides(
     model: onnx.ModelProto, settings: Settings, recipe: Recipe, uint8_input: str | None, noisy: list[str]
-) -> tuple[Overrides, list[graph.WeightTensor], float]:
+) -> tuple[Overrides, list[WeightTensor], float]:
     """Per-tensor overrides: 16-bit outputs and noisy layers (with their weights), 4-bit weights, the uint8 input."""
     out: Overrides = {}
-    weights = {w.node: w for w in graph.weight_tensors(model)}
-    producers = graph.tensor_producers(model, [t for node in model.graph.node for t in node.output])
+    weights = {w.node: w for w in weight_tensors(model)}
+    producers = tensor_producers(model, [t for node in model.graph.node for t in node.output])
     sixteen: set[str] = set()
     for name in (*settings.output_16bit, *noisy):
         out[name] = [{"quant_type": QuantType.QUInt16}]
@@ -51,10 +51,10 @@ def overrides(
             w = weights[node.name]
             out[w.name] = [{"quant_type": QuantType.QInt16, **({"axis": w.out_axis} if recipe.per_channel else {})}]
             sixteen.add(w.name)
-    chosen: list[graph.WeightTensor] = []
+    chosen: list[WeightTensor] = []
     share = 0.0
     if recipe.share_4bit > 0 and not recipe.all_16bit:  # all_16bit: every weight at 16 bit, none at 4
-        chosen, share = graph.select_4bit_weights(model, recipe.share_4bit)
+        chosen, share = select_4bit_weights(model, recipe.share_4bit)
         chosen = [w for w in chosen if w.name not in sixteen]
     for w in chosen:
         out[w.name] = [{"quant_type": QuantType.QInt4, **({"axis": w.out_axis} if recipe.per_channel else {})}]
@@ -85,7 +85,7 @@ def scope_tensors(model: onnx.ModelProto, scope: str) -> set[str] | None:
             tensors.add(current)
         return tensors
     if scope == "outputs":
-        producers = graph.tensor_producers(model, [t for n in nodes for t in n.output])
+        producers = tensor_producers(model, [t for n in nodes for t in n.output])
         for value in model.graph.output:
             current = value.name
             tensors.add(current)
