@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/digits.yaml
+# where the demo exports the best trial: out/ + the config's stem, as `hailo-sweep run`'s closing hint says
+EXPORT := out/$(basename $(notdir $(CONFIG)))
 
 .PHONY: demo test install data ui clean
 
@@ -31,13 +33,13 @@ data: install
 demo: data
 	@echo "==> running the example sweep $(CONFIG): 30 trials on the embedded onnxruntime backend (1-3 minutes)"
 	$(BIN)/hailo-sweep run $(CONFIG)
-	@echo "==> exporting the best trial to out/digits/"
-	$(BIN)/hailo-sweep best $(CONFIG) --export out/digits
+	@echo "==> exporting the best trial to $(EXPORT)/"
+	$(BIN)/hailo-sweep best $(CONFIG) --export $(EXPORT)
 	@echo
 	@echo "Next, copy and paste (or first '. $(BIN)/activate' and drop the $(BIN)/ prefix):"
 	@echo "  $(BIN)/hailo-sweep ui $(CONFIG)                  # the MLflow UI: trial runs sorted by the objective"
 	@echo "  $(BIN)/hailo-sweep diagnose $(CONFIG) --trial 3  # where trial 3's error comes from"
-	@echo "  $(BIN)/hailo-sweep verify out/digits                       # rebuild the exported model and compare"
+	@echo "  $(BIN)/hailo-sweep verify $(EXPORT)                       # rebuild the exported model and compare"
 
 ui: install
 	$(BIN)/hailo-sweep ui $(CONFIG)

@@ -7,6 +7,7 @@ Optuna, onnxruntime, matplotlib) happens inside the command that needs it, after
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from pathlib import Path
@@ -25,6 +26,10 @@ app = typer.Typer(
     help="Sweep Hailo quantization settings; track every trial in MLflow.",
 )
 
+#: the metavar of a flag (a bool option that takes no value): none. Typer 0.29's Rich help shows ``<bool>`` after a
+#: flag, as if it took a value, unless its metavar is given (its plain help and Typer <= 0.28 show nothing)
+FLAG = ""
+
 ConfigArg = Annotated[Path, typer.Argument(help="sweep config (YAML)", show_default=False)]
 
 
@@ -41,7 +46,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="print the version and exit")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="print the version and exit", metavar=FLAG)] = False,
 ) -> None:
     """Sweep Hailo quantization settings; track every trial in MLflow."""
 
@@ -69,38 +74,53 @@ def run(
     )] = None,
 ) -> None:
     """Run (or resume) the sweep described by CONFIG."""
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
-    quiet()
-    from hailo_sweep.progress import RichObserver
-    from hailo_sweep.selection import load_study, top_trials
-    from hailo_sweep.sweep import Sweep
-
+    check_input_files(cfg)  # a wrong path is refused before the heavy imports
+    client = None
     if cluster or cfg.cluster.address:
         if jobs != 1:
             raise UserInputError("--jobs runs local worker processes; with a cluster the Dask workers run the trials",
                                  file=config, key="--jobs", fix="drop --jobs, or drop --cluster (and cluster.address)")
-        from hailo_sweep.commands.run import run_on_cluster
+        from hailo_sweep.cluster.connect import connect
 
-        summary = run_on_cluster(cfg, cluster, trials, _direction(cfg))
-        best_number, best_value = summary.best_number, summary.best_value
-    elif jobs == 1:
-        with RichObserver(console) as observer:
-            observer.set_direction(_direction(cfg))
-            summary = Sweep(cfg, observer).run(trials)
-        best_number, best_value = summary.best_number, summary.best_value
-    else:
-        from hailo_sweep.commands.run import run_jobs
+        # before the heavy imports: an unreachable scheduler is reported after the connect timeout, not that plus them
+        client = connect(cfg.cluster.resolved(cfg.source), cluster)  # TLS files relative to the config file
+    with contextlib.closing(client) if client is not None else contextlib.nullcontext():
+        quiet()
+        from hailo_sweep.progress import RichObserver
+        from hailo_sweep.sweep import Sweep
 
-        best_number, best_value = run_jobs(cfg, config, trials or cfg.trials, jobs)
+        if client is not None:
+            from hailo_sweep.commands.run import run_on_cluster
+
+            summary = run_on_cluster(cfg, client, trials, _direction(cfg))
+            best_number, best_value = summary.best_number, summary.best_value
+        elif jobs == 1:
+            with RichObserver(console) as observer:
+                observer.set_direction(_direction(cfg))
+                summary = Sweep(cfg, observer).run(trials)
+            best_number, best_value = summary.best_number, summary.best_value
+        else:
+            from hailo_sweep.commands.run import run_jobs
+
+            best_number, best_value = run_jobs(cfg, config, trials or cfg.trials, jobs)
+    from hailo_sweep.selection import load_study, top_trials
+
     study, _ = load_study(cfg)
     print_trials(top_trials(study, 5), study.user_attrs.get("objective", {}).get("keys", ["value"])[0])
     if best_number is not None:
         console.print(f"best trial: [bold]{best_number}[/] (value {best_value:.6g})")
     else:
         console.print("[yellow]no feasible completed trial yet[/]")
-    hint(("browse the runs", f"ui {config}"), ("export the best", f"best {config} --export out/{cfg.name}"))
+    hint(("browse the runs", f"ui {config}"), ("export the best", f"best {config} --export {export_dir_for(config)}"))
+
+
+def export_dir_for(config: Path) -> str:
+    """Where the hints (and ``make demo``: ``out/$(basename $(notdir $(CONFIG)))``) export a sweep: out/ + the
+    config file's stem, e.g. ``out/digits`` for configs/digits.yaml (the stem does not change when the sweep is renamed)."""
+    return f"out/{config.stem}"
 
 
 @app.command()
@@ -110,7 +130,7 @@ def new(
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="calibration data (.npy/.npz)")] = None,
     evaluation: Annotated[Optional[Path], typer.Option("--evaluation", help="evaluation data (.npz with x and optional labels)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="config to write (default: MODEL.yaml here)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing config")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing config", metavar=FLAG)] = False,
 ) -> None:
     """Write a starter config from MODEL's inputs and outputs (and the data, if given), and check that it loads."""
     from hailo_sweep.scaffold import write_starter
@@ -124,9 +144,10 @@ def new(
 @handles_errors
 def init(config: ConfigArg) -> None:
     """Create the study, the MLflow experiment and the parent run once, and enqueue the baseline (before starting workers)."""
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    check_input_files(cfg)  # a wrong path is refused before the heavy imports
     quiet()
     from hailo_sweep.sweep import Sweep
 
@@ -146,9 +167,10 @@ def worker(
     worker_index: Annotated[Optional[int], typer.Option("--worker-index", min=0, help="offsets the sampler seed; default: from the process id")] = None,
 ) -> None:
     """Join an initialized sweep and run trials until its budget is spent."""
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    check_input_files(cfg)  # a wrong path is refused before the heavy imports
     quiet()
     from hailo_sweep.progress import RichObserver
     from hailo_sweep.sweep import Sweep
@@ -197,9 +219,10 @@ def diagnose(
             "diagnose needs exactly one of --trial N or --compiled FILE",
             fix=f"e.g. {self_command()} diagnose {config} --trial 3, or {self_command()} diagnose {config} --compiled model.hef --outputs my_outputs.npz",
         )
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    check_input_files(cfg)  # a wrong path is refused before the heavy imports
     quiet()
     from hailo_sweep.commands.diagnose import diagnose_files, diagnose_trial
 
@@ -226,14 +249,16 @@ def best(
     export: Annotated[Optional[Path], typer.Option("--export", help="write the chosen compiled model, its script and a manifest here")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="rows in the table")] = 10,
     pick: Annotated[Optional[int], typer.Option("--pick", min=0, help="export this trial instead (e.g. another point of the Pareto front)")] = None,
-    allow_infeasible: Annotated[bool, typer.Option("--allow-infeasible", help="let --pick export a trial that misses a constraint (the alias 'best' stays where it is)")] = False,
+    allow_infeasible: Annotated[bool, typer.Option("--allow-infeasible", help="let --pick export a trial that misses a constraint (the alias 'best' stays where it is)", metavar=FLAG)] = False,
 ) -> None:
     """Show the top trials (and the Pareto front); with --export, register the chosen model (alias 'best') and export it."""
-    from hailo_sweep.config import load_config
+    from hailo_sweep.config import check_input_files, load_config
 
     cfg = load_config(config)
+    if export is not None:  # the lock file records the model's and the data's digests
+        check_input_files(cfg)
     quiet()
-    from hailo_sweep.selection import export_best, load_study, log_front, pareto_front, top_trials
+    from hailo_sweep.selection import LOCK_FILE, export_best, load_study, log_front, pareto_front, top_trials
 
     study, stores = load_study(cfg)
     objective_key = study.user_attrs.get("objective", {}).get("keys", ["value"])[0]
@@ -248,10 +273,13 @@ def best(
         manifest = export_best(cfg, export, pick, allow_infeasible=allow_infeasible)
         reg = manifest["mlflow"]
         alias = "alias best" if reg.get("alias") else "[yellow]not aliased best: it misses a constraint[/]"
+        roles = {"compiled": "the compiled model", "script": "its model script"}
+        written = [f"{f['name']} ({roles.get(role, role)})" for role, f in manifest["files"].items()]
+        written += ["manifest.json (settings, metrics, how to feed the input)", f"{LOCK_FILE} (what `verify` rebuilds from)"]
         console.print(
-            f"exported trial {manifest['trial']} to [bold]{export}[/]: {', '.join(f['name'] for f in manifest['files'].values())}, manifest.json "
-            f"(registered model '{reg['registered_model']}' version {reg['version']}, {alias})",
-            soft_wrap=True,
+            f"exported trial {manifest['trial']} to [bold]{export}[/]: {', '.join(written)}; "
+            f"registered model '{reg['registered_model']}' version {reg['version']}, {alias}",
+            soft_wrap=True, highlight=False,
         )
         hint(("check that it rebuilds", f"verify {export}"))
 

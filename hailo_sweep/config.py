@@ -164,6 +164,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MODEL_FILE_FIX = "point 'model' at an existing .onnx file"
+DATA_FILE_FIX = "point it at an existing .npy or .npz file"
+
+
+def check_input_files(config: SweepConfig) -> None:
+    """The model and the data files exist. The commands call this right after loading the config, before their heavy
+    imports, so that a wrong path is refused at once; the contents are checked where the files are read."""
+    check_file(config.model, what="model file", fix=MODEL_FILE_FIX, config_file=config.source, key="model")
+    for role in ("calibration", "evaluation"):
+        check_file(getattr(config.data, role), what="data file", fix=DATA_FILE_FIX, config_file=config.source, key=f"data.{role}")
+
+
 def check_file(path: Path, *, what: str, fix: str, config_file: Path | None = None, key: str | None = None) -> Path:
     """The resolved path of an existing regular file; a missing file, a directory or a symlink loop is refused by name."""
     shown = path

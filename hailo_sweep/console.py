@@ -137,26 +137,35 @@ def why_infeasible(constraints: dict[str, float]) -> str:
 
 
 def print_trials(rows: Sequence[Any], objective_key: str, title: str | None = None) -> None:
-    """The top trials, 80 columns wide without cutting a value: trial, value, feasibility (or why not), knobs, fps."""
+    """The listed trials: number, value, feasibility (or why not), every knob whose value differs between them, fps.
+
+    The knobs that are the same in every listed trial are said once under the table, with the config key of each
+    abbreviated column header; nothing is cut (a column too wide for the terminal folds).
+    """
+    from hailo_sweep.knob_table import HEADERS, NO_EFFECT, NUMERIC_KNOBS, knob_columns
+
+    columns = knob_columns([r.params for r in rows])
     table = Table(title=title or f"top trials by {objective_key}", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0), title_justify="left")
     table.add_column("trial", justify="right", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("feasible", overflow="fold")
-    for name in ("opt", "comp", "calib", "norm"):
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("16-bit", overflow="fold")
+    for knob in columns.varying:
+        table.add_column(HEADERS.get(knob, knob), justify="right" if knob in NUMERIC_KNOBS else "left", overflow="fold")
     table.add_column("fps", justify="right", no_wrap=True)
+    inert = False
     for r in rows:
         fps = r.metrics.get("device.throughput_fps")
+        cells = [columns.cell(knob, r.params) for knob in columns.varying]
+        inert = inert or NO_EFFECT in cells
         table.add_row(
             str(r.number),
             f"{r.value:.6g}",
             "[green]yes[/]" if r.feasible else f"[red]{why_infeasible(getattr(r, 'constraints', {}) or {})}[/]",
-            str(r.params.get("optimization_level", "")),
-            str(r.params.get("compression_level", "")),
-            str(r.params.get("calibset_size", "")),
-            str(r.params.get("normalization_placement", "")),
-            str(r.params.get("output_16bit", "")),
+            *cells,
             "-" if fps is None else f"{fps:.0f}",
         )
     console.print(table)
+    if columns.legend():
+        console.print(f"columns: {columns.legend()}" + ("; - = no effect under that calibration_method" if inert else ""), highlight=False)
+    if columns.constant:
+        console.print(f"same in every trial above: {columns.constants_line()}", highlight=False)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from hailo_sweep.backends.base import ModelIO, Normalization
-from hailo_sweep.config import SweepConfig, check_file
+from hailo_sweep.config import DATA_FILE_FIX, SweepConfig, check_file
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.settings import Placement
 
@@ -83,7 +83,7 @@ def _sha_pair(x: np.ndarray, y: np.ndarray) -> str:
 
 
 def _open_npy_or_npz(path: Path, *, config_file: Path | None, config_key: str) -> np.ndarray | np.lib.npyio.NpzFile:
-    check_file(path, what="data file", fix="point it at an existing .npy or .npz file", config_file=config_file, key=config_key)
+    check_file(path, what="data file", fix=DATA_FILE_FIX, config_file=config_file, key=config_key)
     if path.suffix not in (".npy", ".npz"):
         raise UserInputError(
             f"{path.name}: unsupported data format '{path.suffix}'", file=config_file, key=config_key, fix="save the data with numpy.save (.npy) or numpy.savez (.npz)"

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from hailo_sweep.backends.base import ModelIO
-from hailo_sweep.config import SweepConfig, check_file
+from hailo_sweep.config import MODEL_FILE_FIX, SweepConfig, check_file
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.metrics import OutputSpec
 from hailo_sweep.onnx_runner import BatchAxisError, run_chunked
@@ -28,7 +28,7 @@ def file_sha256(path: Path) -> str:
 
 def read_model_io(path: Path, *, config_file: Path | None = None) -> ModelIO:
     """Load the ONNX model's signature; refuse a missing, unreadable or unsupported model with a clear message."""
-    path = check_file(path, what="model file", fix="point 'model' at an existing .onnx file", config_file=config_file, key="model")
+    path = check_file(path, what="model file", fix=MODEL_FILE_FIX, config_file=config_file, key="model")
     try:
         model = onnx.load(str(path), load_external_data=False)
         onnx.checker.check_model(str(path))  # by path: external data files are found next to the model

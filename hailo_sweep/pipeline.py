@@ -23,7 +23,7 @@ from hailo_sweep.backends.base import (
     Normalization,
 )
 from hailo_sweep.config import SweepConfig
-from hailo_sweep.diagnose.findings import Finding, check_calibration_coverage
+from hailo_sweep.diagnose.findings import Finding, check_calibration_coverage, check_normalization_unset
 from hailo_sweep.data import Dataset, check_label_range, feed, load_dataset
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.model_io import batch_axes, class_counts, file_sha256, output_specs, probe_model, read_model_io, softmax_outputs, with_data_size
@@ -154,6 +154,10 @@ def prepare_sweep(config: SweepConfig, work_dir: Path, backend: Backend | None =
         task_metrics=load_task_metrics(config),
     )
     prepared.findings.extend(softmax_findings(config.model, outputs))
+    if normalization is None:
+        unset = normalization_unset_finding(config.model, outputs, dataset, reference, reference_in)
+        if unset is not None:
+            prepared.findings.append(unset)
     coverage = check_calibration_coverage(dataset.calibration, dataset.evaluation)
     if coverage is not None:
         prepared.findings.append(coverage)
@@ -179,3 +183,32 @@ def softmax_findings(model: Path, outputs: tuple[m.OutputSpec, ...]) -> list[Fin
         )
         for name in softmax_outputs(model, outputs)
     ]
+
+
+#: labelled samples the float model is run on once more, standardized, when the config sets no normalization
+UNSET_SAMPLES = 128
+
+
+def normalization_unset_finding(
+    model: Path, outputs: tuple[m.OutputSpec, ...], dataset: Dataset, reference: Mapping[str, np.ndarray], fed: np.ndarray,
+) -> Finding | None:
+    """Without a normalization: the float model's top-1 accuracy on the first labelled samples as fed, against the same
+    samples standardized with the calibration data's per-channel statistics (one float run of at most
+    ``UNSET_SAMPLES``); see ``check_normalization_unset``. Silent without class-id labels or a (N, classes) class output."""
+    labels = dataset.labels
+    name = next((o.name for o in outputs if o.kind in m.CLASS_KINDS and reference[o.name].ndim == 2), None)
+    if labels is None or labels.ndim != 1 or name is None or fed.ndim != 4:
+        return None
+    n = min(len(labels), len(fed), UNSET_SAMPLES)
+    calib = dataset.calibration[:1024].astype(np.float64)
+    mean, std = calib.mean(axis=(0, 2, 3)), calib.std(axis=(0, 2, 3))
+    if not np.all(std > 0):
+        return None
+    from hailo_sweep import onnx_runner
+
+    standardized = ((fed[:n] - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+    sess = onnx_runner.session(model, onnx_runner.ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    out = onnx_runner.run_chunked(sess, standardized, (name,), batch_axes(outputs))[name]
+    as_fed = float(np.mean(np.argmax(reference[name][:n], axis=-1) == labels[:n]))
+    after = float(np.mean(np.argmax(out, axis=-1) == labels[:n]))
+    return check_normalization_unset(as_fed, after, n, tuple(float(v) for v in mean), tuple(float(v) for v in std), name)

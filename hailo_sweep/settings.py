@@ -28,6 +28,16 @@ ALGORITHM_KNOBS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def inert_knobs(calibration_method: str | None) -> tuple[str, ...]:
+    """The algorithm knobs that cannot change anything under this calibration method (the canonical form drops them):
+    a percentile means nothing to minmax or entropy, and minmax applies to every tensor whatever the scope."""
+    if calibration_method == "minmax":
+        return ("clipping_percentile", "clipping_scope")
+    if calibration_method == "entropy":
+        return ("clipping_percentile",)
+    return ()
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob a trial sets, with the values a backend must honour or refuse.
@@ -77,10 +87,8 @@ class Settings:
                 raise ValueError(f"clipping_percentile must be in (50, 100), got {self.clipping_percentile}")
         # Canonical form: a knob that cannot change anything under an explicit calibration method is dropped, so
         # points that differ only there are one point (equal and hashable alike: the sweep dedupes on them).
-        if self.calibration_method in ("minmax", "entropy"):
-            object.__setattr__(self, "clipping_percentile", None)
-        if self.calibration_method == "minmax":
-            object.__setattr__(self, "clipping_scope", None)
+        for knob in inert_knobs(self.calibration_method):
+            object.__setattr__(self, knob, None)
 
     def algorithm_knobs(self) -> dict[str, str | float]:
         """The algorithm knobs that are set (not left to the level's default)."""

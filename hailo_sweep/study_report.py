@@ -19,10 +19,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hailo_sweep.knob_table import KNOB_ORDER, knob_columns
 from hailo_sweep.tracking import NOTE_TAG, Tracker
 from hailo_sweep.ui import ALL_RUNS_VIEW, TRIALS_VIEW  # the saved views ``hailo-sweep ui`` links to
 HEADLINE = ("_objective", "_feasible", "_device_error", "_fps")
-KNOBS = ("optimization_level", "compression_level", "calibset_size", "normalization_placement", "output_16bit", "noisy_layers_16bit")
+
+
+def searched_knobs(study: optuna.Study) -> list[str]:
+    """Every knob some trial of the study set (the base knobs and the algorithm knobs its config declares)."""
+    trials = study.get_trials(deepcopy=False)
+    return [k for k in KNOB_ORDER if any(k in t.params for t in trials)]
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,19 @@ def summary_markdown(study: optuna.Study, experiment_id: str, rows: list[TrialRo
         lines.append(f"Best feasible: **[{name}]({run_link(experiment_id, run)})** = {best.values[0]:.6g}" if run else f"Best feasible: {name} = {best.values[0]:.6g}")
     else:
         lines.append("No feasible completed trial yet.")
-    lines += ["", "| trial | value | feasible | " + " | ".join(KNOBS) + " | fps |", "|" + "---|" * (len(KNOBS) + 4)]
+    columns = knob_columns([r.params for r in rows])
+    lines += ["", "| trial | value | feasible | " + " | ".join(columns.varying) + " | fps |", "|" + "---|" * (len(columns.varying) + 4)]
     for r in rows:
         fps = r.metrics.get("device.throughput_fps")
         trial = f"[{r.number}]({run_link(experiment_id, r.run_id)})" if r.run_id else str(r.number)
         why = ", ".join(k for k, v in sorted(r.constraints.items()) if v > 0)
         lines.append(
             f"| {trial} | {r.value:.6g} | {'yes' if r.feasible else 'no: ' + why} | "
-            + " | ".join(str(r.params.get(k, "")) for k in KNOBS)
-            + f" | {'' if fps is None else f'{fps:.0f}'} |"
+            + "".join(f"{columns.cell(k, r.params)} | " for k in columns.varying)
+            + f"{'' if fps is None else f'{fps:.0f}'} |"
         )
+    if columns.constant:
+        lines += ["", "Same in every trial above: " + ", ".join(f"`{k}` {v}" for k, v in columns.constant.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +132,7 @@ def log_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str, work_
         if best is not None and best.user_attrs.get("mlflow_run_id"):  # `hailo-sweep ui` links to it
             tracker.set_experiment_tags({"hailo_sweep.best_run_id": str(best.user_attrs["mlflow_run_id"]), "hailo_sweep.best_trial": str(best.number)})
         ascending = study.directions[0] == optuna.study.StudyDirection.MINIMIZE
-        params = [k for k in KNOBS if any(k in t.params for t in study.get_trials(deepcopy=False))]
+        params = searched_knobs(study)
         tracker.save_view(TRIALS_VIEW, view_state(params, ascending, only_trials=True))
         tracker.save_view(ALL_RUNS_VIEW, view_state(params, ascending, only_trials=False))
         files = [work_dir / "top_trials.md", work_dir / "trials.csv", *_plots(study, work_dir, say)]
@@ -135,14 +144,15 @@ def log_summary(study: optuna.Study, tracker: Tracker, parent_run_id: str, work_
 
 def _trials_csv(study: optuna.Study, path: Path) -> None:
     trials = study.get_trials(deepcopy=False)
+    knobs = searched_knobs(study)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["trial", "state", "value", "feasible", "duplicate_of", *KNOBS, "mlflow_run_id"])
+        writer.writerow(["trial", "state", "value", "feasible", "duplicate_of", *knobs, "mlflow_run_id"])
         for t in trials:
             writer.writerow([
                 t.number, t.state.name, "" if not t.values else t.values[0],
                 "" if t.state != TrialState.COMPLETE else is_feasible(t), t.user_attrs.get("duplicate_of", ""),
-                *(t.params.get(k, "") for k in KNOBS), t.user_attrs.get("mlflow_run_id", ""),
+                *(t.params.get(k, "") for k in knobs), t.user_attrs.get("mlflow_run_id", ""),
             ])
 
 

@@ -152,3 +152,124 @@ def test_the_trials_table_fits_80_columns_without_cutting_values(monkeypatch: py
     for value in ("0.000331416", "0.0198352", "12346", "1024"):
         assert value in text
     assert "no: accuracy_drop" in " ".join(text.split())
+
+
+def _table(monkeypatch: pytest.MonkeyPatch, rows: list[TrialRow], width: int = 120) -> str:
+    out = io.StringIO()
+    monkeypatch.setattr(console_mod, "console", Console(file=out, width=width, color_system=None))
+    console_mod.print_trials(rows, "device.logits.softmax_mae")
+    return out.getvalue()
+
+
+DIGITS_LIKE = {
+    "optimization_level": 0, "compression_level": 0, "calibset_size": 64, "normalization_placement": "host",
+    "output_16bit": "all", "noisy_layers_16bit": 0, "equalization": "disabled", "bias_correction": "enabled",
+    "calibration_method": "percentile", "clipping_percentile": 99.999, "clipping_scope": "outputs",
+}
+
+
+def test_trials_that_differ_only_in_an_algorithm_knob_look_different_in_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [
+        TrialRow(17, 0.000339557, True, DIGITS_LIKE, {"device.throughput_fps": 2101.0}, "r1", None),
+        TrialRow(25, 0.000339557, True, {**DIGITS_LIKE, "equalization": "enabled"}, {"device.throughput_fps": 2101.0}, "r2", None),
+    ]
+    text = _table(monkeypatch, rows)
+    lines = text.splitlines()
+    header = next(ln for ln in lines if ln.split()[:2] == ["trial", "value"])
+    assert "equal" in header.split() and "calib" not in header.split()  # only the knob that differs is a column
+    row17, row25 = (next(ln for ln in lines if ln.split() and ln.split()[0] == n) for n in ("17", "25"))
+    assert "disabled" in row17.split() and "enabled" in row25.split()
+    constants = " ".join(text.split()).split("same in every trial above:")[1]
+    for said in ("calibset_size 64", "bias_correction enabled", "calibration_method percentile", "clipping_percentile 99.999"):
+        assert said in constants
+    assert "equalization" not in constants
+
+
+def test_a_percentile_under_minmax_calibration_is_shown_as_no_effect(monkeypatch: pytest.MonkeyPatch) -> None:
+    minmax = {**DIGITS_LIKE, "calibration_method": "minmax", "clipping_percentile": 99.9, "clipping_scope": "first"}
+    rows = [
+        TrialRow(1, 0.1, True, minmax, {}, "r1", None),
+        TrialRow(2, 0.2, True, {**minmax, "clipping_percentile": 99.99, "clipping_scope": "all"}, {}, "r2", None),
+    ]
+    text = _table(monkeypatch, rows)
+    assert "clip%" not in text and "scope" not in text  # the same point twice: Optuna's unused suggestions are no difference
+    rows.append(TrialRow(3, 0.3, True, DIGITS_LIKE, {}, "r3", None))
+    lines = _table(monkeypatch, rows).splitlines()
+    header = next(ln for ln in lines if ln.split()[:2] == ["trial", "value"]).split()
+    assert {"method", "clip%", "scope"} <= set(header)
+    row1 = next(ln for ln in lines if ln.split() and ln.split()[0] == "1").split()
+    assert row1[header.index("clip%")] == "-" and row1[header.index("scope")] == "-"
+    assert "clip% clipping_percentile" in " ".join(" ".join(lines).split())  # the legend names the config key
+
+
+def test_a_table_where_every_digits_knob_differs_fits_120_columns_uncut(monkeypatch: pytest.MonkeyPatch) -> None:
+    other = {
+        "optimization_level": 2, "compression_level": 1, "calibset_size": 1024, "normalization_placement": "model",
+        "output_16bit": "featmap", "noisy_layers_16bit": 3, "equalization": "enabled", "bias_correction": "disabled",
+        "calibration_method": "entropy", "clipping_scope": "first",
+    }
+    rows = [
+        TrialRow(8, 0.000322424, True, DIGITS_LIKE, {"device.throughput_fps": 1259.0}, "r1", None),
+        TrialRow(30, 0.0198352123, False, other, {"device.throughput_fps": 3023.0}, "r2", None, {"device.logits.accuracy_drop.max": 0.0133}),
+    ]
+    text = _table(monkeypatch, rows)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    table_rows = [ln.split() for ln in text.splitlines() if ln.split() and ln.split()[0] in ("8", "30")]
+    for value in ("percentile", "99.999", "outputs", "disabled", "enabled", "entropy", "first", "featmap", "1024", "model"):
+        assert any(value in r for r in table_rows), value  # whole, not folded
+
+
+def test_the_run_hint_exports_where_make_demo_and_the_readme_do() -> None:
+    import shutil
+
+    from hailo_sweep.cli import export_dir_for
+
+    hinted = export_dir_for(Path("configs/digits.yaml"))
+    assert hinted == "out/digits"  # the config's stem, not the sweep's name (digits-hailo8l)
+    assert f"verify {hinted}" in (REPO / "README.md").read_text()
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"best configs/digits.yaml --export {hinted}\n" in dry
+
+
+def test_a_missing_model_or_data_file_is_refused_before_any_heavy_import(tmp_path: Path) -> None:
+    good = (REPO / "configs" / "digits.yaml").read_text()
+    (tmp_path / "c.yaml").write_text(good)  # its model and data paths are relative: none exists under tmp_path
+    for command in (("run",), ("worker",), ("init",), ("diagnose", "--trial", "0"), ("best", "--export", "out")):
+        code, out, heavy = probe(command[0], "c.yaml", *command[1:], cwd=tmp_path)
+        assert code == 2, (command, out)
+        assert "model file not found" in out and "c.yaml: model:" in out and "fix: point 'model' at" in " ".join(out.split()), (command, out)
+        assert heavy == [], command
+    (tmp_path / "d.yaml").write_text(good.replace("models/digits_cnn.onnx", str(REPO / "configs" / "models" / "digits_cnn.onnx")))
+    code, out, heavy = probe("run", "d.yaml", cwd=tmp_path)
+    assert code == 2 and "data.calibration" in out and "data file not found" in out, out
+    assert heavy == []
+    assert not list(tmp_path.glob("**/*.db")) and not (tmp_path / "out").exists(), "a path error wrote something"
+
+
+TYPERS_OWN = ("--help", "--install-completion", "--show-completion")  # Typer's own options: their help is Typer's
+
+
+def test_our_flags_take_no_value_and_their_help_says_none(tmp_path: Path) -> None:
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"new", "best", "run"} <= set(commands)
+    seen = set()
+    for args in ([], *([name] for name in commands)):
+        result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert result.exit_code == 0, (args, result.output)
+        for line in result.output.splitlines():
+            cells = line.strip("│ ").split()
+            if cells and cells[0].startswith("--"):
+                seen.add(cells[0])
+                if cells[0] not in TYPERS_OWN:
+                    assert "<bool>" not in line, (args, line)  # a flag shown as if it took a value
+    assert {"--force", "--allow-infeasible", "--version"} <= seen
+    model, out = tmp_path / "m.onnx", tmp_path / "m.yaml"
+    model.write_bytes((REPO / "configs" / "models" / "digits_cnn.onnx").read_bytes())
+    out.write_text("taken\n")
+    refused = runner.invoke(app, ["new", str(model), "-o", str(out)])
+    assert refused.exit_code == 2 and out.read_text() == "taken\n"
+    forced = runner.invoke(app, ["new", str(model), "-o", str(out), "--force"])  # a flag: no value follows it
+    assert forced.exit_code == 0, forced.output
+    assert out.read_text() != "taken\n"

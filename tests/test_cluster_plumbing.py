@@ -20,6 +20,7 @@ from hailo_sweep.config import load_config
 from hailo_sweep.console import handles_errors
 from hailo_sweep.errors import ClusterUnreachable, ResourceMissing, UserInputError
 from tests.conftest import WriteConfig, cli
+from tests.test_cli import probe
 from tests.dask_cluster import DaskCluster, StartCluster, WorkerSpec
 from tests.hailo_fixtures import FakeHailo, TinyModel
 from tests.tls_files import make_tls_files
@@ -115,6 +116,10 @@ def test_cli_exits_3_for_an_unreachable_scheduler(write_config: WriteConfig, tmp
     result = cli(tmp_path, "run", str(config), "--cluster", UNREACHABLE)
     assert result.returncode == 3, result.stderr
     assert "127.0.0.1:1" in result.stderr and "secret" not in result.stdout + result.stderr
+    # the scheduler is tried before MLflow, Optuna and onnxruntime are imported: the wait is the connect timeout alone
+    code, out, heavy = probe("run", str(config), "--cluster", UNREACHABLE, cwd=tmp_path)
+    assert code == 3 and "cannot reach the Dask scheduler" in out, out
+    assert heavy == []
 
 
 def test_tls_scheduler_accepts_a_client_with_the_config_files(dask_cluster: StartCluster, tmp_path: Path) -> None:
@@ -230,3 +235,33 @@ def test_fake_delays_sleep_in_compile_and_device_load(hailo_fakes: FakeHailo, ti
             pass
     assert slept == [10.0, 2.5]
 
+
+
+HUSH = """
+import logging, sys
+import distributed  # configures its loggers: a handler on stderr each
+from hailo_sweep.cluster.connect import hush_client_logs
+
+logging.getLogger("distributed.client").error("before: CommClosedError while closing")
+hush_client_logs(__import__("pathlib").Path(sys.argv[1]))
+logging.getLogger("distributed.client").error("CommClosedError: in <TCP (closed)>")
+logging.getLogger("distributed.core").warning("connection lost")
+logging.getLogger("tornado.application").error("Exception in callback")
+logging.getLogger("asyncio").error("Task exception was never retrieved")
+logging.getLogger("distributed.core").debug("below distributed's level: nowhere")
+print("our own line")
+"""
+
+
+def test_the_clients_closing_lines_go_to_the_log_file_not_the_console(tmp_path: Path) -> None:
+    import subprocess
+
+    log = tmp_path / "logs" / "dask-client.log"
+    proc = subprocess.run([sys.executable, "-c", HUSH, str(log)], capture_output=True, text=True, timeout=120, check=True)
+    assert "before: CommClosedError" in proc.stderr  # distributed's own handler prints it, as it does during the sweep
+    assert "CommClosedError: in" not in proc.stderr and "connection lost" not in proc.stderr and "callback" not in proc.stderr
+    assert "never retrieved" not in proc.stderr and proc.stdout == "our own line\n"
+    text = log.read_text()
+    for line in ("CommClosedError: in <TCP (closed)>", "connection lost", "Exception in callback", "Task exception was never retrieved"):
+        assert line in text
+    assert "below distributed's level" not in text and "before:" not in text

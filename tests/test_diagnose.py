@@ -258,8 +258,9 @@ def test_an_injected_mistake_gives_exactly_its_finding(mistake: str, run: Run, c
 
 
 def test_every_finding_code_is_injected_at_least_once() -> None:
-    # softmax_as_logits is a check of the model file, made once per sweep (tests/test_structural.py)
-    injected = {code for _, code, _ in INJECTIONS.values()} | {"input_shape_mismatch", "softmax_as_logits"}
+    # softmax_as_logits is a check of the model file, made once per sweep (tests/test_structural.py); normalization_unset
+    # one of the float model on the data, once per sweep (tests/test_normalization_unset.py)
+    injected = {code for _, code, _ in INJECTIONS.values()} | {"input_shape_mismatch", "softmax_as_logits", "normalization_unset"}
     assert injected == set(FINDING_CODES)
 
 

@@ -117,6 +117,10 @@ def test_best_export_loads_and_reproduces_its_device_metric(sweep, digits_data) 
     out = root / "out"
     proc = cli(root, "best", str(config), "--export", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = " ".join(proc.stdout.split())
+    written = sorted(p.name for p in out.iterdir())
+    assert "lock.json" in written and "manifest.json" in written
+    assert all(f"{name} (" in said for name in written), (written, said)  # the message names every file written
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["trial"] == study.best_trial.number
     compiled = out / manifest["files"]["compiled"]["name"]

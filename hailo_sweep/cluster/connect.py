@@ -2,12 +2,16 @@
 
 ``distributed`` is imported inside the functions, so a machine without the ``[cluster]`` extra gets one clear line
 (bad input: the fix is an install) instead of an ImportError. An address that cannot be reached within
-``connect_timeout_s`` raises ``ClusterUnreachable`` (exit 3), naming the address with any password hidden.
+``connect_timeout_s`` raises ``ClusterUnreachable`` (exit 3), naming the address with any password hidden. When the
+sweep ends, ``close`` sends the client's own log lines (distributed, tornado, asyncio) to a log file instead of the
+console before it disconnects: a closing connection makes them log ``CommClosedError`` tracebacks that mean nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hailo_sweep.cluster.config import ClusterConfig
@@ -100,3 +104,34 @@ def _reason(exc: BaseException, given: str, shown: str) -> str:
     """Dask's own words, with the address as given (and any password) never repeated in clear."""
     text = str(exc).replace(given, shown) or type(exc).__name__
     return redact_url(text)
+
+
+#: the loggers of the client side of Dask: its own, its event loop's (tornado) and asyncio's
+CLIENT_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+def close(client: Client, log_file: Path | None) -> None:
+    """Disconnect, the client's log lines going to ``log_file`` (appended; None: dropped) from now on, not the console."""
+    hush_client_logs(log_file)
+    client.close()
+
+
+def hush_client_logs(log_file: Path | None) -> None:
+    """Every console handler of the client-side loggers (``CLIENT_LOGGERS`` and their children that have handlers of
+    their own, as distributed configures them) is replaced by one handler on ``log_file``; levels stay as they are."""
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        target: logging.Handler = logging.FileHandler(log_file, encoding="utf-8", delay=True)  # made at the first line
+        target.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    else:
+        target = logging.NullHandler()
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in CLIENT_LOGGERS]
+    for name in dict.fromkeys([*CLIENT_LOGGERS, *names]):
+        logger = logging.getLogger(name)
+        console = [h for h in logger.handlers if type(h) is logging.StreamHandler]  # stderr/stdout, not a file
+        for handler in console:
+            logger.removeHandler(handler)
+        if console or (name in CLIENT_LOGGERS and logger.propagate):
+            logger.addHandler(target)
+        if name in CLIENT_LOGGERS:
+            logger.propagate = False  # not up to the root logger, whose last resort prints to stderr

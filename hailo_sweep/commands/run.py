@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -17,23 +18,27 @@ from hailo_sweep.config import SweepConfig
 from hailo_sweep.console import console, err_console
 from hailo_sweep.progress import RichObserver
 from hailo_sweep.selection import load_study
+from hailo_sweep.stores import resolve_stores
 from hailo_sweep.sweep import NullObserver, Sweep, SweepSummary, budget_used, chosen_trial
 from hailo_sweep.sweep.faults import interrupts_end_trials, not_yet_retried, resume_line, signals_held, signame_of
 
+if TYPE_CHECKING:
+    from distributed import Client
 
-def run_on_cluster(cfg: SweepConfig, address: str | None, trials: int | None, direction: str) -> SweepSummary:
-    """The sweep driven from here, its stages on a Dask cluster (see hailo_sweep.cluster.driver)."""
-    from hailo_sweep.cluster.connect import connect
+
+def run_on_cluster(cfg: SweepConfig, client: Client, trials: int | None, direction: str) -> SweepSummary:
+    """The sweep driven from here, its stages on a Dask cluster (see hailo_sweep.cluster.driver), through ``client``
+    (``hailo_sweep.cluster.connect.connect``); the client is closed when the sweep ends."""
+    from hailo_sweep.cluster.connect import close
     from hailo_sweep.cluster.driver import ClusterLoop
 
-    client = connect(cfg.cluster.resolved(cfg.source), address)  # TLS files relative to the config file
     try:
         with RichObserver(console) as observer:
             observer.set_direction(direction)
             loop = ClusterLoop(client, cfg, observer.message)
             return Sweep(loop.resolve(cfg), observer, loop=loop).run(trials)
-    finally:
-        client.close()
+    finally:  # distributed's lines while it disconnects go to the sweep's log folder, not the console
+        close(client, resolve_stores(cfg).work_dir / "logs" / "dask-client.log")
 
 
 def run_jobs(cfg: SweepConfig, config: Path, total: int, jobs: int) -> tuple[int | None, float | None]:

@@ -24,6 +24,7 @@ class Finding:
 FINDING_CODES: tuple[str, ...] = (
     "normalization_twice",
     "normalization_missed",
+    "normalization_unset",
     "float_for_uint8",
     "layout_mixup",
     "input_shape_mismatch",

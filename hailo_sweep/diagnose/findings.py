@@ -16,13 +16,13 @@ import numpy as np
 
 from hailo_sweep.backends.base import Normalization, QuantParams
 from hailo_sweep.diagnose.finding import FINDING_CODES, Finding, Severity
-from hailo_sweep.diagnose.input_checks import check_input_type, check_layout, check_normalization
+from hailo_sweep.diagnose.input_checks import check_input_type, check_layout, check_normalization, check_normalization_unset
 from hailo_sweep.diagnose.output_checks import check_dequantized, check_output_bits
 from hailo_sweep.diagnose.run_checks import check_agreement, check_calibration_coverage, check_determinism, check_optimization_level
 
 __all__ = [
     "FINDING_CODES", "Evidence", "Finding", "Severity", "check_agreement", "check_calibration_coverage", "check_dequantized",
-    "check_determinism", "check_input_type", "check_layout", "check_normalization", "check_optimization_level",
+    "check_determinism", "check_input_type", "check_layout", "check_normalization", "check_normalization_unset", "check_optimization_level",
     "check_output_bits", "run_all",
 ]
 

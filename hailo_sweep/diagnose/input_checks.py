@@ -1,4 +1,4 @@
-"""What the model was fed: normalization applied twice or missed, floats for a uint8 input, the layout."""
+"""What the model was fed: normalization applied twice, missed, or never configured; floats for a uint8 input; the layout."""
 
 from __future__ import annotations
 
@@ -109,6 +109,48 @@ def check_normalization(
         ),
         severity="error",
         evidence=evidence,
+    )
+
+
+# -- 1b. no normalization configured -----------------------------------------------------------------------------------
+
+UNSET_MIN_SAMPLES = 32  # fewer labelled samples say too little
+UNSET_MIN_ACCURACY = 0.5  # the float model must clearly work on the standardized data ...
+UNSET_MIN_GAIN = 0.3  # ... and be that much more accurate there than on the data as configured
+
+
+def check_normalization_unset(
+    accuracy_as_fed: float, accuracy_standardized: float, samples: int, mean: tuple[float, ...], std: tuple[float, ...], output: str,
+) -> Finding | None:
+    """The config sets no normalization, yet the float model classifies the data far better once it is standardized.
+
+    With no ``normalization`` the float model (the reference every trial is compared with) is fed the data as stored.
+    ``accuracy_as_fed`` is its top-1 accuracy against the labels on those samples, ``accuracy_standardized`` its accuracy
+    on the same samples standardized per channel with the calibration set's own ``mean`` and ``std``. A model trained on
+    the stored domain loses accuracy when its input is rescaled, so standardizing helps only a model that expects
+    normalized input: the finding is raised when the standardized accuracy is at least ``UNSET_MIN_ACCURACY`` and at
+    least ``UNSET_MIN_GAIN`` above the accuracy as fed, on at least ``UNSET_MIN_SAMPLES`` samples; else it stays silent
+    (as it does without labels: no other evidence tells what a model expects).
+    """
+    if samples < UNSET_MIN_SAMPLES or not (accuracy_standardized >= UNSET_MIN_ACCURACY and accuracy_standardized - accuracy_as_fed >= UNSET_MIN_GAIN):
+        return None
+    stats = ", ".join(f"{v:.4g}" for v in mean), ", ".join(f"{v:.4g}" for v in std)
+    return Finding(
+        code="normalization_unset",
+        title="No normalization configured, but the model classifies far better on normalized input",
+        message=(
+            f"The config sets no normalization, so the float model is fed the data as stored; on {samples} labelled samples "
+            f"its top-1 accuracy ({output}) is {accuracy_as_fed:.1%}, and {accuracy_standardized:.1%} once the same samples are "
+            f"standardized with the calibration data's own per-channel mean [{stats[0]}] and std [{stats[1]}]. Every trial is "
+            "compared with a reference that is itself wrong."
+        ),
+        fix=(
+            f"Set the normalization the model was trained with, e.g. normalization: {{mean: [{stats[0]}], std: [{stats[1]}]}} "
+            "(the data's own statistics; prefer the training values if you know them)."
+        ),
+        severity="warning",
+        output=output,
+        evidence={"accuracy_as_fed": accuracy_as_fed, "accuracy_standardized": accuracy_standardized, "samples": float(samples)},
     )
 
 
