@@ -207,3 +207,22 @@ def test_scratch_of_dead_workers_on_this_host_is_removed(tmp_path) -> None:
         (d / "sub").mkdir(parents=True)
     assert remove_dead_scratch(tmp_path) == 1
     assert not dead.exists() and alive.exists() and elsewhere.exists()
+
+
+def test_a_model_that_wants_normalization_left_unset_is_said_before_the_trials(write_config, digits_data) -> None:
+    from hailo_sweep.sweep.observer import NullObserver
+    from tests.conftest import base_config
+
+    class Messages(NullObserver):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def message(self, text: str) -> None:
+            self.lines.append(text)
+
+    raw = base_config(digits_data, trials=1, search={"optimization_level": [0], "calibset_size": [64], "normalization_placement": ["host"]})
+    raw.pop("normalization")
+    observer = Messages()
+    Sweep(load_config(write_config(raw)), observer=observer).run()
+    said = [line for line in observer.lines if "normaliz" in line]
+    assert said and said[0].startswith("note:") and "mean" in said[0], observer.lines

@@ -155,6 +155,9 @@ class Sweep:
                         self.observer.stage_started("prepare")
                         prepared = prepare_sweep(self.config, self.stores.work_dir, backend if here else None)
                         prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
+                        for finding in prepared.findings:
+                            if finding.code == "normalization_unset":  # said once here; softmax heads were said in preflight
+                                self.observer.message(f"note: {finding.message}; {finding.fix}")
                         objective_fn = TrialRunner(self, prepared, backend, space, objective, tracker, parent_run_id, timings, uploader)
                         if self._opened_storage is not None:
                             self._opened_storage.budget = budget
