@@ -25,8 +25,17 @@ from rich.table import Table
 
 from hailo_sweep.errors import ClusterUnreachable, RunFailed, UserInputError
 
-console = Console()
-err_console = Console(stderr=True)
+#: the width of output that goes to a file or a pipe (a log, ``make demo | tee``), where Rich would assume 80 columns
+#: and fold the trials table's cells; a terminal (or ``COLUMNS``) keeps its own width
+PIPE_WIDTH = 120
+
+
+def _width(stream: Any) -> int | None:
+    return None if os.environ.get("COLUMNS") or stream.isatty() else PIPE_WIDTH
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 F = TypeVar("F", bound=Callable[..., Any])
 
