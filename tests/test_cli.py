@@ -273,3 +273,16 @@ def test_our_flags_take_no_value_and_their_help_says_none(tmp_path: Path) -> Non
     forced = runner.invoke(app, ["new", str(model), "-o", str(out), "--force"])  # a flag: no value follows it
     assert forced.exit_code == 0, forced.output
     assert out.read_text() != "taken\n"
+
+
+def test_output_to_a_pipe_is_wide_enough_for_the_trials_table() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    probe = "from hailo_sweep.console import PIPE_WIDTH, console; print(console.width, PIPE_WIDTH)"
+    piped = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert piped[0] == piped[1] == "120"
+    narrow = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**env, "COLUMNS": "90"}, check=True).stdout.split()
+    assert narrow[0] == "90", "COLUMNS still decides"
