@@ -121,3 +121,40 @@ def test_sigterm_to_run_jobs_is_forwarded_to_its_workers_and_nothing_is_lost(wri
     for t in interrupted:
         assert f"resuming: trial {t.number} was interrupted in stage compile; it runs again first" in out, out
     assert_resumed_without_loss(config, budget, [t.number for t in interrupted])
+
+
+def test_a_signal_while_the_workers_start_reaches_every_worker_already_started(write_config, monkeypatch) -> None:
+    """The workers run in their own process group (a terminal's Ctrl-C reaches the parent only): a signal that arrives
+    between two worker starts must still be forwarded to the first, never leave it running on its own."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from hailo_sweep.commands import run as run_cmd
+    from hailo_sweep.config import load_config
+
+    path = write_config(name="sigint-start", trials=2, search=SMALL_SPACE)
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kwargs):  # type: ignore[no-untyped-def]
+        if started:  # the second start: the signal arrives now, as interrupts_end_trials turns it into
+            raise KeyboardInterrupt("SIGINT")
+        # a stand-in worker that only a forwarded signal ends (SIGINT's default is ignored in background groups)
+        proc = real_popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, lambda *a: exit(130)); time.sleep(120)"], **kwargs)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(run_cmd.subprocess, "Popen", popen)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_cmd.run_jobs(load_config(path), path, 2, 2)
+        assert len(started) == 1
+        # ended by the forwarded SIGINT (its handler's exit, or the signal itself if it came before the handler)
+        assert started[0].poll() in (130, -signal.SIGINT), "the started worker got the signal and was waited for"
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -53,22 +53,25 @@ def run_jobs(cfg: SweepConfig, config: Path, total: int, jobs: int) -> tuple[int
         console.print(resume_line(t), highlight=False)
     log_dir = sweep.stores.work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for index in range(jobs):
-        log = (log_dir / f"worker-{index}.log").open("ab")
-        cmd = [sys.executable, "-m", "hailo_sweep.cli", "worker", str(config), "--trials", str(total), "--worker-index", str(index)]
-        # its own process group: a terminal's Ctrl-C reaches this process only, which forwards it once (below)
-        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}, process_group=0)
-        procs.append((popen, log))
-    console.print(f"{jobs} workers started; their output: {log_dir}", soft_wrap=True)
-    study, _ = load_study(cfg)
+    procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
     try:
-        with interrupts_end_trials(), Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task(f"{jobs} workers", total=total)
-            while any(p.poll() is None for p, _ in procs):
+        # the signals become KeyboardInterrupt before the first worker starts: a Ctrl-C or SIGTERM while they start
+        # (they run in their own process group, so only this process gets it) still reaches each one started
+        with interrupts_end_trials():
+            for index in range(jobs):
+                log = (log_dir / f"worker-{index}.log").open("ab")
+                cmd = [sys.executable, "-m", "hailo_sweep.cli", "worker", str(config), "--trials", str(total), "--worker-index", str(index)]
+                # its own process group: a terminal's Ctrl-C reaches this process only, which forwards it once (below)
+                popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"}, process_group=0)
+                procs.append((popen, log))
+            console.print(f"{jobs} workers started; their output: {log_dir}", soft_wrap=True)
+            study, _ = load_study(cfg)
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+                task = progress.add_task(f"{jobs} workers", total=total)
+                while any(p.poll() is None for p, _ in procs):
+                    progress.update(task, completed=min(budget_used(study, count_running=False), total))
+                    time.sleep(1.0)
                 progress.update(task, completed=min(budget_used(study, count_running=False), total))
-                time.sleep(1.0)
-            progress.update(task, completed=min(budget_used(study, count_running=False), total))
     except KeyboardInterrupt as exc:  # forward the signal to every worker, wait until each has recorded its trial
         sig = signal.SIGTERM if signame_of(exc) == "SIGTERM" else signal.SIGINT
         with signals_held():
@@ -78,9 +81,10 @@ def run_jobs(cfg: SweepConfig, config: Path, total: int, jobs: int) -> tuple[int
             for p, log in procs:
                 p.wait()
                 log.close()
+        study, _ = load_study(cfg)
         for t in not_yet_retried(study):
             console.print(f"trial {t.number} interrupted ({t.user_attrs['interrupted']}) in stage {t.user_attrs.get('failed_stage', '?')}: the next `hailo-sweep run` retries it", highlight=False)
-        console.print(f"interrupted: {jobs} workers stopped, their trials are on record (see {log_dir})", soft_wrap=True)
+        console.print(f"interrupted: {len(procs)} workers stopped, their trials are on record (see {log_dir})", soft_wrap=True)
         raise
     failed = []
     for index, (proc, log) in enumerate(procs):
