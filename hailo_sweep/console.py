@@ -31,7 +31,8 @@ PIPE_WIDTH = 120
 
 
 def _width(stream: Any) -> int | None:
-    return None if os.environ.get("COLUMNS") or stream.isatty() else PIPE_WIDTH
+    tty = stream is not None and hasattr(stream, "isatty") and stream.isatty()
+    return None if os.environ.get("COLUMNS") or tty else PIPE_WIDTH
 
 
 console = Console(width=_width(sys.stdout))
