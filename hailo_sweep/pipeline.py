@@ -187,6 +187,8 @@ def softmax_findings(model: Path, outputs: tuple[m.OutputSpec, ...]) -> list[Fin
 
 #: labelled samples the float model is run on once more, standardized, when the config sets no normalization
 UNSET_SAMPLES = 128
+#: calibration samples behind the suggested mean and std
+STATS_SAMPLES = 256
 
 
 def normalization_unset_finding(
@@ -200,8 +202,9 @@ def normalization_unset_finding(
     if labels is None or labels.ndim != 1 or name is None or fed.ndim != 4:
         return None
     n = min(len(labels), len(fed), UNSET_SAMPLES)
-    calib = dataset.calibration[:1024].astype(np.float64)
-    mean, std = calib.mean(axis=(0, 2, 3)), calib.std(axis=(0, 2, 3))
+    calib = dataset.calibration[:STATS_SAMPLES]  # per channel, so that a 480x640 set is not copied to float64 whole
+    mean = np.array([calib[:, c].mean(dtype=np.float64) for c in range(calib.shape[1])])
+    std = np.array([calib[:, c].std(dtype=np.float64) for c in range(calib.shape[1])])
     if not np.all(std > 0):
         return None
     from hailo_sweep import onnx_runner
