@@ -67,16 +67,25 @@ def test_artifacts_and_logged_models_exist(sweep) -> None:
     # per-layer noise (diagnostics.layer_noise: best by default): the best trials only, once, at the end of the sweep
     analysed = set(study.user_attrs.get("layer_noise_done", []))
     assert analysed and analysed == {t.number for t in best_trials(study, 3)}
+    # the error-ladder and LSB plots (diagnostics.plots: best): each feasible trial better than every one before it
+    drawn, best = set(), None
+    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
+        if "duplicate_of" not in t.user_attrs and all(v <= 0 for v in (t.constraints or {}).values()) and (best is None or t.value < best):
+            drawn.add(t.number)
+            best = t.value
+    assert study.best_trial.number in drawn
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if "duplicate_of" in t.user_attrs:
             continue
         run_id = t.user_attrs["mlflow_run_id"]
         top = {a.path for a in client.list_artifacts(run_id)}
-        assert {"report.json", "recipe.txt", "compiled", "plots", "diagnosis"} <= top
+        assert {"report.json", "recipe.txt", "compiled", "diagnosis"} <= top
         assert [a.path for a in client.list_artifacts(run_id, "compiled")] == ["compiled/model.int8.onnx"]
         plots = {a.path for a in client.list_artifacts(run_id, "plots")}
         with_noise = t.number in analysed
-        assert plots == {"plots/error_ladder.png", "plots/lsb_histogram.png"} | ({"plots/layer_noise.png"} if with_noise else set())
+        expected = ({"plots/error_ladder.png", "plots/lsb_histogram.png"} if t.number in drawn else set()) | ({"plots/layer_noise.png"} if with_noise else set())
+        assert plots == expected, (t.number, drawn)
+        assert client.get_run(run_id).data.tags["hailo_sweep.plots"].startswith("drawn" if t.number in drawn else "not drawn")
         diagnosis = {a.path for a in client.list_artifacts(run_id, "diagnosis")}
         assert diagnosis >= {"diagnosis/findings.json"}  # `diagnose` may add its report
         assert ("diagnosis/layer_noise.json" in diagnosis) == with_noise

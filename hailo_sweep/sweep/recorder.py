@@ -46,6 +46,7 @@ class TrialRecorder:
     baseline: Settings
     versions: dict[str, str]
     staging_root: Path  # where a trial's scratch directory moves for the uploader
+    best_value: float | None = None  # the best feasible objective value recorded by this recorder (diagnostics.plots: best)
 
     def start(self, trial: optuna.Trial, settings: Settings) -> str:
         """The trial's MLflow run (RUNNING), before anything is computed."""
@@ -104,6 +105,11 @@ class TrialRecorder:
             tags.update({"hailo_sweep.state": "FAIL", "hailo_sweep.failed_stage": str(result.failed_stage), "hailo_sweep.error": str(result.error)})
             trial.set_user_attr("failed_stage", result.failed_stage)
             trial.set_user_attr("error", (result.error or "")[:2000])
+        plots = value is not None and self._draws_plots(value[0], feasible)
+        if value is not None:
+            tags["hailo_sweep.plots"] = "drawn" if plots else (
+                f"not drawn (diagnostics.plots: {self.config.diagnostics.plots}; report.json has the data): "
+                f"hailo-sweep diagnose {self.config.source or 'CONFIG'} --trial {trial.number}")
         staging = self.stage_files(work_dir)
         logs = [staging / log.relative_to(work_dir) if log.is_relative_to(work_dir) else log for log in result.logs]  # the toolchain's own words
         compiled = None
@@ -136,10 +142,26 @@ class TrialRecorder:
         self.uploader.submit(
             run_id, f"trial {trial.number} artifacts",
             partial(_upload_trial, run_id=run_id, staging=staging, result=result, metrics=metrics, report=report,
-                    outputs=outputs, compiled=compiled, failed=value is None, logs=logs),
+                    outputs=outputs, compiled=compiled, failed=value is None, logs=logs, plots=plots),
             staging, run_failed=value is None,
         )
         return value, feasible
+
+    def _draws_plots(self, value: float, feasible: bool) -> bool:
+        """Whether this trial's error-ladder and LSB-histogram plots are drawn: every trial (``per_trial``), none
+        (``off``), or (``best``) a feasible trial that beats every one this recorder wrote before it, so that the best
+        trial and those that led to it have them (both objectives of a Pareto sweep: every feasible trial)."""
+        mode = self.config.diagnostics.plots
+        if mode != "best":
+            return mode == "per_trial"
+        if not feasible:
+            return False
+        if self.objective.multi:
+            return True
+        better = self.best_value is None or (value < self.best_value if self.objective.direction == "minimize" else value > self.best_value)
+        if better:
+            self.best_value = value
+        return better
 
     def stage_files(self, work_dir: Path) -> Path:
         """Move the trial's scratch directory where the uploader picks it up (the trial's scratch is then free)."""
@@ -205,7 +227,7 @@ class TrialRecorder:
 
 def _upload_trial(
     tracker: Tracker, *, run_id: str, staging: Path, result: TrialResult, metrics: dict[str, float], report: dict[str, Any],
-    outputs: list[str], compiled: Path | None, failed: bool, logs: Sequence[Path] = (),
+    outputs: list[str], compiled: Path | None, failed: bool, logs: Sequence[Path] = (), plots: bool = True,
 ) -> None:
     """The background half of recording a trial: plots, tables, the report and a copy of the compiled model as run
     artifacts; then the run ends. (The LoggedModel's file is uploaded synchronously by ``_record``.)"""
@@ -218,7 +240,7 @@ def _upload_trial(
     artifacts.extend((log, "logs") for log in logs if log.is_file())
     if compiled is not None:
         artifacts.append((compiled, "compiled"))
-        artifacts.extend(_diagnosis_artifacts(result, metrics, outputs, staging))
+        artifacts.extend(_diagnosis_artifacts(result, metrics, outputs, staging, plots))
     report_path = staging / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     artifacts.append((report_path, ""))
@@ -228,10 +250,14 @@ def _upload_trial(
     tracker.finish(run_id, failed=failed)
 
 
-def _diagnosis_artifacts(result: TrialResult, metrics: dict[str, float], outputs: list[str], work_dir: Path) -> list[tuple[Path, str]]:
-    """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``)."""
-    out = [(diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png"), "plots")]
-    if result.lsb_histograms:
+def _diagnosis_artifacts(result: TrialResult, metrics: dict[str, float], outputs: list[str], work_dir: Path, plots: bool = True) -> list[tuple[Path, str]]:
+    """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``). Drawing the
+    two plots costs more than the rest of a small model's trial (about 0.15 s each with matplotlib, in the thread that
+    the next trial shares the cores and the GIL with), so ``plots`` may leave them out; report.json has their data."""
+    out: list[tuple[Path, str]] = []
+    if plots:
+        out.append((diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png"), "plots"))
+    if plots and result.lsb_histograms:
         out.append((diag_plots.lsb_histogram_plot(result.lsb_histograms, work_dir / "lsb_histogram.png"), "plots"))
     if result.layer_noise:
         out.extend(layer_noise_artifacts(result.layer_noise, work_dir))
