@@ -229,6 +229,20 @@ def mean_at(curves: list[list[float | None]], n: int) -> float:
     return statistics.fmean(vals) if vals else float("inf")
 
 
+def sampler_verdicts(curves: dict[str, list[list[float | None]]], peers: Sequence[str], n_eval: int) -> dict[str, bool]:
+    """Issue 12's verdicts on the mean best-so-far curves: the default sampler vs each peer at ``n_eval``, vs the tool's
+    random sampler at 10, 20 and 30 and at every budget from 5 to ``n_eval``."""
+    tpe, rnd = curves["hailo-sweep tpe"], curves["hailo-sweep random"]
+    verdicts: dict[str, bool] = {}
+    for name in peers:
+        verdicts[f"tpe < {name} at {n_eval}"] = mean_at(tpe, n_eval) < mean_at(curves[name], n_eval)
+    for c in (10, 20, 30):
+        if c <= n_eval:
+            verdicts[f"tpe < random at {c}"] = mean_at(tpe, c) < mean_at(rnd, c)
+    verdicts["tpe <= random at every budget 5..30"] = all(mean_at(tpe, c) <= mean_at(rnd, c) + 1e-12 for c in range(5, n_eval + 1))
+    return verdicts
+
+
 # -- wall time -------------------------------------------------------------------------------------------------------
 def sweep_wall_times(config: SweepConfig, root: Path, points: list[dict[str, Any]]) -> list[float]:
     """``hailo-sweep run`` (the real sweep, its stores included) over exactly ``points``: wall seconds of each trial."""
@@ -354,15 +368,7 @@ def main() -> None:
     report["precision"] = {k: {"models": len(v), "with_float_layers": sum(bool(r["float_layers"]) for r in v),
                                "with_non8bit": sum(bool(r["non8bit_tensors"]) for r in v)} for k, v in all_precision.items()}
 
-    # verdicts
-    tpe, rnd = curves["hailo-sweep tpe"], curves["hailo-sweep random"]
-    verdicts: dict[str, bool] = {}
-    for name in peers:
-        verdicts[f"tpe < {name} at {n_eval}"] = mean_at(tpe, n_eval) < mean_at(curves[name], n_eval)
-    for c in (10, 20, 30):
-        if c <= n_eval:
-            verdicts[f"tpe < random at {c}"] = mean_at(tpe, c) < mean_at(rnd, c)
-    verdicts["tpe <= random at every budget 5..30"] = all(mean_at(tpe, c) <= mean_at(rnd, c) + 1e-12 for c in range(5, n_eval + 1))
+    verdicts = sampler_verdicts(curves, list(peers), n_eval)
     print("\nverdicts")
     for k, v in verdicts.items():
         print(f"  {k}: {'ok' if v else 'MISSED'}")

@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_peers import mean_at, sampler_verdicts  # noqa: E402
 
 TOOL, RANDOM = "hailo-sweep tpe", "hailo-sweep random"
 
@@ -34,18 +38,12 @@ def main() -> None:
     print(f"best device error so far, mean ± sample std over {len(seeds)} seeds ({', '.join(map(str, sorted(seeds)))})")
     print(f"{'searcher':<44}" + "".join(f"{'after ' + str(n):>20}" for n in budgets))
     for name, curves in pooled.items():
-        cells = [(statistics.fmean(c[n - 1] for c in curves), statistics.stdev(c[n - 1] for c in curves) if len(curves) > 1 else 0.0) for n in budgets]
+        cells = [(mean_at(curves, n), statistics.stdev(c[n - 1] for c in curves) if len(curves) > 1 else 0.0) for n in budgets]
         print(f"{name:<44}" + "".join(f"{m:>12.5f} ± {s:.5f}" for m, s in cells))
-    mean = {name: [statistics.fmean(c[n - 1] for c in curves) for n in range(1, n_eval + 1)] for name, curves in pooled.items()}
     print("\nverdicts (pooled means)")
-    for name in searchers:
-        if name not in (TOOL, RANDOM):
-            print(f"  tpe < {name} at {n_eval}: {'ok' if mean[TOOL][-1] < mean[name][-1] else 'MISSED'}")
-    for n in (10, 20, 30):
-        if n <= n_eval:
-            print(f"  tpe < random at {n}: {'ok' if mean[TOOL][n - 1] < mean[RANDOM][n - 1] else 'MISSED'}")
-    above = [n for n in range(5, n_eval + 1) if mean[TOOL][n - 1] > mean[RANDOM][n - 1]]
-    print(f"  tpe <= random at every budget 5..{n_eval}: {'ok' if not above else 'MISSED at ' + ', '.join(map(str, above))}")
+    peers = [name for name in searchers if name not in (TOOL, RANDOM)]
+    for verdict, ok in sampler_verdicts(pooled, peers, n_eval).items():
+        print(f"  {verdict}: {'ok' if ok else 'MISSED'}")
 
 
 if __name__ == "__main__":
