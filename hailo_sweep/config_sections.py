@@ -284,9 +284,10 @@ class DiagnosticsConfig(StrictModel):
             return "per_trial" if v else "off"
         return v
     layer_noise_samples: int = Field(default=32, ge=1)
-    # a trial's error-ladder and LSB-histogram plots: per_trial, best (a feasible trial better than every one before it:
-    # the best trial and those that led to it; every trial's report.json has the data, `diagnose` draws them), off
+    # a trial's error-ladder and LSB-histogram plots: per_trial (drawn as each trial is recorded), best (the plots_best
+    # best trials, drawn at the end of the sweep), off; every trial's report.json has the data, `diagnose` draws them
     plots: Literal["per_trial", "best", "off"] = "best"
+    plots_best: int = Field(default=3, ge=0)  # how many of the best trials get their plots at the end (plots: best)
     determinism_samples: int = Field(default=16, ge=0)  # run this many inputs twice on the device; 0: skip
     lsb_tolerance: float = Field(default=1.0, ge=0)  # device vs emulation, in LSB of an 8-bit output (x256 for 16-bit)
     identical_min: float = Field(default=0.99, ge=0, le=1)  # share of bit-identical values expected of 8-bit outputs

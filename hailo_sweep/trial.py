@@ -23,7 +23,7 @@ from hailo_sweep.backends.base import Backend, DeviceOutputs, EmulationContext, 
 from hailo_sweep.config import DiagnosticsConfig
 from hailo_sweep.data import feed
 from hailo_sweep.device_stage import CONTEXT_NAMES, DEVICE_PREFIX, Repeat, compare_with_emulation, run_device
-from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, check_agreement, run_all
+from hailo_sweep.diagnose.findings import FINDING_CODES, Evidence, Finding, check_agreement, run_all
 from hailo_sweep.diagnose.ladder import ladder_steps
 from hailo_sweep.pipeline import Prepared
 from hailo_sweep.settings import Settings
@@ -105,6 +105,8 @@ class Fed:
 
     calibration: np.ndarray
     evaluation: np.ndarray
+    #: what the checks of the fed data found (the same in every trial of the placement: checked once, by ``assess``)
+    input_findings: list[Finding] | None = None
 
 
 def fed_for(prepared: Prepared, placement: str) -> Fed:
@@ -179,7 +181,7 @@ def assess(
     result: TrialResult,
     prepared: Prepared,
     settings: Settings,
-    evaluation: np.ndarray,
+    fed: Fed,
     emulations: Emulations,
     dev: DeviceOutputs,
     repeat: Repeat | None,
@@ -191,7 +193,7 @@ def assess(
     result.notes.extend(dev.notes)
     reference = compare_with_emulation(prepared.outputs, emulations, dev, result.metrics, result.params, result.lsb_histograms)
     try:
-        _diagnose(result, prepared, settings, evaluation, dev, repeat, diag, reference)
+        _diagnose(result, prepared, settings, fed, dev, repeat, diag, reference)
     except Exception as exc:  # the trial's measurements stand; only the explanation is missing
         result.notes.append(f"diagnosis incomplete: {type(exc).__name__}: {exc}")
 
@@ -241,7 +243,7 @@ def run_trial(
             dev, repeat = run_device(backend.device_spec(result.compiled), result.compiled.path, fed.evaluation,
                                      diag.determinism_samples, result.notes, result.metrics)
         with ladder.stage("diagnose"):
-            assess(result, prepared, settings, fed.evaluation, emulations, dev, repeat, diag)
+            assess(result, prepared, settings, fed, emulations, dev, repeat, diag)
     except StopTrial as stop:
         stop.result = result
         raise
@@ -259,7 +261,7 @@ def _diagnose(
     result: TrialResult,
     prepared: Prepared,
     settings: Settings,
-    evaluation: np.ndarray,
+    fed: Fed,
     dev: DeviceOutputs,
     repeat: Repeat | None,
     diag: DiagnosticsConfig,
@@ -270,12 +272,10 @@ def _diagnose(
     result.metrics.update(ladder_steps(result.metrics, names))
     for rank, layer in enumerate(result.layer_noise[:3]):
         result.metrics[f"layer_noise.worst{rank + 1}_snr_db"] = layer.snr_db
-    cfg = prepared.config
+    if fed.input_findings is None:  # the data as fed: checked in the placement's first trial only
+        fed.input_findings = run_all(Evidence(fed=fed.evaluation, placement=settings.normalization_placement,
+                                              normalization=prepared.normalization, domain=prepared.config.data.domain))
     evidence = Evidence(
-        fed=evaluation,
-        placement=settings.normalization_placement,
-        normalization=prepared.normalization,
-        domain=cfg.data.domain,
         candidate=dev.outputs,
         reference=prepared.reference,
         raw={k: v for k, v in dev.raw.items()},
@@ -285,7 +285,7 @@ def _diagnose(
         flags=result.flags,
         repeat=repeat,
     )
-    found = run_all(evidence)
+    found = [*fed.input_findings, *run_all(evidence)]
     for spec in prepared.outputs:  # tolerances are in 8-bit LSB; a 16-bit output's step is 256x finer
         quant = dev.quant.get(spec.name)
         wide = quant is not None and quant.bits > 8

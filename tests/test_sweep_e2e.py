@@ -67,13 +67,9 @@ def test_artifacts_and_logged_models_exist(sweep) -> None:
     # per-layer noise (diagnostics.layer_noise: best by default): the best trials only, once, at the end of the sweep
     analysed = set(study.user_attrs.get("layer_noise_done", []))
     assert analysed and analysed == {t.number for t in best_trials(study, 3)}
-    # the error-ladder and LSB plots (diagnostics.plots: best): each feasible trial better than every one before it
-    drawn, best = set(), None
-    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
-        if "duplicate_of" not in t.user_attrs and all(v <= 0 for v in (t.constraints or {}).values()) and (best is None or t.value < best):
-            drawn.add(t.number)
-            best = t.value
-    assert study.best_trial.number in drawn
+    # the error-ladder and LSB plots (diagnostics.plots: best): the 3 best trials (plots_best), at the end of the sweep
+    drawn = {t.number for t in best_trials(study, 3)}
+    assert study.best_trial.number in drawn and len(drawn) == 3
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if "duplicate_of" in t.user_attrs:
             continue

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 
 from hailo_sweep.backends.base import Backend
@@ -34,7 +33,7 @@ from hailo_sweep.pipeline import Prepared
 from hailo_sweep.sweep.budget import Budget, BudgetSpent, waiting
 from hailo_sweep.sweep.faults import signals_deferred, signame_of
 from hailo_sweep.sweep.runner import RunningTrial, TrialFailed, TrialRunner
-from hailo_sweep.trial import Ladder, assess, fed_for, finalize, measure_emulations
+from hailo_sweep.trial import Fed, Ladder, assess, fed_for, finalize, measure_emulations
 from hailo_sweep.trial_result import StageTiming, TrialResult
 
 COMPILE = "compile"  # the resource a compile host declares
@@ -223,8 +222,8 @@ class ClusterLoop:
         run = self._result_of(item.device, "device")
         assert item.built is not None
         built = item.built
-        evaluation_fed = fed_for(prepared, item.running.settings.normalization_placement).evaluation
-        self._finish(item, study, runner, lambda: self._assemble(item.running, built, run, prepared, evaluation_fed))
+        fed = fed_for(prepared, item.running.settings.normalization_placement)
+        self._finish(item, study, runner, lambda: self._assemble(item.running, built, run, prepared, fed))
 
     def _finish(self, item: _InFlight, study: optuna.Study, runner: TrialRunner, produce: Callable[[], TrialResult]) -> None:
         """Record the trial and tell Optuna. An interrupt while recording leaves it in flight, for ``_stop_all``."""
@@ -244,7 +243,7 @@ class ClusterLoop:
             self._inflight.remove(item)
             study.tell(trial, value)
 
-    def _assemble(self, running: RunningTrial, built: Built, run: DeviceRun | str, prepared: Prepared, evaluation: np.ndarray) -> TrialResult:
+    def _assemble(self, running: RunningTrial, built: Built, run: DeviceRun | str, prepared: Prepared, fed: Fed) -> TrialResult:
         """The trial's result as a local trial would have it: files in its work dir, the device stage, the assessment.
         Like ``run_trial``, a stage that fails here fails the trial with its reason; it never stops the sweep."""
         start = time.perf_counter()
@@ -254,7 +253,7 @@ class ClusterLoop:
         try:
             measure_emulations(result, prepared, built.emulations)
             stage = "device"
-            self._device_part(result, running, built, run, prepared, evaluation)
+            self._device_part(result, running, built, run, prepared, fed)
         except Exception as exc:
             result.fail(stage, exc)
         assert running.work_dir is not None
@@ -263,7 +262,7 @@ class ClusterLoop:
         return result
 
     def _device_part(self, result: TrialResult, running: RunningTrial, built: Built, run: DeviceRun | str, prepared: Prepared,
-                     evaluation: np.ndarray) -> None:
+                     fed: Fed) -> None:
         if isinstance(run, str) or run.outputs is None:
             reason = run if isinstance(run, str) else run.error or "no outputs"
             result.timings.append(StageTiming("device", 0.0 if isinstance(run, str) else run.seconds, False))
@@ -276,7 +275,7 @@ class ClusterLoop:
             result.timings.append(StageTiming("device", run.seconds, True))
             ladder = Ladder(result, None, {})
             with ladder.stage("diagnose"):
-                assess(result, prepared, running.settings, evaluation, built.emulations, run.outputs, run.repeat, self.config.diagnostics)
+                assess(result, prepared, running.settings, fed, built.emulations, run.outputs, run.repeat, self.config.diagnostics)
 
     def _failed_build(self, item: _InFlight, built: Built | str) -> TrialResult:
         if isinstance(built, str):
@@ -323,7 +322,8 @@ class ClusterLoop:
     def _given_up(self, item: _InFlight, reason: str) -> TrialResult:
         if item.built is None:
             return self._failed_build(item, reason)
-        return self._assemble(item.running, item.built, reason, self._runner.prepared, np.empty(0))
+        prepared = self._runner.prepared
+        return self._assemble(item.running, item.built, reason, prepared, fed_for(prepared, item.running.settings.normalization_placement))
 
     def _stop_all(self, study: optuna.Study, runner: TrialRunner, reason: str) -> None:
         """The sweep stops (Ctrl-C / SIGTERM, or an error such as a resource gone): every trial in flight is cancelled,

@@ -163,6 +163,7 @@ class Sweep:
                             self._opened_storage.budget = budget
                         (self._optimize_until_spent if self.loop is None else self.loop.run)(study, objective_fn, budget)
                         diag = self.config.diagnostics
+                        objective_fn.recorder.draw_best_plots(study)
                         if diag.layer_noise == "best" and diag.layer_noise_best and not here:
                             self.observer.message("per-layer noise of the best trials needs the toolchain here: run "
                                                   f"`hailo-sweep diagnose {self.config.source} --trial N` on a compile host")

@@ -11,7 +11,7 @@ import shutil
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import optuna
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.diagnose import plots as diag_plots
 from hailo_sweep.diagnose.ladder import explain
-from hailo_sweep.sweep.best_noise import layer_noise_artifacts
+from hailo_sweep.sweep.best_noise import best_trials, layer_noise_artifacts
 from hailo_sweep.pipeline import Prepared
 from hailo_sweep.trial import TrialResult
 from hailo_sweep.search_space import SearchSpace
@@ -46,7 +46,8 @@ class TrialRecorder:
     baseline: Settings
     versions: dict[str, str]
     staging_root: Path  # where a trial's scratch directory moves for the uploader
-    best_value: float | None = None  # the best feasible objective value recorded by this recorder (diagnostics.plots: best)
+    #: diagnostics.plots: best: what the plots of each trial recorded here are drawn from, until the end of the sweep
+    plot_data: dict[int, PlotData] = field(default_factory=dict)
 
     def start(self, trial: optuna.Trial, settings: Settings) -> str:
         """The trial's MLflow run (RUNNING), before anything is computed."""
@@ -105,10 +106,12 @@ class TrialRecorder:
             tags.update({"hailo_sweep.state": "FAIL", "hailo_sweep.failed_stage": str(result.failed_stage), "hailo_sweep.error": str(result.error)})
             trial.set_user_attr("failed_stage", result.failed_stage)
             trial.set_user_attr("error", (result.error or "")[:2000])
-        plots = value is not None and self._draws_plots(value[0], feasible)
+        mode = self.config.diagnostics.plots
+        plots = value is not None and mode == "per_trial"
         if value is not None:
+            later = f"drawn at the end of the sweep if among the {self.config.diagnostics.plots_best} best; " if mode == "best" else ""
             tags["hailo_sweep.plots"] = "drawn" if plots else (
-                f"not drawn (diagnostics.plots: {self.config.diagnostics.plots}; report.json has the data): "
+                f"not drawn (diagnostics.plots: {mode}; {later}report.json has the data): "
                 f"hailo-sweep diagnose {self.config.source or 'CONFIG'} --trial {trial.number}")
         staging = self.stage_files(work_dir)
         logs = [staging / log.relative_to(work_dir) if log.is_relative_to(work_dir) else log for log in result.logs]  # the toolchain's own words
@@ -139,6 +142,8 @@ class TrialRecorder:
         self.tracker.log_to(run_id, RunRecord(name="", params=result.params, metrics=metrics, tags=tags, model_id=model_id, model_metrics=tuple(linked)))
         trial.set_user_attr("metrics", {k: metrics[k] for k in _summary_keys(metrics, self.objective.keys)})
         outputs = [o.name for o in self.prepared.outputs]
+        if value is not None and compiled is not None and mode == "best":
+            self.plot_data[trial.number] = PlotData(run_id, metrics, result.lsb_histograms)
         self.uploader.submit(
             run_id, f"trial {trial.number} artifacts",
             partial(_upload_trial, run_id=run_id, staging=staging, result=result, metrics=metrics, report=report,
@@ -147,21 +152,24 @@ class TrialRecorder:
         )
         return value, feasible
 
-    def _draws_plots(self, value: float, feasible: bool) -> bool:
-        """Whether this trial's error-ladder and LSB-histogram plots are drawn: every trial (``per_trial``), none
-        (``off``), or (``best``) a feasible trial that beats every one this recorder wrote before it, so that the best
-        trial and those that led to it have them (both objectives of a Pareto sweep: every feasible trial)."""
-        mode = self.config.diagnostics.plots
-        if mode != "best":
-            return mode == "per_trial"
-        if not feasible:
-            return False
-        if self.objective.multi:
-            return True
-        better = self.best_value is None or (value < self.best_value if self.objective.direction == "minimize" else value > self.best_value)
-        if better:
-            self.best_value = value
-        return better
+    def draw_best_plots(self, study: optuna.Study) -> list[int]:
+        """``diagnostics.plots: best``, at the end of the sweep: the plots of the ``plots_best`` best trials that this
+        recorder wrote, drawn and uploaded by the uploader; returns their numbers.
+
+        Each process draws only its own trials, from the data it kept: a trial among the best k of the whole study is
+        among the best k of the trials that existed when its own process ended (more trials only push it down), so the
+        best k trials of a study run by several workers all get their plots, each exactly once."""
+        if self.config.diagnostics.plots != "best":
+            return []
+        outputs = [o.name for o in self.prepared.outputs]
+        drawn = [t.number for t in best_trials(study, self.config.diagnostics.plots_best) if t.number in self.plot_data]
+        for number in drawn:
+            data = self.plot_data[number]
+            staging = self.staging_root / f"plots{number:04d}-{socket.gethostname()}-{os.getpid()}"  # as remove_dead_scratch reads it
+            staging.mkdir(parents=True, exist_ok=True)
+            self.uploader.submit(data.run_id, f"trial {number} plots", partial(_upload_plots, data=data, outputs=outputs, staging=staging), staging)
+        self.plot_data.clear()
+        return drawn
 
     def stage_files(self, work_dir: Path) -> Path:
         """Move the trial's scratch directory where the uploader picks it up (the trial's scratch is then free)."""
@@ -250,15 +258,35 @@ def _upload_trial(
     tracker.finish(run_id, failed=failed)
 
 
+@dataclass
+class PlotData:
+    """What a trial's error-ladder and LSB-histogram plots are drawn from."""
+
+    run_id: str
+    metrics: dict[str, float]
+    lsb_histograms: dict[str, dict[int, int]]
+
+
+def _upload_plots(tracker: Tracker, *, data: PlotData, outputs: list[str], staging: Path) -> None:
+    for path in _plots(data.metrics, data.lsb_histograms, outputs, staging):
+        tracker.client.log_artifact(data.run_id, str(path), artifact_path="plots")
+    tracker.set_tags(data.run_id, {"hailo_sweep.plots": "drawn (at the end of the sweep: one of the best trials)"})
+
+
+def _plots(metrics: dict[str, float], lsb_histograms: dict[str, dict[int, int]], outputs: list[str], work_dir: Path) -> list[Path]:
+    """The error-ladder plot, and the LSB-histogram plot when the trial has histograms. Drawing both costs more than
+    the rest of a small model's trial (about 0.15 s each with matplotlib); drawn in the background as the next trial
+    ran, they slowed it (they share the cores and the GIL), hence ``diagnostics.plots: best``."""
+    paths = [diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png")]
+    if lsb_histograms:
+        paths.append(diag_plots.lsb_histogram_plot(lsb_histograms, work_dir / "lsb_histogram.png"))
+    return paths
+
+
 def _diagnosis_artifacts(result: TrialResult, metrics: dict[str, float], outputs: list[str], work_dir: Path, plots: bool = True) -> list[tuple[Path, str]]:
-    """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``). Drawing the
-    two plots costs more than the rest of a small model's trial (about 0.15 s each with matplotlib, in the thread that
-    the next trial shares the cores and the GIL with), so ``plots`` may leave them out; report.json has their data."""
-    out: list[tuple[Path, str]] = []
-    if plots:
-        out.append((diag_plots.ladder_plot(metrics, outputs, work_dir / "error_ladder.png"), "plots"))
-    if plots and result.lsb_histograms:
-        out.append((diag_plots.lsb_histogram_plot(result.lsb_histograms, work_dir / "lsb_histogram.png"), "plots"))
+    """Plots and tables that explain where this trial's error comes from (see ``hailo-sweep diagnose``); the plots
+    only with ``plots`` (see ``_plots``), report.json has their data."""
+    out: list[tuple[Path, str]] = [(path, "plots") for path in _plots(metrics, result.lsb_histograms, outputs, work_dir)] if plots else []
     if result.layer_noise:
         out.extend(layer_noise_artifacts(result.layer_noise, work_dir))
     findings = work_dir / "findings.json"
