@@ -10,6 +10,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -210,9 +212,24 @@ class Tracker:
     def end_child(self, run_id: str, record: RunRecord) -> None:
         """Log the rest of the record (artifacts included) and end the run as FINISHED or FAILED."""
         self._log_batch(run_id, record)
-        for local, artifact_dir in record.artifacts:
-            self.client.log_artifact(run_id, str(local), artifact_path=artifact_dir or None)
+        self.log_files(run_id, record.artifacts)
         self.client.set_terminated(run_id, status="FAILED" if record.failed else "FINISHED")
+
+    def log_files(self, run_id: str, artifacts: Sequence[tuple[Path, str]]) -> None:
+        """Log files as run artifacts, each as (local file, artifact directory; "" for the top), in one
+        ``log_artifacts`` call: every ``log_artifact`` call reads the whole run from the store first (10 ms per file
+        for a trial's run in sqlite). The files are hard-linked (copied across file systems) into a temporary tree."""
+        if not artifacts:
+            return
+        with tempfile.TemporaryDirectory(prefix="hailo-sweep-artifacts-") as tmp:
+            for local, artifact_dir in artifacts:
+                dst = Path(tmp, artifact_dir, Path(local).name)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(local, dst)
+                except OSError:
+                    shutil.copyfile(local, dst)
+            self.client.log_artifacts(run_id, tmp)
 
     def log_model(self, run_id: str, model: LoggedModelRecord) -> str:
         """A LoggedModel holding the compiled file, linked to its trial run; returns the model id."""

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -105,18 +105,21 @@ class Fed:
 
     calibration: np.ndarray
     evaluation: np.ndarray
-    #: what the checks of the fed data found (the same in every trial of the placement: checked once, by ``assess``)
-    input_findings: list[Finding] | None = None
+    #: what the checks of the fed data found: the same in every trial of the placement, so checked once (``fed_for``)
+    input_findings: list[Finding] = field(default_factory=list)
 
 
 def fed_for(prepared: Prepared, placement: str) -> Fed:
-    """The data sets as fed for a normalization placement; made once per sweep and placement, read-only (every trial
-    of the sweep, and the cluster's scatter, read the same arrays; a backend that needs another form copies)."""
+    """The data sets as fed for a normalization placement, and what the checks of the fed data found; made once per
+    sweep and placement, read-only (every trial of the sweep, and the cluster's scatter, read the same arrays; a
+    backend that needs another form copies)."""
     fed = prepared.fed.get(placement)
     if fed is None:
         ds, norm, domain = prepared.dataset, prepared.normalization, prepared.config.data.domain
         # the whole calibration set: settings.calibset_size says how many entries to calibrate on (Backend.optimize)
-        fed = Fed(feed(ds.calibration, placement, norm, domain), feed(ds.evaluation, placement, norm, domain))
+        evaluation = feed(ds.evaluation, placement, norm, domain)
+        checked = run_all(Evidence(fed=evaluation, placement=placement, normalization=norm, domain=domain))  # type: ignore[arg-type]
+        fed = Fed(feed(ds.calibration, placement, norm, domain), evaluation, checked)
         for array in (fed.calibration, fed.evaluation):
             array.flags.writeable = False
         prepared.fed[placement] = fed
@@ -272,9 +275,6 @@ def _diagnose(
     result.metrics.update(ladder_steps(result.metrics, names))
     for rank, layer in enumerate(result.layer_noise[:3]):
         result.metrics[f"layer_noise.worst{rank + 1}_snr_db"] = layer.snr_db
-    if fed.input_findings is None:  # the data as fed: checked in the placement's first trial only
-        fed.input_findings = run_all(Evidence(fed=fed.evaluation, placement=settings.normalization_placement,
-                                              normalization=prepared.normalization, domain=prepared.config.data.domain))
     evidence = Evidence(
         candidate=dev.outputs,
         reference=prepared.reference,

@@ -399,17 +399,19 @@ def test_calibration_cache_is_keyed_on_model_data_and_method(tmp_path: Path, fra
         return Path(optimized.handle["qdq"]).read_bytes()
 
     first = qdq_bytes(settings(level=0), "a")
-    assert count() == 1
+    after_first = count()  # the table, and those of the leading segments the pass crossed (Calibrator.minmax)
+    assert after_first >= 1
     assert qdq_bytes(settings(level=0), "b") == first
-    assert count() == 1  # same settings: the cache file is reused, not duplicated
+    assert count() == after_first  # same settings: the cache files are reused, not duplicated
 
     other_data = qdq_bytes(settings(level=0), "c", start=CALIB)
-    assert count() == 2  # another calibration set: new ranges
+    after_other = count()
+    assert after_other > after_first  # another calibration set: new ranges
     assert other_data != first
 
     minmax = qdq_bytes(settings(level=2), "d")
     after_level2 = count()
-    assert after_level2 > 2
+    assert after_level2 > after_other
     percentile = qdq_bytes(settings(level=3), "e")
     assert count() > after_level2  # same models and data, other method: not served from the MinMax cache
     assert percentile != minmax

@@ -24,7 +24,7 @@ from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_d
 from hailo_sweep.backends.base import BackendContext, Normalization
 from hailo_sweep.backends.onnxruntime import quantize
 from hailo_sweep.backends.onnxruntime.backend import OnnxRuntimeBackend
-from hailo_sweep.backends.onnxruntime.calibration import Calibrator
+from hailo_sweep.backends.onnxruntime.calibration import SEGMENT, Calibrator
 from hailo_sweep.backends.onnxruntime.recipe import Recipe
 from hailo_sweep.errors import UnsupportedSetting
 from hailo_sweep.examples.synthetic_cnn import MEAN, STD, CnnSpec, build_model, normalize, photos
@@ -228,6 +228,35 @@ def test_calibration_runs_once_per_method_and_is_cached(setup: Setup, tmp_path: 
     other_data = Calibrator(model, setup.calib[:16], "input", tmp_path / "cache")
     other_data.minmax()
     assert other_data.passes == ["minmax"]
+
+
+def test_a_minmax_table_extends_the_cached_table_of_a_leading_part_and_equals_one_pass(setup: Setup, tmp_path: Path) -> None:
+    """A trial with more calibration rows runs MinMax only over the rows after the largest cached leading segment, a
+    trial with fewer reads the boundary an earlier pass cached; both tables are ORT's single pass, bit for bit."""
+    model = onnx.load(str(setup.model_path))
+    rng = np.random.default_rng(3)
+    # 128 rows; the widest values in the first segment (a table that dropped the cached part would be narrower) and
+    # rows in each later segment that widen the range again for some tensors
+    parts = [setup.calib * 3.0] + [setup.calib * 0.5 + rng.normal(0, 0.5 * k, setup.calib.shape).astype(np.float32) for k in (1, 2, 3)]
+    pool = np.concatenate(parts).astype(np.float32)
+    assert len(pool) == 4 * SEGMENT
+
+    def table(c: Calibrator) -> dict[str, tuple[float, float]]:
+        return {k: (float(v.range_value[0][0]), float(v.range_value[1][0])) for k, v in c.minmax().data.items()}
+
+    small = Calibrator(model, pool[:40], "input", tmp_path / "cache")  # one full segment and 8 more rows
+    assert table(small) == ort_single_pass(setup.model_path, pool[:40], CalibrationMethod.MinMax, tmp_path)
+    assert small.passes == ["minmax"]
+    large = Calibrator(model, pool, "input", tmp_path / "cache")
+    assert table(large) == ort_single_pass(setup.model_path, pool, CalibrationMethod.MinMax, tmp_path)
+    assert large.passes == [f"minmax from row {SEGMENT}"]  # the first segment was cached by the smaller trial
+    for n in (2 * SEGMENT, 3 * SEGMENT):  # boundaries the larger pass crossed: no pass at all
+        middle = Calibrator(model, pool[:n], "input", tmp_path / "cache")
+        assert table(middle) == ort_single_pass(setup.model_path, pool[:n], CalibrationMethod.MinMax, tmp_path)
+        assert middle.passes == []
+    other = Calibrator(model, pool[1:65], "input", tmp_path / "cache")  # other rows: nothing of the above applies
+    other.minmax()
+    assert other.passes == ["minmax"]
 
 
 def test_trials_that_change_only_non_calibration_knobs_do_not_recalibrate(setup: Setup) -> None:

@@ -65,3 +65,35 @@ def test_a_failed_upload_is_recorded_on_its_run_and_the_next_job_still_runs(tmp_
     assert run.info.status == "FINISHED" and run.data.tags["hailo_sweep.upload_error"].startswith("trial 0 artifacts: ")
     assert client.get_run(good).info.status == "FINISHED"
     assert not staging.exists()
+
+
+def test_workers_that_each_draw_their_own_best_at_their_end_cover_the_final_best_once() -> None:
+    """diagnostics.plots: best with several workers: each draws, when it ends, those of its own trials among the best k
+    of the study at that moment; over random values, finish orders and infeasible trials, the final best k trials are
+    each drawn exactly once."""
+    import random
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from hailo_sweep.sweep.best_noise import best_trials
+    from hailo_sweep.sweep.recorder import own_best
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for seed in range(40):
+        rng = random.Random(seed)
+        study = optuna.create_study(direction="minimize")
+        owner: dict[int, int] = {}  # trial -> the worker that ran it
+        ends = sorted(rng.sample(range(4, 40), 2)) + [40]  # three workers end after these many trials
+        drawn: list[int] = []
+        for number in range(40):
+            study.add_trial(create_trial(value=rng.random(), params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
+                                         constraints={"c": rng.choice([-1.0, -1.0, 1.0])}))
+            owner[number] = rng.choice([w for w, end in enumerate(ends) if end > number])  # a worker still running
+            for worker, end in enumerate(ends):
+                if number + 1 == end:
+                    drawn += own_best(study, 3, {n for n, w in owner.items() if w == worker})
+        final = {t.number for t in best_trials(study, 3)}
+        assert final <= set(drawn), (seed, final, drawn)
+        assert len(drawn) == len(set(drawn)), seed

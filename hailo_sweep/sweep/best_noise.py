@@ -97,5 +97,4 @@ def layer_noise_artifacts(layer_noise: Sequence[LayerNoise], work_dir: Path) -> 
 def _upload(tracker: Tracker, *, run_id: str, noise: list[LayerNoise], staging: Path) -> None:
     metrics = {f"layer_noise.worst{rank + 1}_snr_db": layer.snr_db for rank, layer in enumerate(noise[:3])}
     tracker.log_to(run_id, RunRecord(name="", metrics=metrics, tags={"hailo_sweep.layer_noise": "best"}))
-    for local, artifact_dir in layer_noise_artifacts(noise, staging):
-        tracker.client.log_artifact(run_id, str(local), artifact_path=artifact_dir)
+    tracker.log_files(run_id, layer_noise_artifacts(noise, staging))

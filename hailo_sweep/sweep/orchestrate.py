@@ -38,6 +38,7 @@ from hailo_sweep.sweep.sampling import make_sampler
 from hailo_sweep.sweep.storage import StaleTrialHandler, SweepStorage, open_storage, remove_dead_scratch, with_retries
 from hailo_sweep.task_metrics import PREFIX as TASK_PREFIX
 from hailo_sweep.tracking import RunRecord, Tracker
+from hailo_sweep.trial import fed_for
 
 
 class Sweep:
@@ -154,6 +155,8 @@ class Sweep:
                     if remaining:
                         self.observer.stage_started("prepare")
                         prepared = prepare_sweep(self.config, self.stores.work_dir, backend if here else None)
+                        for placement in space.choices()["normalization_placement"]:  # the data as fed: once, before the trials
+                            fed_for(prepared, placement)
                         prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
                         for finding in prepared.findings:
                             if finding.code == "normalization_unset":  # said once here; softmax heads were said in preflight

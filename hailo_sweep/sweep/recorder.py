@@ -162,7 +162,7 @@ class TrialRecorder:
         if self.config.diagnostics.plots != "best":
             return []
         outputs = [o.name for o in self.prepared.outputs]
-        drawn = [t.number for t in best_trials(study, self.config.diagnostics.plots_best) if t.number in self.plot_data]
+        drawn = own_best(study, self.config.diagnostics.plots_best, set(self.plot_data))
         for number in drawn:
             data = self.plot_data[number]
             staging = self.staging_root / f"plots{number:04d}-{socket.gethostname()}-{os.getpid()}"  # as remove_dead_scratch reads it
@@ -252,10 +252,14 @@ def _upload_trial(
     report_path = staging / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     artifacts.append((report_path, ""))
-    for local, artifact_dir in artifacts:
-        tracker.client.log_artifact(run_id, str(local), artifact_path=artifact_dir or None)
+    tracker.log_files(run_id, artifacts)
     tracker.log_to(run_id, RunRecord(name="", metrics={"time.upload_s": time.perf_counter() - start}))
     tracker.finish(run_id, failed=failed)
+
+
+def own_best(study: optuna.Study, k: int, mine: set[int]) -> list[int]:
+    """The trials among ``mine`` (those one process ran) that are among the ``k`` best of the study now."""
+    return [t.number for t in best_trials(study, k) if t.number in mine]
 
 
 @dataclass
@@ -268,8 +272,7 @@ class PlotData:
 
 
 def _upload_plots(tracker: Tracker, *, data: PlotData, outputs: list[str], staging: Path) -> None:
-    for path in _plots(data.metrics, data.lsb_histograms, outputs, staging):
-        tracker.client.log_artifact(data.run_id, str(path), artifact_path="plots")
+    tracker.log_files(data.run_id, [(path, "plots") for path in _plots(data.metrics, data.lsb_histograms, outputs, staging)])
     tracker.set_tags(data.run_id, {"hailo_sweep.plots": "drawn (at the end of the sweep: one of the best trials)"})
 
 

@@ -55,7 +55,8 @@ ENTROPY_QUANTIZED_BINS = 128
 BATCH_BYTES = 192 * 2**20  # intermediate outputs of one histogram run at most this large
 MAX_BATCH = 32
 MINMAX_BATCH = 8  # rows per MinMax run at most (fewer for large inputs, see minmax): the session's buffers grow with the batch
-CACHE_VERSION = b"calibration-v3"  # v3: histograms binned by _bin
+CACHE_VERSION = b"calibration-v4"  # v3: histograms binned by _bin; v4: keys chained over segments
+SEGMENT = 32  # rows per cached MinMax prefix step (see Calibrator.minmax)
 
 
 def sha(data: bytes) -> str:
@@ -87,27 +88,54 @@ class Calibrator:
         self.data = np.ascontiguousarray(data, dtype=np.float32)
         self.input_name = input_name
         self.cache_dir = cache_dir
-        # the data's hash from its buffer (tobytes would copy it: 150-250 MB for 256 frames of 224x224 or 64 of 480x640)
-        data_sha = hashlib.sha256(memoryview(self.data).cast("B")).hexdigest()
-        self.key = sha(b"|".join([CACHE_VERSION, sha(self.model_bytes).encode(), data_sha.encode(), input_name.encode()]))[:24]
         self.fixed = fixed_batch  # the model's fixed batch size (every run has exactly that many rows), or None
         self.passes: list[str] = []  # calibration passes this object actually ran (not served from the cache)
+        # the data hashed segment by segment, each key chained to the one before: prefix_keys[i] names the model with
+        # the first (i + 1) * segment rows, so a MinMax table of any leading part of the set can be found and extended
+        # (the hashes read the buffer: tobytes would copy 150-250 MB for 256 frames of 224x224 or 64 of 480x640)
+        self.segment = segment_rows(fixed_batch)
+        key = sha(b"|".join([CACHE_VERSION, sha(self.model_bytes).encode(), input_name.encode()]))
+        self.prefix_keys: list[str] = []
+        for start in range(0, len(self.data), self.segment):
+            rows = self.data[start : start + self.segment]
+            key = sha(key.encode() + hashlib.sha256(memoryview(rows).cast("B")).digest())
+            if len(rows) == self.segment:
+                self.prefix_keys.append(key[:24])
+        self.key = key[:24]  # the model with the whole set
 
     # -- tables ----------------------------------------------------------------------------------------------
     def minmax(self) -> TensorsData:
-        path = self.cache_dir / f"minmax-{self.key}.json"
-        if not path.is_file():
-            with self._scratch() as (model_path, tmp):
-                calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax)
-                # at most MINMAX_BATCH rows and about CALL_ELEMENTS input values per run: 8 frames of 480x640 took
-                # the session past 9 GB, one frame per run stays near 1 GB (the reductions' outputs are scalars)
-                calibrator.collect_data(_Reader(self.data, self.input_name, chunk_size(self.data, MINMAX_BATCH), self.fixed))
-                table = calibrator.compute_data()
-                del calibrator
-            self.passes.append("minmax")
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda t: save_tensors_data(table, t))
+        """The MinMax table of the whole set. A table of a leading part of the set, cached by an earlier trial with a
+        smaller (or larger) calibration size, is extended with the rows after it: the minimum and maximum over all rows
+        are those of the two parts, so the table is the one a single pass gives. Every segment boundary crossed is
+        cached in turn, so a sweep over calibration sizes 64..1024 runs MinMax over each row once."""
+        path = self._minmax_path(self.key)
+        if path.is_file():
+            return load_tensors_data(path)
+        done = next((i + 1 for i in reversed(range(len(self.prefix_keys))) if self._minmax_path(self.prefix_keys[i]).is_file()), 0)
+        prefix = load_tensors_data(self._minmax_path(self.prefix_keys[done - 1])) if done else None
+        start = done * self.segment
+        with self._scratch() as (model_path, tmp):
+            calibrator = create_calibrator(model_path, augmented_model_path=str(tmp / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax)
+            # at most MINMAX_BATCH rows and about CALL_ELEMENTS input values per run: 8 frames of 480x640 took the
+            # session past 9 GB, one frame per run stays near 1 GB (the reductions' outputs are scalars)
+            chunk = chunk_size(self.data, MINMAX_BATCH)
+            for i, first in enumerate(range(start, len(self.data), self.segment), start=done):
+                rows = self.data[first : first + self.segment]
+                calibrator.collect_data(_Reader(rows, self.input_name, chunk, self.fixed))
+                table = calibrator.compute_data()  # the rows since ``start`` so far (collect_data merges each call's)
+                whole = union(prefix, table) if prefix is not None else table
+                self._save(self.prefix_keys[i] if len(rows) == self.segment else self.key, whole)
+            del calibrator
+        self.passes.append(f"minmax from row {start}" if done else "minmax")
         return load_tensors_data(path)
+
+    def _minmax_path(self, key: str) -> Path:
+        return self.cache_dir / f"minmax-{key}.json"
+
+    def _save(self, key: str, table: TensorsData) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self._minmax_path(key), lambda t: save_tensors_data(table, t))
 
     def percentile(self, percentile: float) -> TensorsData:
         histograms = self._histograms("percentile")
@@ -251,6 +279,23 @@ def _scalar(value: np.ndarray) -> np.float32:
 
 def _pair(value: tuple[np.ndarray, ...]) -> TensorData:
     return TensorData(lowest=np.asarray(value[0], np.float32), highest=np.asarray(value[1], np.float32))
+
+
+def segment_rows(fixed_batch: int | None) -> int:
+    """Rows per cached MinMax segment: ``SEGMENT`` (a multiple of the model's fixed batch, so that no segment pads)."""
+    if not fixed_batch:
+        return SEGMENT
+    return max(fixed_batch, SEGMENT // fixed_batch * fixed_batch)
+
+
+def union(a: TensorsData, b: TensorsData) -> TensorsData:
+    """The MinMax table of two sets of rows from the tables of each (NaN ignored, as ORT's ``nanmin``/``nanmax``)."""
+    data = {}
+    for name, x in a.data.items():
+        y = b.data[name]
+        data[name] = TensorData(lowest=np.fmin(np.asarray(x.range_value[0]), np.asarray(y.range_value[0])),
+                                highest=np.fmax(np.asarray(x.range_value[1]), np.asarray(y.range_value[1])))
+    return TensorsData(CalibrationMethod.MinMax, data)
 
 
 def merge(base: TensorsData, clipped: TensorsData, tensors: set[str] | None) -> TensorsData:
