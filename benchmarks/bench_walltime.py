@@ -10,7 +10,11 @@ host normalization; 64, 128 and 256 calibration frames):
 - ``plain``: ``peers/qs_random.py --timing``: quantize_static, one QDQ emulation run, one integer run, per point.
 
 The ratio of a round is the sum of a variant's trial walls over the plain script's sum in that round; the report gives
-each round's ratio and their mean and spread (the machine is shared: only ratios taken side by side mean much).
+each round's ratio and their mean and spread (the machine is shared: only ratios taken side by side mean much). A
+second ratio takes each trial from Optuna's ask to its tell (``datetime_start`` to ``datetime_complete``): the trial's
+wall plus the storage writes that create and complete it. The three points share their leading calibration rows: a
+MinMax pass caches the table at each 32-row boundary it crosses, which a smaller point reads and a larger one extends
+(``Calibrator.minmax``), as in any sweep over calibration sizes; the plain script calibrates each point from scratch.
 
 Usage: ``python benchmarks/bench_walltime.py [--rounds 3] [--before REV] [--rollback] [--json out.json]``.
 """

@@ -107,6 +107,7 @@ class Fed:
     evaluation: np.ndarray
     #: what the checks of the fed data found: the same in every trial of the placement, so checked once (``fed_for``)
     input_findings: list[Finding] = field(default_factory=list)
+    input_check_error: str | None = None  # a check that raised: said in every trial's notes, never a failure
 
 
 def fed_for(prepared: Prepared, placement: str) -> Fed:
@@ -118,8 +119,11 @@ def fed_for(prepared: Prepared, placement: str) -> Fed:
         ds, norm, domain = prepared.dataset, prepared.normalization, prepared.config.data.domain
         # the whole calibration set: settings.calibset_size says how many entries to calibrate on (Backend.optimize)
         evaluation = feed(ds.evaluation, placement, norm, domain)
-        checked = run_all(Evidence(fed=evaluation, placement=placement, normalization=norm, domain=domain))  # type: ignore[arg-type]
-        fed = Fed(feed(ds.calibration, placement, norm, domain), evaluation, checked)
+        fed = Fed(feed(ds.calibration, placement, norm, domain), evaluation)
+        try:
+            fed.input_findings = run_all(Evidence(fed=evaluation, placement=placement, normalization=norm, domain=domain))  # type: ignore[arg-type]
+        except Exception as exc:  # an explanation, not a measurement
+            fed.input_check_error = f"checks of the fed data failed: {type(exc).__name__}: {str(exc)[:300]}"
         for array in (fed.calibration, fed.evaluation):
             array.flags.writeable = False
         prepared.fed[placement] = fed
@@ -286,6 +290,8 @@ def _diagnose(
         repeat=repeat,
     )
     found = [*fed.input_findings, *run_all(evidence)]
+    if fed.input_check_error:
+        result.notes.append(fed.input_check_error)
     for spec in prepared.outputs:  # tolerances are in 8-bit LSB; a 16-bit output's step is 256x finer
         quant = dev.quant.get(spec.name)
         wide = quant is not None and quant.bits > 8

@@ -546,3 +546,26 @@ def test_write_report_is_atomic_and_complete(tmp_path: Path) -> None:
     path = write_report(tmp_path / "out" / "report.html", text)
     assert path.read_text(encoding="utf-8") == text
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # no temp file left behind
+
+
+def test_the_fed_data_is_checked_once_per_placement_and_a_failing_check_is_a_note(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fed_for checks the data as fed (the same in every trial of a placement) once; data that the user's file already
+    holds normalized, fed with host normalization, is normalized twice. A check that raises leaves a note, no error."""
+    from types import SimpleNamespace
+
+    from hailo_sweep import trial as trial_mod
+
+    normalized = feed(run.evaluation_raw, "host", NORM, DOMAIN)  # what the user's file holds: normalized once
+    prepared = SimpleNamespace(dataset=SimpleNamespace(calibration=normalized, evaluation=normalized), normalization=NORM,
+                               config=SimpleNamespace(data=SimpleNamespace(domain=DOMAIN)), fed={})
+    fed = trial_mod.fed_for(prepared, "host")  # type: ignore[arg-type]
+    assert [f.code for f in fed.input_findings] == ["normalization_twice"] and fed.input_check_error is None
+    assert trial_mod.fed_for(prepared, "host") is fed  # made and checked once
+
+    def broken(evidence: Evidence) -> list[Finding]:
+        raise ValueError("no statistics")
+
+    monkeypatch.setattr(trial_mod, "run_all", broken)
+    prepared.fed = {}
+    fed = trial_mod.fed_for(prepared, "host")  # type: ignore[arg-type]
+    assert fed.input_findings == [] and fed.input_check_error is not None and "no statistics" in fed.input_check_error
