@@ -49,8 +49,9 @@ _journal.use_wal = lambda url: None
 """
 
 
-def sweep_once(root: Path, out: Path) -> None:
-    """In the subprocess: the real sweep over the points, each trial's wall time by its calibration size.
+def sweep_once(root: Path, out: Path, config_path: str | None = None) -> None:
+    """In the subprocess: the real sweep over the points, each trial's wall time by its calibration size; on the digits
+    example, or on the model and data of ``config_path`` (``--config``: its data must have been built).
 
     Only ``hailo_sweep.config`` and ``hailo_sweep.sweep.Sweep`` are used (and the example's data module), so that the
     same function runs another revision's code (``--before``) whatever its internal layout."""
@@ -63,14 +64,18 @@ def sweep_once(root: Path, out: Path) -> None:
     from hailo_sweep.config import DiagnosticsConfig, SamplerConfig, SearchSpaceConfig, load_config
     from hailo_sweep.sweep import Sweep
 
-    shutil.copytree(REPO / "configs", root / "configs")
-    subprocess.run([sys.executable, "-m", "hailo_sweep.examples.digits", str(root / "sweeps" / "data" / "digits")], check=True, capture_output=True)
-    config = load_config(root / "configs" / "digits.yaml")
+    if config_path is None:
+        shutil.copytree(REPO / "configs", root / "configs")
+        subprocess.run([sys.executable, "-m", "hailo_sweep.examples.digits", str(root / "sweeps" / "data" / "digits")], check=True, capture_output=True)
+        config = load_config(root / "configs" / "digits.yaml")
+        objective = config.objective.model_copy(update={"metric": "logits.mae", "stage": "device", "direction": "minimize"})
+    else:
+        config = load_config(Path(config_path))
+        objective = config.objective
     cfg = config.model_copy(update={
         "name": "bench-walltime", "backend": "onnxruntime", "search": SearchSpaceConfig(**PLAIN_POINT, calibset_size=list(SIZES)),
         "trials": len(SIZES), "constraints": [], "sampler": SamplerConfig(name="grid", seed=0), "diagnostics": DiagnosticsConfig(),
-        "objective": config.objective.model_copy(update={"metric": "logits.mae", "stage": "device", "direction": "minimize"}),
-        "stores": config.stores.model_copy(update={"root": root / "stores"}),
+        "objective": objective, "stores": config.stores.model_copy(update={"root": root / "stores"}),
     })
     Sweep(cfg).run()
     study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{root / 'stores' / 'sweeps' / 'optuna.db'}")
@@ -81,11 +86,11 @@ def sweep_once(root: Path, out: Path) -> None:
     out.write_text(json.dumps(walls))
 
 
-def run_sweep(variant: str, checkout: Path, root: Path, rollback: bool) -> dict[str, dict[str, float]]:
+def run_sweep(variant: str, checkout: Path, root: Path, rollback: bool, config: Path | None) -> dict[str, dict[str, float]]:
     work = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=root))
     out = work / "walls.json"
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    code = (ROLLBACK_HOOK if rollback else "") + f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_walltime as b; from pathlib import Path; b.sweep_once(Path({str(work)!r}), Path({str(out)!r}))"
+    code = (ROLLBACK_HOOK if rollback else "") + f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_walltime as b; from pathlib import Path; b.sweep_once(Path({str(work)!r}), Path({str(out)!r}), {str(config) if config else None!r})"
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     walls = json.loads(out.read_text())
     shutil.rmtree(work, ignore_errors=True)
@@ -103,8 +108,9 @@ def run_plain(ort_py: Path, model: Path, data: Path, root: Path) -> dict[str, fl
     return walls
 
 
-def plain_data(root: Path) -> tuple[Path, Path]:
-    """The example's model and its data file for the plain script (as bench_peers writes it)."""
+def plain_data(root: Path, config_path: Path | None) -> tuple[Path, Path]:
+    """The model and its data file for the plain script (as bench_peers writes it): the digits example's, or those of
+    ``config_path``."""
     import numpy as np
 
     sys.path.insert(0, str(HERE))
@@ -114,7 +120,9 @@ def plain_data(root: Path) -> tuple[Path, Path]:
     from hailo_sweep.data import feed
     from hailo_sweep.pipeline import prepare_sweep
 
-    config, _ = example(root / "plain-example", False)
+    from hailo_sweep.config import load_config
+
+    config = example(root / "plain-example", False)[0] if config_path is None else load_config(config_path)
     backend = make_backend(config, root / "plain-work")
     with backend:
         prepared = prepare_sweep(config, root / "plain-work", backend)
@@ -133,7 +141,9 @@ def main() -> None:
     parser.add_argument("--rollback", action="store_true", help="also this revision with its sqlite stores in rollback-journal mode (no WAL)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hailo-sweep" / "peers")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--config", type=Path, help="a config whose model and data replace the digits example (build its data first), e.g. configs/real/ppocr_cls.yaml")
     args = parser.parse_args()
+    config = args.config.resolve() if args.config else None
     sys.path.insert(0, str(HERE))
     from bench_peers import ensure_venv
 
@@ -149,13 +159,13 @@ def main() -> None:
         if args.rollback:
             variants.append(("rollback journal (no WAL)", REPO, True))
         ort_py = ensure_venv(args.cache, "ort")
-        model, data = plain_data(root)
+        model, data = plain_data(root, config)
         rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
             order = variants if r % 2 == 0 else variants[::-1]  # alternate the order: drift hits every variant alike
             result: dict[str, Any] = {"plain": run_plain(ort_py, model, data, root)}
             for label, checkout, rollback in order:
-                result[label] = run_sweep(label.split()[0], checkout, root, rollback)
+                result[label] = run_sweep(label.split()[0], checkout, root, rollback, config)
             rounds.append(result)
             line = "; ".join(f"{label} {sum(t['wall_s'] for t in result[label].values()) / sum(result['plain'].values()):.2f}x" for label, _, _ in variants)
             print(f"round {r + 1}: plain {sum(result['plain'].values()):.2f} s; {line}", flush=True)

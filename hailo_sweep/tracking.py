@@ -7,6 +7,7 @@ manual and batched (one ``log_batch`` call per run) because per-call logging is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -204,9 +205,10 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=record.name,
-            tags={MLFLOW_PARENT_RUN_ID: parent_run_id, ROLE_TAG: "trial", **record.tags},
+            tags={MLFLOW_PARENT_RUN_ID: parent_run_id, ROLE_TAG: "trial", **{k: _text(v, MAX_TAG_LEN) for k, v in record.tags.items()}},
         )
-        self._log_batch(run.info.run_id, record)
+        if record.params or record.metrics:  # the tags are the run's already
+            self._log_batch(run.info.run_id, dataclasses.replace(record, tags={}))
         return run.info.run_id
 
     def end_child(self, run_id: str, record: RunRecord) -> None:

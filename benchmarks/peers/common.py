@@ -22,6 +22,11 @@ def session(model: onnx.ModelProto | str, optimized: bool) -> ort.InferenceSessi
 
 def run(sess: ort.InferenceSession, x: np.ndarray, names: list[str], chunk: int = 64) -> dict[str, np.ndarray]:
     name = sess.get_inputs()[0].name
+    batch = sess.get_inputs()[0].shape[0]
+    if isinstance(batch, int) and batch > 0:  # a fixed batch: exactly that many rows per run
+        if len(x) % batch:
+            raise ValueError(f"{len(x)} inputs do not fill batches of {batch}")
+        chunk = batch
     outs = [sess.run(names, {name: x[i : i + chunk]}) for i in range(0, len(x), chunk)]
     return {n: np.concatenate([o[k] for o in outs]) for k, n in enumerate(names)}
 

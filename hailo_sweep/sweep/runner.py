@@ -85,6 +85,7 @@ class TrialRunner:
             staging_root=sweep.stores.work_dir / "uploads",
         )
         self.current: RunningTrial | None = None  # the local loop's trial in progress (for an interrupt)
+        self._points: dict[int, tuple[tuple[str, object], ...]] = {}  # finished trial -> its canonical point (_duplicate_of)
 
     # -- the local objective ---------------------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
@@ -230,7 +231,10 @@ class TrialRunner:
         repeat the same work."""
         mine = point_key(self.space.canonical_params(dict(trial.params)))
         for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if other.number != trial.number and point_key(self.space.canonical_params(dict(other.params))) == mine:
+            key = self._points.get(other.number)
+            if key is None:  # a finished trial's params do not change: its point is computed once
+                key = self._points[other.number] = point_key(self.space.canonical_params(dict(other.params)))
+            if other.number != trial.number and key == mine:
                 return other
         return None
 
