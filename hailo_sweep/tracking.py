@@ -220,10 +220,11 @@ class Tracker:
     def log_files(self, run_id: str, artifacts: Sequence[tuple[Path, str]]) -> None:
         """Log files as run artifacts, each as (local file, artifact directory; "" for the top), in one
         ``log_artifacts`` call: every ``log_artifact`` call reads the whole run from the store first (10 ms per file
-        for a trial's run in sqlite). The files are hard-linked (copied across file systems) into a temporary tree."""
+        for a trial's run in sqlite). The files are hard-linked (copied across file systems) into a temporary tree
+        beside the first file (not in /tmp, which may be in memory: a compiled model can be large)."""
         if not artifacts:
             return
-        with tempfile.TemporaryDirectory(prefix="hailo-sweep-artifacts-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="hailo-sweep-artifacts-", dir=Path(artifacts[0][0]).parent) as tmp:
             for local, artifact_dir in artifacts:
                 dst = Path(tmp, artifact_dir, Path(local).name)
                 dst.parent.mkdir(parents=True, exist_ok=True)
