@@ -324,3 +324,13 @@ def feed(raw: np.ndarray, placement: Placement, normalization: Normalization | N
     if is_uint8_domain(domain, raw):
         return raw.astype(np.uint8)
     return raw.astype(np.float32)
+
+
+def is_frozen(array: np.ndarray) -> bool:
+    """Whether ``array`` and every array it is a view of are read-only (so its values cannot change)."""
+    node: object = array
+    while isinstance(node, np.ndarray):
+        if node.flags.writeable:
+            return False
+        node = node.base
+    return True

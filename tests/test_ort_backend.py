@@ -272,6 +272,35 @@ def test_an_unchanged_float_model_is_emulated_once_and_says_so(prepared: Prepare
         np.testing.assert_array_equal(c[name], values)
 
 
+def test_the_sweeps_read_only_inputs_are_found_by_identity_and_a_changed_view_is_not(prepared: Prepared, frames: Frames,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The array a sweep feeds every trial is read-only: the second trial finds its float outputs without comparing
+    26 MB of inputs. A read-only view of a writeable array is not trusted that way: its values can change."""
+    from hailo_sweep.backends.onnxruntime import backend as backend_mod
+
+    optimized = prepared.optimize(settings(level=0))
+    frozen = frames.eval("host").copy()
+    frozen.flags.writeable = False
+    first = prepared.backend.emulate(optimized, frozen, EmulationContext.FP_OPTIMIZED)
+    compared: list[int] = []
+    real_equal = np.array_equal
+    monkeypatch.setattr(backend_mod.np, "array_equal", lambda a, b: compared.append(1) or real_equal(a, b))
+    again = prepared.backend.emulate(optimized, frozen, EmulationContext.FP_OPTIMIZED)
+    assert compared == [] and all(again[k] is first[k] for k in OUTPUTS)
+
+    base = frames.eval("host") + 0.25  # other values than above: the entry is now this view's
+    view = base[:]
+    view.flags.writeable = False
+    before = prepared.backend.emulate(optimized, view, EmulationContext.FP_OPTIMIZED)
+    before = {k: v.copy() for k, v in before.items()}
+    base += 0.5  # the view's values change under it
+    after = prepared.backend.emulate(optimized, view, EmulationContext.FP_OPTIMIZED)
+    preprocessed = Path(optimized.handle["fp"])
+    for name, values in run_onnx(preprocessed, ENABLE_ALL, np.array(view)).items():
+        np.testing.assert_array_equal(after[name], values)
+    assert any(not np.array_equal(after[k], before[k]) for k in OUTPUTS)
+
+
 def test_a_rewritten_float_model_is_emulated_in_its_trial(prepared: Prepared, frames: Frames) -> None:
     optimized = prepared.optimize(settings(level=1))  # cross-layer equalization rewrites the float weights
     assert Path(optimized.handle["fp"]).name == "model.fp.onnx" and not optimized.handle["fp_unchanged"]
