@@ -301,6 +301,21 @@ def test_the_sweeps_read_only_inputs_are_found_by_identity_and_a_changed_view_is
     assert any(not np.array_equal(after[k], before[k]) for k in OUTPUTS)
 
 
+def test_bias_correction_changes_the_quantized_model_only(prepared: Prepared, frames: Frames) -> None:
+    """Bias correction is a post-quantization step (the DFC's post_quantization_optimization): the fp_optimized stage
+    stays the float model before it, so its effect is counted as quantization cost, never as a float optimization."""
+    plain = prepared.optimize(settings(level=0))
+    plain_qdq = Path(plain.handle["qdq"]).read_bytes()  # the helper's work dir does not name bias_correction
+    corrected = prepared.optimize(Settings(0, 0, CALIB, "host", (), bias_correction="enabled"))
+    assert int(corrected.params["ort.bias_corrected_layers"]) > 0
+    assert corrected.handle["fp_unchanged"] and Path(corrected.handle["fp"]) == Path(plain.handle["fp"])
+    assert Path(corrected.handle["qdq"]).read_bytes() != plain_qdq  # the biases moved
+    x = frames.eval("host")
+    fp = prepared.backend.emulate(corrected, x, EmulationContext.FP_OPTIMIZED)
+    for name, values in run_onnx(Path(plain.handle["fp"]), ENABLE_ALL, x).items():
+        np.testing.assert_array_equal(fp[name], values)
+
+
 def test_a_rewritten_float_model_is_emulated_in_its_trial(prepared: Prepared, frames: Frames) -> None:
     optimized = prepared.optimize(settings(level=1))  # cross-layer equalization rewrites the float weights
     assert Path(optimized.handle["fp"]).name == "model.fp.onnx" and not optimized.handle["fp_unchanged"]

@@ -164,7 +164,7 @@ class OnnxRuntimeBackend(Backend):
         params: dict[str, str | int | float] = {}
 
         model = onnx.load(str(base_path))
-        float_changed = False  # whether an optimization below rewrote the float model
+        float_changed = False  # whether a full-precision optimization below rewrote the float model (equalization)
         if in_model:
             details.append("normalization: in the model (Mul 1/std, Add -mean/std)" + ("; uint8 input, scale 1, zero point 0" if uint8_input else ""))
         if recipe.equalize:
@@ -191,9 +191,11 @@ class OnnxRuntimeBackend(Backend):
         calibrator = Calibrator(model, calibration, input_name, self.context.work_dir / "calibration-cache", self.fixed_batch)
         table = quantize.ranges(model, calibrator, recipe)
         qdq = quantize.quantize(model, table, recipe, overrides, work_dir / "q1.onnx")
+        # the fp_optimized stage is the float model after the full-precision optimizations (equalization), as the DFC's
+        # SDK_FP_OPTIMIZED: bias correction is a post-quantization step, its biases belong to the quantized model only
+        fp_model = model
         if recipe.bias_correction:
             model, corrected = bias_correction(model, qdq, calibration.astype(np.float32, copy=False), input_name)
-            float_changed = True
             details.append(f"bias_correction: {corrected} layers (re-quantized with the same activation ranges)")
             params["ort.bias_corrected_layers"] = corrected
             qdq = quantize.quantize(model, table, recipe, overrides, work_dir / "q2.onnx")
@@ -205,7 +207,7 @@ class OnnxRuntimeBackend(Backend):
         qdq_path = work_dir / "model.qdq.onnx"
         if float_changed:
             fp_path = work_dir / "model.fp.onnx"
-            atomic_write(fp_path, lambda tmp: onnx.save(model, str(tmp)))
+            atomic_write(fp_path, lambda tmp: onnx.save(fp_model, str(tmp)))
             params["ort.fp_optimized"] = "rewritten float model: emulated in this trial"
         else:  # nothing rewrote the float model: it is the prepared one, whose outputs every such trial shares
             fp_path = base_path
