@@ -258,7 +258,7 @@ def best(
     if export is not None:  # the lock file records the model's and the data's digests
         check_input_files(cfg)
     quiet()
-    from hailo_sweep.selection import LOCK_FILE, export_best, load_study, log_front, pareto_front, top_trials
+    from hailo_sweep.selection import LOCK_FILE, best_trial, export_best, load_study, log_front, pareto_front, top_trials
 
     study, stores = load_study(cfg)
     objective_key = study.user_attrs.get("objective", {}).get("keys", ["value"])[0]
@@ -273,9 +273,11 @@ def best(
         manifest = export_best(cfg, export, pick, allow_infeasible=allow_infeasible)
         reg = manifest["mlflow"]
         alias = "alias best" if reg.get("alias") else "[yellow]not aliased best: it misses a constraint[/]"
+        if pick is not None and reg.get("alias") and manifest["trial"] != (chosen := best_trial(study, cfg).number):
+            alias = f"[yellow]alias best moved to this picked trial[/] (the best by the objective is trial {chosen})"
         roles = {"compiled": "the compiled model", "script": "its model script"}
         written = [f"{f['name']} ({roles.get(role, role)})" for role, f in manifest["files"].items()]
-        written += ["manifest.json (settings, metrics, how to feed the input)", f"{LOCK_FILE} (what `verify` rebuilds from)"]
+        written += ["manifest.json (settings, metrics, how to feed the input and read the outputs)", f"{LOCK_FILE} (what `verify` rebuilds from)"]
         console.print(
             f"exported trial {manifest['trial']} to [bold]{export}[/]: {', '.join(written)}; "
             f"registered model '{reg['registered_model']}' version {reg['version']}, {alias}",

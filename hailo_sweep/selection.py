@@ -18,6 +18,7 @@ from hailo_sweep.errors import UserInputError
 from hailo_sweep.model_io import file_sha256
 from hailo_sweep.stores import Stores, resolve_stores
 from hailo_sweep.study_report import TrialRow, is_feasible, top_trials  # noqa: F401  (re-exported for the commands)
+from hailo_sweep.backends import backend_class
 from hailo_sweep.sweep import chosen_trial, open_storage
 from hailo_sweep.tracking import Tracker, redact_url
 
@@ -26,6 +27,13 @@ ALIAS = "best"
 
 def load_study(config: SweepConfig) -> tuple[optuna.Study, Stores]:
     stores = resolve_stores(config)
+    missing = stores.optuna_url.startswith("sqlite:///") and not Path(stores.optuna_url.removeprefix("sqlite:///")).is_file()
+    if missing:  # opening it would create an empty database where no sweep ran (e.g. from another directory)
+        raise UserInputError(
+            f"no sweep named '{config.name}': {redact_url(stores.optuna_url)} does not exist",
+            file=config.source, key="name",
+            fix=f"run it first (hailo-sweep run {config.source}), from the directory it ran in, or set stores.root",
+        )
     try:
         study = optuna.load_study(study_name=config.name, storage=open_storage(stores.optuna_url))
     except KeyError:
@@ -168,7 +176,8 @@ def _manifest(
         "backend": backend,
         "objective": report.get("objective", {"values": trial.values}),
         "feasible": is_feasible(trial),
-        "constraints": dict(trial.constraints or {}),
+        # Optuna's constraint values: metric minus its limit (max) or limit minus metric (min); <= 0 is satisfied
+        "constraints": {name: {"over_limit": v, "satisfied": v <= 0} for name, v in (trial.constraints or {}).items()},
         "settings": settings,
         "settings_sha256": hashlib.sha256(settings_blob).hexdigest(),
         "files": {role: {"name": name, "sha256": file_sha256(out_dir / name)} for role, name in files.items()},
@@ -181,6 +190,7 @@ def _manifest(
             "domain": list(config.data.domain),
             "note": "feed raw values when normalization_placement is 'model', (x - mean) / std otherwise",
         },
+        "io": _compiled_io(backend, out_dir / files["compiled"]),
         "metrics": report.get("metrics", trial.user_attrs.get("metrics", {})),
         "versions": report.get("versions", {}),
         "mlflow": {
@@ -192,6 +202,16 @@ def _manifest(
             "alias": ALIAS,
         },
     }
+
+
+def _compiled_io(backend: str, path: Path) -> dict[str, Any]:
+    """The compiled file's inputs and outputs as its backend reads them (dtypes, shapes, how to dequantize raw integer
+    outputs); a backend that cannot read it here, or a read that fails, says so instead of failing the export."""
+    try:
+        described = backend_class(backend).describe_compiled(path) if backend else {}
+    except Exception as exc:  # the export stands without it
+        return {"note": f"could not read the compiled file's inputs and outputs: {type(exc).__name__}: {str(exc)[:200]}"}
+    return described or {"note": f"the {backend or 'unknown'} backend cannot read its compiled file here (for a HEF: HailoRT's vstream infos)"}
 
 
 def finalize(config: SweepConfig) -> dict[str, Any]:

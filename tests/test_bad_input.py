@@ -303,3 +303,14 @@ def test_a_yaml_boolean_knob_value_names_the_fix(write_config) -> None:
     cfg = write_config(search={"optimization_level": [0]})
     cfg.write_text(cfg.read_text().replace("search:\n", "search:\n  equalization: [on, off]\n"))
     assert_refused(cfg, "search.equalization", "enabled/disabled")
+
+
+@pytest.mark.parametrize("command", [["best"], ["diagnose", "--trial", "0"]])
+def test_a_sweep_that_never_ran_is_refused_without_creating_its_store(write_config, command: list[str]) -> None:
+    """`best` or `diagnose` before `run` (or from another directory): a clear refusal, and no empty database left."""
+    config = write_config()
+    result = runner.invoke(app, [command[0], str(config), *command[1:]])
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "no sweep named" in flat and "does not exist" in flat and "hailo-sweep run" in flat, flat
+    assert not (config.parent / "sweeps" / "optuna.db").exists(), "an empty study store was created"

@@ -71,7 +71,9 @@ def test_artifacts_and_logged_models_exist(sweep) -> None:
     drawn = {t.number for t in best_trials(study, 3)}
     assert study.best_trial.number in drawn and len(drawn) == 3
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "duplicate_of" in t.user_attrs:
+        if "duplicate_of" in t.user_attrs:  # a reused result: its run says where the plots and files are
+            tag = client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["hailo_sweep.plots"]
+            assert tag.startswith(f"see the run of trial {t.user_attrs['duplicate_of']}"), tag
             continue
         run_id = t.user_attrs["mlflow_run_id"]
         top = {a.path for a in client.list_artifacts(run_id)}
@@ -141,8 +143,15 @@ def test_best_export_loads_and_reproduces_its_device_metric(sweep, digits_data) 
     feed = x_raw.astype(np.uint8) if sess.get_inputs()[0].type == "tensor(uint8)" else x_norm
     assert (sess.get_inputs()[0].type == "tensor(uint8)") == (manifest["settings"]["normalization_placement"] == "model")
     raw = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: feed})))
+    # the manifest says how: the input's name and dtype, each output's dtype, scale and zero point
+    io = manifest["io"]
+    assert [(i["name"], i["dtype"]) for i in io["inputs"]] == [(sess.get_inputs()[0].name, str(feed.dtype))]
+    outputs = {o["name"]: o for o in io["outputs"]}
+    assert {n: outputs[n]["dtype"] for n in raw} == {n: str(v.dtype) for n, v in raw.items()} and all(o["raw_integers"] for o in outputs.values())
     quant = read_output_quant(onnx.load(str(compiled)))
-    device = {n: (raw[n].astype(np.float32) - np.float32(quant[n].zero_point)) * np.float32(quant[n].scale) for n in raw}
+    assert {n: (o["scale"], o["zero_point"]) for n, o in outputs.items()} == {n: (q.scale, q.zero_point) for n, q in quant.items()}
+    device = {n: (raw[n].astype(np.float32) - np.float32(outputs[n]["zero_point"])) * np.float32(outputs[n]["scale"]) for n in raw}
+    assert all(c["satisfied"] == (c["over_limit"] <= 0) for c in manifest["constraints"].values())
     ref_sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
     reference = dict(zip(["featmap", "logits"], ref_sess.run(None, {"input": x_norm})))
     measured = m.output_metrics(reference["logits"], device["logits"], kind="logits", labels=labels)
@@ -156,6 +165,14 @@ def test_best_export_loads_and_reproduces_its_device_metric(sweep, digits_data) 
     # exporting again re-uses the registration instead of adding versions
     assert cli(root, "best", str(config), "--export", str(out)).returncode == 0
     assert len(client.search_model_versions(f"name = '{sweep['cfg']['name']}'")) == 1
+    # picking another feasible trial moves the alias there, and says so; exporting the best again moves it back
+    other = next(t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.number != study.best_trial.number and all(v <= 0 for v in (t.constraints or {}).values()) and "duplicate_of" not in t.user_attrs)
+    proc = cli(root, "best", str(config), "--export", str(root / "out-pick"), "--pick", str(other.number))
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and f"alias best moved to this picked trial (the best by the objective is trial {study.best_trial.number})" in said, said
+    assert cli(root, "best", str(config), "--export", str(out)).returncode == 0
+    assert client.get_model_version_by_alias(sweep["cfg"]["name"], "best").version == version.version
 
 
 def test_resume_does_no_duplicate_work_and_extends_the_budget(sweep) -> None:

@@ -270,6 +270,12 @@ class Backend(abc.ABC):
         """A runner for the compiled model on this backend's device (use it as a context manager)."""
         return self.device_spec(compiled).open(Path(compiled.path))
 
+    @classmethod
+    def describe_compiled(cls, path: Path) -> dict[str, Any]:
+        """How a deployment feeds the compiled file at ``path`` and reads its outputs (names, dtypes, shapes, how to
+        dequantize), for the export's manifest; empty when this backend cannot read its own file here."""
+        return {}
+
     def layer_noise(self, model: OptimizedModel, inputs: np.ndarray) -> list[LayerNoise]:
         """Per-layer SNR of the quantized model against float on ``inputs`` (feed domain), noisiest first.
 

@@ -266,6 +266,7 @@ class TrialRunner:
         tags = {
             **self.recorder.tags(trial, settings), "hailo_sweep.state": "COMPLETE",
             "hailo_sweep.duplicate_of": str(original.number), "hailo_sweep.duplicate_of_run_id": str(source_run),
+            "hailo_sweep.plots": f"see the run of trial {original.number}, whose result this trial reused",
         }
         feasible = all(v <= 0 for v in (original.constraints or {}).values())
         tags["hailo_sweep.feasible"] = str(feasible)

@@ -290,6 +290,10 @@ class OnnxRuntimeBackend(Backend):
         path = atomic_write(work_dir / "model.int8.onnx", lambda tmp: onnx.save(stripped, str(tmp)))
         return CompiledModel(path=path, size_bytes=path.stat().st_size, kind=self.compiled_kind)
 
+    @classmethod
+    def describe_compiled(cls, path: Path) -> dict[str, Any]:
+        return graph.describe_io(onnx.load(str(path)))
+
     def device_spec(self, compiled: CompiledModel) -> OrtDeviceSpec:
         return OrtDeviceSpec(self.context.model_io.output_names, dict(self.context.output_batch_axes or {}))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -318,3 +319,23 @@ def read_output_quant(model: onnx.ModelProto) -> dict[str, OutputQuant]:
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"malformed {OUTPUT_QUANT_KEY!r} metadata in the model: {exc}") from exc
     raise ValueError(f"the model has no {OUTPUT_QUANT_KEY!r} metadata; run strip_output_dequantize on it first")
+
+
+def describe_io(model: onnx.ModelProto) -> dict[str, Any]:
+    """The compiled model's inputs and outputs as a deployment needs them: name, numpy dtype, shape, and for each raw
+    integer output its scale and zero point (``x = (raw - zero_point) * scale``)."""
+    quant = read_output_quant(model)
+
+    def entry(value: onnx.ValueInfoProto) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        return {"name": value.name, "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)), "shape": shape}
+
+    outputs = []
+    for value in model.graph.output:
+        item = entry(value)
+        q = quant.get(value.name)
+        if q is not None:
+            item.update({"raw_integers": True, "scale": q.scale, "zero_point": q.zero_point, "dequantize": "(raw - zero_point) * scale"})
+        outputs.append(item)
+    return {"inputs": [entry(v) for v in model.graph.input], "outputs": outputs}
