@@ -38,7 +38,7 @@ demo: data
 	@echo
 	@echo "Next, copy and paste (or first '. $(BIN)/activate' and drop the $(BIN)/ prefix):"
 	@echo "  $(BIN)/hailo-sweep ui $(CONFIG)                  # the MLflow UI: trial runs sorted by the objective"
-	@echo "  $(BIN)/hailo-sweep diagnose $(CONFIG) --trial 3  # where trial 3's error comes from"
+	@echo "  $(BIN)/hailo-sweep diagnose $(CONFIG) --trial $$($(BIN)/python -c 'import json; print(json.load(open("$(EXPORT)/manifest.json"))["trial"])')  # where the exported trial's error comes from"
 	@echo "  $(BIN)/hailo-sweep verify $(EXPORT)                       # rebuild the exported model and compare"
 
 ui: install
