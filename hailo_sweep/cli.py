@@ -332,7 +332,7 @@ def ui(
 
 def _tracking_of(config: Path | None) -> tuple[str, str | None]:
     from hailo_sweep.config import load_config
-    from hailo_sweep.stores import resolve_stores
+    from hailo_sweep.stores import resolve_stores, sqlite_store_missing
 
     if config is not None:
         cfg = load_config(config)
@@ -340,7 +340,7 @@ def _tracking_of(config: Path | None) -> tuple[str, str | None]:
     else:
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
         experiment = None
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    if sqlite_store_missing(tracking_uri):
         raise UserInputError(f"no tracking store at {tracking_uri}", file=config, fix=f"run the sweep first: hailo-sweep run {config or 'CONFIG'}")
     return tracking_uri, experiment
 
@@ -358,11 +358,11 @@ def dashboard(
     """
     from hailo_sweep import ui as ui_mod
     from hailo_sweep.config import load_config
-    from hailo_sweep.stores import redact_url, resolve_stores
+    from hailo_sweep.stores import redact_url, resolve_stores, sqlite_store_missing
 
     cfg = load_config(config)
     url = resolve_stores(cfg).optuna_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    if sqlite_store_missing(url):
         raise UserInputError(f"no study store at {url}", file=config, fix=f"run the sweep first: hailo-sweep run {config}")
     if port == 0 or ui_mod.port_in_use(host, port):
         port = ui_mod.free_port(host)

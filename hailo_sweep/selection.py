@@ -16,7 +16,7 @@ from hailo_sweep.atomic import atomic_write_text
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
 from hailo_sweep.model_io import file_sha256
-from hailo_sweep.stores import Stores, resolve_stores
+from hailo_sweep.stores import Stores, resolve_stores, sqlite_store_missing
 from hailo_sweep.study_report import TrialRow, is_feasible, top_trials  # noqa: F401  (re-exported for the commands)
 from hailo_sweep.backends import backend_class
 from hailo_sweep.sweep import chosen_trial, open_storage
@@ -27,8 +27,7 @@ ALIAS = "best"
 
 def load_study(config: SweepConfig) -> tuple[optuna.Study, Stores]:
     stores = resolve_stores(config)
-    missing = stores.optuna_url.startswith("sqlite:///") and not Path(stores.optuna_url.removeprefix("sqlite:///")).is_file()
-    if missing:  # opening it would create an empty database where no sweep ran (e.g. from another directory)
+    if sqlite_store_missing(stores.optuna_url):  # e.g. run from another directory than the sweep
         raise UserInputError(
             f"no sweep named '{config.name}': {redact_url(stores.optuna_url)} does not exist",
             file=config.source, key="name",

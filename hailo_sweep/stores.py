@@ -14,12 +14,20 @@ from pathlib import Path
 
 from hailo_sweep.config import SweepConfig
 from hailo_sweep.errors import UserInputError
+from hailo_sweep.sqlite_journal import sqlite_path
 
 
 def redact_url(url: str) -> str:
     """Hide the password of ``scheme://user:password@host`` URLs (for logs, params and reports)."""
     return re.sub(r"(?<=://)([^:/@]+):([^@/]*)@", r"\1:***@", url)
 
+
+
+def sqlite_store_missing(url: str) -> bool:
+    """Whether ``url`` names a local sqlite database whose file does not exist: a command that only reads a store
+    refuses it, since opening it would create an empty database where no sweep ran."""
+    path = sqlite_path(url)
+    return path is not None and not Path(path).is_file()
 
 @dataclass(frozen=True)
 class Stores:
