@@ -88,12 +88,8 @@ def compare_with_emulation(
         return None
     faithful = emulations[reference]
     params["agreement_reference"] = reference.value
-    agreement = lsb.agreement_metrics(faithful, dev.raw, dev.quant, comparable)
+    agreement = lsb.agreement_metrics(faithful, dev.raw, dev.quant, comparable, histograms=lsb_histograms)
     metrics.update({f"{AGREEMENT_PREFIX}.{k}": v for k, v in agreement.items()})
-    for spec in comparable:
-        diff = lsb.lsb_difference(faithful[spec.name], dev.raw[spec.name], dev.quant[spec.name])
-        values, counts = np.unique(diff, return_counts=True)
-        lsb_histograms[spec.name] = {int(v): int(c) for v, c in zip(values, counts)}
     quantized = emulations.get(EmulationContext.QUANTIZED)
     if reference is not EmulationContext.QUANTIZED and quantized is not None:
         # on the device's integer grid: the faithful emulation's floats quantized as the device's raw integers

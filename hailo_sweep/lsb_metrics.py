@@ -30,48 +30,52 @@ def lsb_difference(emulated: np.ndarray, device_raw: np.ndarray, quant: QuantPar
     return raw.astype(np.int64) - quant.quantize(emu).astype(np.int64)
 
 
-# Histogram bins for |LSB difference|: covers any 16-bit output (differences up to 65535); wider spreads (32-bit raw
-# outputs, or a badly broken device) fall back to computing on the values directly.
+# A block's signed differences are counted with ``np.bincount`` when they span fewer values than this (any 16-bit
+# output); wider spreads (32-bit raw outputs, or a badly broken device) are counted with ``np.unique`` instead.
 _MAX_HISTOGRAM_BINS = 1 << 17
 
 
-def _percentile_from_counts(counts: np.ndarray, q: float) -> float:
-    """Same value as ``np.percentile(values, q)`` (linear interpolation), read off the counts of each integer value."""
+def lsb_histogram(emulated: np.ndarray, device_raw: np.ndarray, quant: QuantParams) -> dict[int, int]:
+    """How many elements differ by each signed number of steps (``lsb_difference``), counted block by block.
+
+    Every agreement metric is read off these counts (``histogram_metrics``), so the differences are computed once per
+    output, and counting integers is far cheaper than sorting them (``np.unique``, ``np.percentile``)."""
+    emu2d, raw2d = check_pair(emulated, device_raw, ("emulated", "device_raw"))
+    counts: dict[int, int] = {}
+    for rows in block_rows(emu2d.shape[0], emu2d.shape[1]):
+        diff = lsb_difference(emu2d[rows], raw2d[rows], quant).ravel()
+        low, high = int(diff.min()), int(diff.max())
+        if high - low < _MAX_HISTOGRAM_BINS:
+            binned = np.bincount(diff - low)
+            values = np.flatnonzero(binned)
+            pairs = zip((values + low).tolist(), binned[values].tolist())
+        else:
+            unique, found = np.unique(diff, return_counts=True)
+            pairs = zip(unique.tolist(), found.tolist())
+        for value, count in pairs:
+            counts[value] = counts.get(value, 0) + count
+    return dict(sorted(counts.items()))
+
+
+def histogram_metrics(histogram: Mapping[int, int]) -> dict[str, float]:
+    """lsb_max, lsb_mean, lsb_p99 (linear interpolation, as ``np.percentile``) and identical_share of the absolute
+    differences counted in ``histogram``."""
+    absolute: dict[int, int] = {}
+    for value, count in histogram.items():
+        absolute[abs(value)] = absolute.get(abs(value), 0) + count
+    values = np.array(sorted(absolute), dtype=np.float64)
+    counts = np.array([absolute[int(v)] for v in values], dtype=np.int64)
     cumulative = np.cumsum(counts)
     n = int(cumulative[-1])
-    position = (n - 1) * q / 100.0
+    position = (n - 1) * 0.99
     lower = int(np.floor(position))
-    upper = min(lower + 1, n - 1)
-    # the k-th smallest value (0-based) is the first bin whose cumulative count exceeds k
-    v_lower, v_upper = np.searchsorted(cumulative, [lower, upper], side="right")
-    return float(v_lower + (position - lower) * (v_upper - v_lower))
-
-
-def _lsb_metrics(emulated: np.ndarray, device_raw: np.ndarray, quant: QuantParams) -> dict[str, float]:
-    """lsb_max, lsb_mean, lsb_p99 and identical_share of |lsb_difference|, from a histogram built block by block.
-
-    Small integer differences make a histogram far cheaper than the partial sort of ``np.percentile``, and blocks keep
-    large temporaries from piling up.
-    """
-    emu2d, raw2d = check_pair(emulated, device_raw, ("emulated", "device_raw"))
-    n = emu2d.shape[0]
-    blocks = [np.abs(lsb_difference(emu2d[rows], raw2d[rows], quant)).ravel() for rows in block_rows(n, emu2d.shape[1])]
-    top = max(int(b.max()) for b in blocks)
-    if top >= _MAX_HISTOGRAM_BINS:
-        values = np.concatenate(blocks)
-        return {
-            "lsb_max": float(top),
-            "lsb_mean": float(values.mean()),
-            "lsb_p99": float(np.percentile(values, 99.0)),
-            "identical_share": float(np.count_nonzero(values == 0) / values.size),
-        }
-    counts = sum(np.bincount(b, minlength=top + 1) for b in blocks)
-    total = int(counts.sum())
+    # the k-th smallest difference (0-based) is the first value whose cumulative count exceeds k
+    v_lower, v_upper = values[np.searchsorted(cumulative, [lower, min(lower + 1, n - 1)], side="right")]
     return {
-        "lsb_max": float(top),
-        "lsb_mean": float((np.arange(top + 1, dtype=np.float64) * counts).sum() / total),
-        "lsb_p99": _percentile_from_counts(counts, 99.0),
-        "identical_share": float(counts[0] / total),
+        "lsb_max": float(values[-1]),
+        "lsb_mean": float((values * counts).sum() / n),
+        "lsb_p99": float(v_lower + (position - lower) * (v_upper - v_lower)),
+        "identical_share": float(absolute.get(0, 0) / n),
     }
 
 
@@ -80,22 +84,27 @@ def agreement_metrics(
     device_raw: Mapping[str, np.ndarray],
     quant: Mapping[str, QuantParams],
     outputs: Sequence[OutputSpec],
+    histograms: dict[str, dict[int, int]] | None = None,
 ) -> dict[str, float]:
     """How closely the device reproduces the emulation, in LSB, per output and in total.
 
     Per output: lsb_max, lsb_mean, lsb_p99 (99th percentile, linear interpolation) of |difference| and
     identical_share (share of elements with difference 0). Totals over outputs with weight > 0: lsb_max (the maximum)
-    and identical_share (weighted mean).
+    and identical_share (weighted mean). With ``histograms``, each output's signed counts (``lsb_histogram``) are
+    stored there too.
     """
     weighted = weighted_specs(outputs)
     per_output: dict[str, dict[str, float]] = {}
     out: dict[str, float] = {}
     for spec in outputs:
-        metrics = _lsb_metrics(
+        histogram = lsb_histogram(
             get_output(emulated, spec.name, "emulated"),
             get_output(device_raw, spec.name, "device_raw"),
             get_output(quant, spec.name, "quant"),
         )
+        if histograms is not None:
+            histograms[spec.name] = histogram
+        metrics = histogram_metrics(histogram)
         per_output[spec.name] = metrics
         out.update({f"{spec.name}.{k}": v for k, v in metrics.items()})
     out["total.lsb_max"] = max(per_output[o.name]["lsb_max"] for o in weighted)

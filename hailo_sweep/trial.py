@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +128,24 @@ def fed_for(prepared: Prepared, placement: str) -> Fed:
             array.flags.writeable = False
         prepared.fed[placement] = fed
     return fed
+
+
+def feed_placements(prepared: Prepared, backend: Backend | None, placements: Sequence[str]) -> tuple[float, list[str]]:
+    """Before the first trial: the fed data of every placement (``fed_for``), each shown to the backend
+    (``Backend.expect_inputs``) when it runs here. Returns the seconds this took, the sweep's preparation, and a note
+    for each placement whose look-ahead raised (the trials then compute what they need themselves)."""
+    start = time.perf_counter()
+    notes: list[str] = []
+    for placement in placements:
+        fed = fed_for(prepared, placement)
+        if backend is None:
+            continue
+        try:
+            backend.expect_inputs(placement, fed.evaluation)
+        except Exception as exc:  # an optimization only: the trial does the same work lazily and reports its failure
+            notes.append(f"note: preparing the {placement}-normalized inputs ahead of the trials failed "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); each trial computes what it needs")
+    return time.perf_counter() - start, notes
 
 
 def build(

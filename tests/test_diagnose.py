@@ -569,3 +569,29 @@ def test_the_fed_data_is_checked_once_per_placement_and_a_failing_check_is_a_not
     prepared.fed = {}
     fed = trial_mod.fed_for(prepared, "host")  # type: ignore[arg-type]
     assert fed.input_findings == [] and fed.input_check_error is not None and "no statistics" in fed.input_check_error
+
+
+def test_the_backend_sees_each_placements_fed_data_once_and_a_failing_look_ahead_is_a_note(run: Run) -> None:
+    """feed_placements shows the backend the very arrays the trials get (``Backend.expect_inputs``); a backend whose
+    look-ahead raises leaves a note naming the placement and the error, and the sweep goes on."""
+    from types import SimpleNamespace
+
+    from hailo_sweep import trial as trial_mod
+
+    raw = run.evaluation_raw
+    prepared = SimpleNamespace(dataset=SimpleNamespace(calibration=raw, evaluation=raw), normalization=NORM,
+                               config=SimpleNamespace(data=SimpleNamespace(domain=DOMAIN)), fed={})
+    seen: list[tuple[str, np.ndarray]] = []
+
+    class LookAhead:
+        def expect_inputs(self, placement: str, evaluation: np.ndarray) -> None:
+            seen.append((placement, evaluation))
+            if placement == "model":
+                raise RuntimeError("float run failed")
+
+    seconds, notes = trial_mod.feed_placements(prepared, LookAhead(), ["host", "model"])  # type: ignore[arg-type]
+    assert [p for p, _ in seen] == ["host", "model"] and seconds >= 0
+    assert all(arr is trial_mod.fed_for(prepared, p).evaluation and not arr.flags.writeable for p, arr in seen)  # type: ignore[arg-type]
+    assert len(notes) == 1 and "model-normalized" in notes[0] and "float run failed" in notes[0]
+    _, none = trial_mod.feed_placements(prepared, None, ["host"])  # type: ignore[arg-type]
+    assert none == [] and len(seen) == 2  # no backend here (the cluster's workers have it): the data only

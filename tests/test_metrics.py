@@ -426,3 +426,27 @@ def test_every_produced_key_has_a_direction() -> None:
     for key in keys:
         assert direction_of(key) in ("minimize", "maximize"), key
     assert set(METRIC_DIRECTIONS.values()) == {"minimize", "maximize"}
+
+
+@pytest.mark.parametrize("dtype,spread", [("uint8", 3), ("uint16", 40), ("int32", 400_000)])
+def test_the_lsb_histogram_counts_every_signed_difference_across_blocks(dtype: str, spread: int) -> None:
+    """Counted block by block (bincount, or unique for a wide spread), the histogram is that of the whole difference
+    array, and the agreement metrics read off it are numpy's own definitions over the absolute differences."""
+    from hailo_sweep.lsb_metrics import histogram_metrics, lsb_histogram
+    from hailo_sweep.metrics import block_rows
+
+    rng = np.random.default_rng(spread)
+    q = QuantParams(scale=0.5, zero_point=7 if dtype != "int32" else 0, dtype=dtype)
+    emulated = rng.uniform(0, 60, size=(900, 7, 11)) if dtype != "int32" else rng.normal(scale=1e6, size=(900, 7, 11))
+    noise = rng.integers(-spread, spread + 1, size=emulated.shape) * (rng.random(emulated.shape) < 0.3)
+    info = np.iinfo(np.dtype(dtype))
+    raw = np.clip(q.quantize(emulated).astype(np.int64) + noise, info.min, info.max).astype(dtype)
+    assert len(block_rows(900, 77)) == 3  # several blocks, so the merge is exercised
+    diff = lsb_difference(emulated, raw, q).ravel()
+    values, counts = np.unique(diff, return_counts=True)
+    histogram = lsb_histogram(emulated, raw, q)
+    assert histogram == dict(zip(values.tolist(), counts.tolist())) and list(histogram) == sorted(histogram)
+    m = histogram_metrics(histogram)
+    absolute = np.abs(diff)
+    assert m["lsb_max"] == float(absolute.max()) and m["lsb_mean"] == pytest.approx(absolute.mean())
+    assert m["lsb_p99"] == pytest.approx(np.percentile(absolute, 99)) and m["identical_share"] == pytest.approx(np.mean(absolute == 0))

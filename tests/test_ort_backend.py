@@ -602,3 +602,23 @@ def test_noisy_layers_are_promoted_to_16_bit_with_their_weights(prepared: Prepar
         assert layer in uint16_q, f"{layer} was not quantized to 16 bit"
     int16_weights = [i.name for i in qdq.graph.initializer if i.data_type == onnx.TensorProto.INT16]
     assert int16_weights, "the promoted layers' conv weights stay 8-bit"
+
+
+def test_the_unchanged_float_outputs_are_computed_before_the_first_trial(prepared: Prepared, frames: Frames,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``expect_inputs`` runs the unchanged float model on the sweep's inputs once, before any trial: a trial without
+    a float rewrite then opens no session for its fp_optimized stage, and gets the same outputs it would compute."""
+    from hailo_sweep.backends.onnxruntime import backend as backend_mod
+
+    x = frames.eval("host").copy()
+    x.flags.writeable = False
+    prepared.backend.expect_inputs("host", x)
+    optimized = prepared.optimize(settings(level=0))
+    assert optimized.handle["fp_unchanged"]
+    opened: list[object] = []
+    real_session = backend_mod.session
+    monkeypatch.setattr(backend_mod, "session", lambda *a, **k: opened.append(a) or real_session(*a, **k))
+    fp = prepared.backend.emulate(optimized, x, EmulationContext.FP_OPTIMIZED)
+    assert opened == []
+    for name, values in run_onnx(Path(optimized.handle["fp"]), ENABLE_ALL, np.array(x)).items():
+        np.testing.assert_array_equal(fp[name], values)

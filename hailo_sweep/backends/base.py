@@ -237,8 +237,15 @@ class Backend(abc.ABC):
         return None
 
     # -- stages --------------------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def prepare(self) -> dict[str, str | float]:
+    def expect_inputs(self, placement: str, evaluation: np.ndarray) -> None:  # noqa: B027 - optional hook
+        """Once per sweep and normalization placement, after ``prepare`` and before the first trial: the read-only
+        evaluation set every trial of that placement will be emulated on (the same array object each time).
+
+        A backend may compute here what depends on these inputs only, never on a trial's settings (the embedded one:
+        the unchanged float model's outputs, which every trial without a float rewrite shares), so that the first
+        trial does not carry a cost of the whole sweep. The caller counts the time as the sweep's preparation; an
+        exception here is a note, and the trial then computes what it needs itself. The default does nothing.
+        """
         """Once per sweep: translate or pre-process the model, cached under ``context.work_dir`` by content hash.
 
         Returns facts to record (e.g. ``{"cache_hit": "true"}``).

@@ -38,7 +38,7 @@ from hailo_sweep.sweep.sampling import make_sampler
 from hailo_sweep.sweep.storage import StaleTrialHandler, SweepStorage, open_storage, remove_dead_scratch, with_retries
 from hailo_sweep.task_metrics import PREFIX as TASK_PREFIX
 from hailo_sweep.tracking import RunRecord, Tracker
-from hailo_sweep.trial import fed_for
+from hailo_sweep.trial import feed_placements
 
 
 class Sweep:
@@ -155,9 +155,11 @@ class Sweep:
                     if remaining:
                         self.observer.stage_started("prepare")
                         prepared = prepare_sweep(self.config, self.stores.work_dir, backend if here else None)
-                        for placement in space.choices()["normalization_placement"]:  # the data as fed: once, before the trials
-                            fed_for(prepared, placement)
-                        prepare_runs, prepare_seconds = 1, prepared.prepare_seconds
+                        # the data as fed, once before the trials, and shown to the backend: its time is preparation
+                        fed_seconds, notes = feed_placements(prepared, backend if here else None, space.choices()["normalization_placement"])
+                        prepare_runs, prepare_seconds = 1, prepared.prepare_seconds + fed_seconds
+                        for note in notes:
+                            self.observer.message(note)
                         for finding in prepared.findings:
                             if finding.code == "normalization_unset":  # said once here; softmax heads were said in preflight
                                 self.observer.message(f"note: {finding.message}; {finding.fix}")

@@ -75,13 +75,16 @@ class TrialRecorder:
                       tags={"hailo_sweep.state": "PRUNED", "hailo_sweep.pruned_at": "emulate", "hailo_sweep.reason": reason}),
         )
 
-    def record(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, start: float, record_s: float) -> tuple[float | None, bool]:
-        """Write what the sweep and queries read now (params, metrics, tags, attrs); hand the files to the uploader."""
+    def record(self, trial: optuna.Trial, run_id: str, result: TrialResult, work_dir: Path, start: float,
+               record_s: float) -> tuple[list[float] | None, bool, tuple[str, ...]]:
+        """Write what the sweep and queries read now (params, metrics, tags, attrs); hand the files to the uploader.
+        Returns the objective values (None for a failed trial), whether they are feasible, and the violated constraints."""
         t0 = time.perf_counter()
         metrics = dict(result.metrics)
         tags: dict[str, str] = {"hailo_sweep.flags": ",".join(result.flags)} if result.flags else {}
         value: list[float] | None = None
         feasible = False
+        constraints: dict[str, float] = {}
         if result.ok:
             missing = [k for k in self.objective.keys if k not in metrics]
             if missing:
@@ -150,7 +153,7 @@ class TrialRecorder:
                     outputs=outputs, compiled=compiled, failed=value is None, logs=logs, plots=plots),
             staging, run_failed=value is None,
         )
-        return value, feasible
+        return value, feasible, tuple(k for k, v in constraints.items() if v > 0)
 
     def draw_best_plots(self, study: optuna.Study) -> list[int]:
         """``diagnostics.plots: best``, at the end of the sweep: the plots of the ``plots_best`` best trials that this

@@ -155,7 +155,7 @@ class TrialRunner:
             running.stage = "record"
             obs.stage_started("record")
             t0 = time.perf_counter()
-            value, feasible = self.recorder.record(trial, run_id, result, work_dir, running.start, running.record_s)
+            value, feasible, violated = self.recorder.record(trial, run_id, result, work_dir, running.start, running.record_s)
             running.record_s += time.perf_counter() - t0
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
@@ -187,7 +187,6 @@ class TrialRunner:
         if value is None:
             obs.trial_finished(trial.number, "FAIL", None, None, failed_stage=result.failed_stage, error=result.error)
             raise TrialFailed(f"trial {trial.number} failed in stage {result.failed_stage}: {result.error}")
-        violated = tuple(k for k, v in (trial.constraints or {}).items() if v > 0)
         obs.trial_finished(trial.number, "COMPLETE", value[0], feasible, violated=violated)
         return value if self.objective.multi else value[0]  # type: ignore[return-value]
 
