@@ -246,6 +246,9 @@ class Backend(abc.ABC):
         trial does not carry a cost of the whole sweep. The caller counts the time as the sweep's preparation; an
         exception here is a note, and the trial then computes what it needs itself. The default does nothing.
         """
+
+    @abc.abstractmethod
+    def prepare(self) -> dict[str, str | float]:
         """Once per sweep: translate or pre-process the model, cached under ``context.work_dir`` by content hash.
 
         Returns facts to record (e.g. ``{"cache_hit": "true"}``).
