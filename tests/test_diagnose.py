@@ -595,3 +595,12 @@ def test_the_backend_sees_each_placements_fed_data_once_and_a_failing_look_ahead
     assert len(notes) == 1 and "model-normalized" in notes[0] and "float run failed" in notes[0]
     _, none = trial_mod.feed_placements(prepared, None, ["host"])  # type: ignore[arg-type]
     assert none == [] and len(seen) == 2  # no backend here (the cluster's workers have it): the data only
+
+
+def test_a_backend_must_prepare_and_may_skip_the_look_ahead() -> None:
+    """``expect_inputs`` is optional (it does nothing by default), the stages are not: a backend without ``prepare``
+    cannot be made."""
+    from hailo_sweep.backends.base import Backend
+
+    assert {"prepare", "optimize", "emulate", "compile"} <= Backend.__abstractmethods__
+    assert "expect_inputs" not in Backend.__abstractmethods__
